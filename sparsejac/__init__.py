@@ -1,0 +1,38 @@
+"""sparsejac: exact sparse Jacobians of einsum expressions.
+
+>>> import numpy as np, sparsejac
+>>> J = sparsejac.jacobian("ij,jk->ik", np.ones((3, 4)), np.ones((4, 5)), format="csr")
+>>> J.shape, J.nnz
+((15, 12), 60)
+
+Modules, one idea each: :mod:`~sparsejac.grammar` (einsum subscripts), :mod:`~sparsejac.structure`
+(the closed form), :mod:`~sparsejac.formats` (writing COO/CSR/CSC), :mod:`~sparsejac.embed` (the
+design card's embedding pipeline), :mod:`~sparsejac.plan` (plans, the memory guard, the public
+``jacobian``), :mod:`~sparsejac.errors`.
+"""
+
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    JacobianTooLargeError,
+    OperandTypeError,
+    ShapeError,
+    SparsejacError,
+    SubscriptError,
+)
+from .plan import Plan, jacobian, plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "jacobian",
+    "plan",
+    "Plan",
+    "SparsejacError",
+    "SubscriptError",
+    "ShapeError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "OperandTypeError",
+    "JacobianTooLargeError",
+]

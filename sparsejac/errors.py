@@ -1,0 +1,41 @@
+"""One error hierarchy for the package.
+
+Every exception raised on bad user input is a :class:`SparsejacError` and also a subclass of the
+builtin that callers would catch anyway (``ValueError``, ``TypeError``, ``MemoryError``), so
+``except ValueError`` keeps working. Messages quote the subscripts and name the culprit.
+"""
+
+from __future__ import annotations
+
+
+class SparsejacError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SubscriptError(SparsejacError, ValueError):
+    """The subscripts string is malformed (bad character, arrows, ellipsis, output letters)."""
+
+
+class ShapeError(SparsejacError, ValueError):
+    """Operands do not fit the subscripts: count, rank, a letter's size, a broadcast."""
+
+
+class ArgumentError(SparsejacError, ValueError):
+    """An option (``wrt``, ``format``, ``method``, ...) has a value outside its range."""
+
+
+class ArgumentTypeError(SparsejacError, TypeError):
+    """An argument has the wrong type (subscripts not a string, ``wrt`` not an int, ...)."""
+
+
+class OperandTypeError(SparsejacError, TypeError):
+    """An operand is not a numeric array (strings, objects, booleans, ...)."""
+
+
+class JacobianTooLargeError(SparsejacError, MemoryError):
+    """The Jacobian would need more memory than the limit allows; nothing was allocated."""
+
+
+def context(subscripts: object) -> str:
+    """The prefix every message starts with: the subscripts, quoted."""
+    return f"einsum {subscripts!r}: "

@@ -1,0 +1,292 @@
+"""Plans: everything about a Jacobian that the subscripts and shapes decide, computed once.
+
+A :class:`Plan` knows the Jacobian's shape, nnz, bytes per format and its sparsity pattern before
+any operand is seen; :meth:`Plan.jacobian` writes the values and reuses the pattern it already
+built. :func:`jacobian` is the one-shot use of a plan.
+
+>>> import numpy as np, sparsejac
+>>> p = sparsejac.plan("ij,jk->ik", (2, 3), (3, 4))
+>>> p.nnz, p.shape
+(24, (2, 4, 2, 3))
+>>> J = p.jacobian(np.ones((2, 3)), np.arange(12.0).reshape(3, 4), format="csr")
+>>> J.shape, J.nnz
+((8, 6), 24)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse
+import sparse
+
+from . import formats
+from .embed import embed_coo, embedding_nnz
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    JacobianTooLargeError,
+    ShapeError,
+    context,
+)
+from .formats import FORMATS, CompressedPattern
+from .grammar import Einsum, bind, parse
+from .operands import as_arrays, result_dtype
+from .structure import Structure, einsum_factor, einsum_structure
+
+METHODS = ("direct", "embed")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the machine has available now (``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _choice(value: Any, name: str, allowed: Sequence[str], subscripts: str) -> str:
+    if not isinstance(value, str):
+        raise ArgumentTypeError(
+            f"{context(subscripts)}{name} must be a str, one of {list(allowed)}, "
+            f"got {type(value).__name__}"
+        )
+    if value not in allowed:
+        raise ArgumentError(
+            f"{context(subscripts)}{name}={value!r} is not one of {list(allowed)}"
+        )
+    return value
+
+
+def normalize_wrt(wrt: Any, n_operands: int, subscripts: str) -> int:
+    """``wrt`` as an operand index in ``range(n_operands)`` (negative counts from the end)."""
+    if isinstance(wrt, bool) or not isinstance(wrt, (int, np.integer)):
+        raise ArgumentTypeError(
+            f"{context(subscripts)}wrt must be an int or a tuple of ints, got {type(wrt).__name__}"
+        )
+    if not -n_operands <= wrt < n_operands:
+        raise ArgumentError(
+            f"{context(subscripts)}wrt={int(wrt)} is out of range for {n_operands} operand(s)"
+        )
+    return int(wrt) % n_operands
+
+
+def _check_limit(memory_limit: Any, subscripts: str) -> float | None:
+    if memory_limit is None:
+        return available_memory()
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float, np.number)):
+        raise ArgumentTypeError(
+            f"{context(subscripts)}memory_limit must be a number of bytes or None, "
+            f"got {type(memory_limit).__name__}"
+        )
+    if not memory_limit >= 0:
+        raise ArgumentError(f"{context(subscripts)}memory_limit={memory_limit} must be >= 0")
+    return memory_limit
+
+
+def _flat(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if not shape:
+        return np.zeros(coords.shape[1], dtype=np.int64)
+    return np.ravel_multi_index(tuple(coords), shape)
+
+
+class Plan:
+    """The Jacobian of one einsum with respect to one operand, planned from shapes alone.
+
+    >>> p = plan("bij,bjk->bik", (8, 4, 5), (8, 5, 6), wrt=1)
+    >>> p.nnz, p.nbytes("csr", np.float32)
+    (960, 7908)
+    """
+
+    def __init__(self, subscripts: str, *shapes: Sequence[int], wrt: int = 0) -> None:
+        parsed = parse(subscripts, len(shapes))
+        self.subscripts = subscripts
+        self.shapes = tuple(tuple(int(n) for n in s) for s in shapes)
+        self.wrt = normalize_wrt(wrt, len(shapes), subscripts)
+        self.einsum: Einsum = bind(parsed, self.shapes)
+        self.structure: Structure = einsum_structure(self.einsum, self.wrt)
+        self._patterns: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan({self.subscripts!r}, shapes={self.shapes}, wrt={self.wrt}: "
+            f"shape={self.shape}, nnz={self.nnz})"
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``z.shape + operand.shape``: the shape of the COO Jacobian."""
+        return self.structure.shape
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(z.size, operand.size)``: the shape of the CSR/CSC Jacobian."""
+        return self.structure.matrix_shape
+
+    @property
+    def nnz(self) -> int:
+        """The number of structural nonzeros (stored entries), from shapes alone."""
+        return self.structure.nnz
+
+    def nbytes(self, format: str = "coo", dtype: Any = np.float64) -> int:
+        """Bytes of the arrays a fresh build of ``format`` allocates for values of ``dtype``."""
+        fmt = _choice(format, "format", FORMATS, self.subscripts)
+        return formats.predicted_nbytes(self.structure, fmt, np.dtype(dtype).itemsize)
+
+    def _guard(self, nbytes: int, memory_limit: Any, what: str) -> None:
+        limit = _check_limit(memory_limit, self.subscripts)
+        if limit is not None and nbytes > limit:
+            raise JacobianTooLargeError(
+                f"{context(self.subscripts)}{what} needs about {nbytes:,} bytes "
+                f"({nbytes / 2**30:.3g} GiB) for {self.nnz:,} nonzeros of shape {self.shape}, "
+                f"over the memory limit of {int(limit):,} bytes ({limit / 2**30:.3g} GiB); "
+                "nothing was allocated"
+            )
+
+    def _pattern_arrays(self, fmt: str):
+        """The cached index arrays for ``fmt`` (built on first use)."""
+        if fmt not in self._patterns:
+            if fmt == "coo":
+                self._patterns[fmt] = formats.coo_coords(self.structure)
+            elif fmt == "csr":
+                self._patterns[fmt] = formats.csr_pattern(self.structure)
+            else:
+                self._patterns[fmt] = formats.csr_pattern(self.structure.transposed())
+        return self._patterns[fmt]
+
+    def pattern(self, format: str = "coo", memory_limit: Any = None):
+        """The structure alone: ``True`` at every structural nonzero (bool data).
+
+        Usable as ``scipy.optimize.least_squares(..., jac_sparsity=plan.pattern("csr"))``.
+        """
+        fmt = _choice(format, "format", FORMATS, self.subscripts)
+        if fmt not in self._patterns:
+            self._guard(self.nbytes(fmt, np.bool_), memory_limit, f"the {fmt} pattern")
+        return self._assemble(fmt, np.ones(self.nnz, dtype=np.bool_))
+
+    def _assemble(self, fmt: str, data: np.ndarray):
+        pattern = self._pattern_arrays(fmt)
+        if fmt == "coo":
+            return sparse.COO(
+                pattern, data, shape=self.shape, sorted=True, has_duplicates=False
+            )
+        cls = scipy.sparse.csr_array if fmt == "csr" else scipy.sparse.csc_array
+        matrix = cls((data, pattern.indices, pattern.indptr), shape=self.matrix_shape)
+        # Sorted and free of duplicates by construction; saying so spares scipy a scan.
+        matrix.has_sorted_indices = True
+        matrix.has_canonical_format = True
+        return matrix
+
+    def jacobian(
+        self,
+        *operands: Any,
+        format: str = "coo",
+        method: str = "direct",
+        memory_limit: Any = None,
+    ):
+        """The Jacobian for these operands (their shapes must be the plan's).
+
+        ``format``: ``"coo"`` (``sparse.COO`` of shape ``z.shape + operand.shape``), ``"csr"`` or
+        ``"csc"`` (scipy arrays of shape ``(z.size, operand.size)``). The pattern built by an
+        earlier call is reused; only the values are written. ``memory_limit`` in bytes (default:
+        the memory available) guards every nnz-sized allocation.
+        """
+        fmt = _choice(format, "format", FORMATS, self.subscripts)
+        how = _choice(method, "method", METHODS, self.subscripts)
+        arrays = as_arrays(operands, self.subscripts)
+        shapes = tuple(a.shape for a in arrays)
+        if shapes != self.shapes:
+            raise ShapeError(
+                f"{context(self.subscripts)}the plan was made for shapes {self.shapes}, "
+                f"got operands of shapes {shapes}"
+            )
+        dtype = result_dtype(arrays)
+        if how == "embed":
+            return self._embed(arrays, dtype, fmt, memory_limit)
+
+        nbytes = self.nnz * dtype.itemsize
+        if fmt not in self._patterns:
+            nbytes = formats.predicted_nbytes(self.structure, fmt, dtype.itemsize)
+        self._guard(nbytes, memory_limit, f"the {fmt} Jacobian")
+        factor = einsum_factor(self.einsum, self.wrt, arrays, dtype)
+        target = self.structure.transposed() if fmt == "csc" else self.structure
+        data = np.empty(self.nnz, dtype=dtype)
+        formats.fill_values(target, factor, self.structure.factor_labels, data)
+        return self._assemble(fmt, data)
+
+    def _embed(self, arrays, dtype: np.dtype, fmt: str, memory_limit: Any):
+        einsum = self.einsum
+        n_all = embedding_nnz(einsum)
+        n_axes = sum(len(t) for t in einsum.inputs) + len(einsum.inputs[self.wrt])
+        # The embedding (coords + values), then the collapse's sorted copy and its result.
+        nbytes = n_all * (8 * n_axes + dtype.itemsize) * 2 + self.nbytes(fmt, dtype)
+        self._guard(nbytes, memory_limit, "method='embed'")
+        result = embed_coo(einsum, self.wrt, arrays, dtype)
+        if fmt == "coo":
+            return result
+        n_out = len(einsum.output)
+        out_shape, op_shape = self.shape[:n_out], self.shape[n_out:]
+        rows = _flat(result.coords[:n_out], out_shape)
+        cols = _flat(result.coords[n_out:], op_shape)
+        coo = scipy.sparse.coo_array((result.data, (rows, cols)), shape=self.matrix_shape)
+        return coo.tocsr() if fmt == "csr" else coo.tocsc()
+
+
+def plan(subscripts: str, *shapes: Sequence[int], wrt: int = 0) -> Plan:
+    """Plan the Jacobian of ``einsum(subscripts, *operands)`` w.r.t. ``operands[wrt]`` from the
+    operands' shapes alone.
+
+    >>> plan("ij,jk->ik", (512, 512), (512, 512)).nnz
+    134217728
+    """
+    return Plan(subscripts, *shapes, wrt=wrt)
+
+
+def jacobian(
+    subscripts: str,
+    *operands: Any,
+    wrt: int | Sequence[int] = 0,
+    format: str = "coo",
+    method: str = "direct",
+    memory_limit: Any = None,
+):
+    """The exact sparse Jacobian of ``numpy.einsum(subscripts, *operands)``.
+
+    Returns, for ``wrt=k``, the Jacobian with respect to ``operands[k]``: a ``sparse.COO`` of
+    shape ``z.shape + operands[k].shape`` (``format="coo"``) or a scipy ``csr_array`` /
+    ``csc_array`` of shape ``(z.size, operands[k].size)``, both sides flattened in C order. A
+    tuple ``wrt`` gives a tuple of Jacobians. The stored entries are exactly the structural
+    nonzeros, which depend on the subscripts and shapes only (zeros in the operands stay stored).
+
+    >>> import numpy as np, sparsejac
+    >>> x, w = np.ones((2, 3)), np.arange(12.0).reshape(3, 4)
+    >>> J = sparsejac.jacobian("ij,jk->ik", x, w)
+    >>> J.shape, J.nnz
+    ((2, 4, 2, 3), 24)
+    >>> float(J[1, 2, 1, 0]), float(J[1, 2, 0, 0])   # d z[1,2] / d x[1,0] = w[0,2]
+    (2.0, 0.0)
+    """
+    arrays = as_arrays(operands, subscripts if isinstance(subscripts, str) else repr(subscripts))
+    shapes = [a.shape for a in arrays]
+    if isinstance(wrt, (tuple, list)):
+        if not wrt:
+            raise ArgumentError(f"{context(subscripts)}wrt is an empty sequence")
+        return tuple(
+            Plan(subscripts, *shapes, wrt=k).jacobian(
+                *arrays, format=format, method=method, memory_limit=memory_limit
+            )
+            for k in wrt
+        )
+    return Plan(subscripts, *shapes, wrt=wrt).jacobian(
+        *arrays, format=format, method=method, memory_limit=memory_limit
+    )

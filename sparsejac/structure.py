@@ -1,0 +1,137 @@
+"""The closed form of design.md section 1: a Jacobian as labels times a dense factor.
+
+A :class:`Structure` says, for a Jacobian ``J`` of shape ``rows_shape + cols_shape``, which label
+names each of its axes (a label on two axes is a Kronecker delta, a label repeated on one side a
+diagonal) and over which labels the dense *factor* ``R`` lives. Its structural nonzeros are the
+assignments of values to ``V``: the distinct row labels, then the column labels not among them.
+
+:func:`einsum_structure` builds the structure of one einsum with respect to one operand, and
+:func:`einsum_factor` its factor ``R``: the einsum of the other operands into the labels of ``V``
+they carry, summing the labels that only they carry.
+
+>>> from sparsejac.grammar import parse, bind
+>>> s = einsum_structure(bind(parse("ij,jk->ik", 2), [(2, 3), (3, 4)]), 0)
+>>> s.nnz, s.shape
+(24, (2, 4, 2, 3))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ShapeError, context
+from .grammar import Einsum
+
+
+def distinct(labels: Sequence[int]) -> tuple[int, ...]:
+    """The labels in order of first appearance, each once."""
+    return tuple(dict.fromkeys(labels))
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Where a Jacobian's nonzeros are, from labels and sizes alone (no values)."""
+
+    rows: tuple[int, ...]  # label of each output-side axis
+    cols: tuple[int, ...]  # label of each operand-side axis
+    sizes: tuple[int, ...]  # size of every label (indexed by label)
+    factor_labels: tuple[int, ...]  # labels of the dense factor's axes, in V order
+
+    @property
+    def free(self) -> tuple[int, ...]:
+        """``V``: distinct row labels, then the column labels not among them."""
+        return distinct(self.rows + self.cols)
+
+    @property
+    def free_shape(self) -> tuple[int, ...]:
+        return tuple(self.sizes[label] for label in self.free)
+
+    @property
+    def rows_shape(self) -> tuple[int, ...]:
+        return tuple(self.sizes[label] for label in self.rows)
+
+    @property
+    def cols_shape(self) -> tuple[int, ...]:
+        return tuple(self.sizes[label] for label in self.cols)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows_shape + self.cols_shape
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return math.prod(self.rows_shape), math.prod(self.cols_shape)
+
+    @property
+    def nnz(self) -> int:
+        return math.prod(self.free_shape)
+
+    def transposed(self) -> "Structure":
+        """The structure of ``J.T`` (operand side first), used to write CSC as CSR of ``J.T``."""
+        free = distinct(self.cols + self.rows)
+        order = tuple(label for label in free if label in self.factor_labels)
+        return Structure(self.cols, self.rows, self.sizes, order)
+
+    def spread(self, factor: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:
+        """``factor`` (axes named by ``labels``, default ``factor_labels``) as a read-only
+        broadcast view of shape ``free_shape``: the values of the nonzeros in C order."""
+        labels = self.factor_labels if labels is None else tuple(labels)
+        free = self.free
+        order = sorted(range(len(labels)), key=lambda axis: free.index(labels[axis]))
+        expanded = np.reshape(
+            np.transpose(factor, order),
+            tuple(self.sizes[l] if l in labels else 1 for l in free),
+        )
+        return np.broadcast_to(expanded, self.free_shape)
+
+
+def einsum_structure(einsum: Einsum, wrt: int) -> Structure:
+    """The structure of ``d einsum / d operand[wrt]``."""
+    cols = einsum.inputs[wrt]
+    carried = {label for i, term in enumerate(einsum.inputs) if i != wrt for label in term}
+    free = distinct(einsum.output + cols)
+    factor_labels = tuple(label for label in free if label in carried)
+    return Structure(einsum.output, cols, einsum.sizes, factor_labels)
+
+
+def einsum_factor(
+    einsum: Einsum, wrt: int, operands: Sequence[np.ndarray], dtype: np.dtype
+) -> np.ndarray:
+    """The dense factor ``R`` (axes: ``einsum_structure(einsum, wrt).factor_labels``).
+
+    Operands are cast to ``dtype`` first, so products are formed at the result's precision.
+    With no other operand, ``R`` is the scalar 1.
+    """
+    others = [i for i in range(len(operands)) if i != wrt]
+    return labelled_einsum(
+        einsum, others, operands, dtype, einsum_structure(einsum, wrt).factor_labels
+    )
+
+
+def labelled_einsum(
+    einsum: Einsum,
+    which: Sequence[int],
+    operands: Sequence[np.ndarray],
+    dtype: np.dtype,
+    out: Sequence[int],
+) -> np.ndarray:
+    """``numpy.einsum`` of ``operands[which]`` (labelled as in ``einsum``) into labels ``out``,
+    computed in ``dtype``; the empty product is 1."""
+    if not which:
+        return np.ones((), dtype=dtype)
+    used = sorted({label for i in which for label in einsum.inputs[i]})
+    if len(used) > 52:
+        raise ShapeError(
+            f"{context(einsum.subscripts)}the operands use {len(used)} distinct labels "
+            "(letters and '...' dimensions); numpy's einsum handles at most 52"
+        )
+    # numpy's einsum takes integer labels below 52: rename ours densely.
+    rename = {label: k for k, label in enumerate(used)}
+    args: list = []
+    for i in which:
+        args += [np.asarray(operands[i], dtype=dtype), [rename[l] for l in einsum.inputs[i]]]
+    return np.einsum(*args, [rename[l] for l in out], optimize=len(which) > 1)
