@@ -1,0 +1,87 @@
+"""Bad input: each case raises the package's own exception, whose message quotes the
+subscripts and names the culprit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sparsejac
+from sparsejac import (
+    ArgumentError,
+    ArgumentTypeError,
+    OperandTypeError,
+    ShapeError,
+    SparsejacError,
+    SubscriptError,
+)
+
+A23, A33, A34 = np.ones((2, 3)), np.ones((3, 3)), np.ones((3, 4))
+
+CASES = [
+    # (subscripts, operands, kwargs, exception, message regex)
+    ("ij,j%->i", [A23, np.ones(3)], {}, SubscriptError, r"'ij,j%->i'.*character '%' at position 4"),
+    ("ij,jk->ik->i", [A23, A34], {}, SubscriptError, r"more than one '->'"),
+    ("ij-jk", [A23], {}, SubscriptError, r"'-' and '>'"),
+    ("i..j", [A23], {}, SubscriptError, r"input term 0 'i..j' has a broken ellipsis"),
+    ("...i...", [A23], {}, SubscriptError, r"more than one ellipsis"),
+    ("ij->i....", [A23], {}, SubscriptError, r"output term .* broken ellipsis"),
+    ("ij,jk->ii", [A23, A34], {}, SubscriptError, r"output letter 'i' appears more than once"),
+    ("ij,jk->iq", [A23, A34], {}, SubscriptError, r"output letter 'q' does not appear"),
+    ("ij->...ij", [A23], {}, SubscriptError, r"the output has '...' but no input has one"),
+    ("...i->i", [A23], {}, SubscriptError, r"1 dimension\(s\) under '...'.*no '...'"),
+    ("ij,jk->ik", [A23], {}, ShapeError, r"'ij,jk->ik'.*name 2 operand\(s\), but 1 were given"),
+    ("ij,jk->ik", [A23, A34, A34], {}, ShapeError, r"name 2 operand\(s\), but 3"),
+    ("ijk,jk->i", [A23, A34], {}, ShapeError, r"operand 0 has 2 dimension\(s\).*'ijk' needs 3"),
+    ("ij...,jk", [np.ones(2), A34], {}, ShapeError, r"operand 0 has 1 .*needs at least 2"),
+    ("ij,jk->ik", [A23, np.ones((4, 4))], {}, ShapeError,
+     r"letter 'j' has size 3 in operand 0 but size 4 in operand 1"),
+    ("...i,...i", [np.ones((2, 3)), np.ones((4, 3))], {}, ShapeError,
+     r"letter '...\[0\]' has size 2 in operand 0 but size 4 in operand 1"),
+    ("ii->i", [A23], {}, ShapeError, r"letter 'i' is repeated in operand 0 .*sizes 2 and 3"),
+    ("ij,jk->ik", [A23, A34], {"wrt": 2}, ArgumentError, r"wrt=2 is out of range for 2"),
+    ("ij,jk->ik", [A23, A34], {"wrt": -3}, ArgumentError, r"wrt=-3 is out of range"),
+    ("ij,jk->ik", [A23, A34], {"wrt": 1.0}, ArgumentTypeError, r"wrt must be an int.*float"),
+    ("ij,jk->ik", [A23, A34], {"wrt": True}, ArgumentTypeError, r"wrt must be an int.*bool"),
+    ("ij,jk->ik", [A23, A34], {"wrt": ()}, ArgumentError, r"wrt is an empty sequence"),
+    ("ij,jk->ik", [A23, A34], {"format": "dense"}, ArgumentError,
+     r"format='dense' is not one of \['coo', 'csr', 'csc'"),
+    ("ij,jk->ik", [A23, A34], {"format": 3}, ArgumentTypeError, r"format must be a str"),
+    ("ij,jk->ik", [A23, A34], {"method": "fast"}, ArgumentError, r"method='fast' is not one of"),
+    ("ij,jk->ik", [A23.astype(str), A34], {}, OperandTypeError, r"operand 0 has dtype <U32"),
+    ("ij,jk->ik", [A23, A34.astype(object)], {}, OperandTypeError, r"operand 1 has dtype object"),
+    ("ij,jk->ik", [A23.astype(bool), A34], {}, OperandTypeError, r"operand 0 has dtype bool"),
+    ("i,i", [[1.0, [2.0]], np.ones(2)], {}, OperandTypeError, r"operand 0 cannot be read"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": -1}, ArgumentError, r"memory_limit=-1 must be"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": "1GB"}, ArgumentTypeError, r"memory_limit must be"),
+]
+
+
+@pytest.mark.parametrize(
+    "subscripts, operands, kwargs, exception, match",
+    CASES,
+    ids=[f"{c[0]}-{c[3].__name__}-{i}" for i, c in enumerate(CASES)],
+)
+def test_bad_input(subscripts, operands, kwargs, exception, match):
+    with pytest.raises(exception, match=match) as info:
+        sparsejac.jacobian(subscripts, *operands, **kwargs)
+    assert isinstance(info.value, SparsejacError)
+    assert isinstance(info.value, (ValueError, TypeError))
+    # Every message quotes the subscripts.
+    assert repr(subscripts) in str(info.value)
+
+
+def test_subscripts_not_a_string():
+    with pytest.raises(ArgumentTypeError, match="subscripts must be a str.*int"):
+        sparsejac.jacobian(3, A23)
+
+
+def test_numpy_rejects_what_we_reject():
+    """Spot-check that the table matches numpy's own grammar where numpy has a rule."""
+    for subscripts, operands, kwargs, exception, _ in CASES:
+        if kwargs or exception in (OperandTypeError, ArgumentTypeError):
+            continue
+        if subscripts == "ij->...ij":
+            continue  # numpy accepts an output '...' with no input one; we refuse it (issue 2)
+        with pytest.raises((ValueError, TypeError)):
+            np.einsum(subscripts, *operands)
