@@ -12,7 +12,9 @@ and reused with new values (:mod:`sparsejac.plan`).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,6 +22,46 @@ from .structure import Structure, distinct
 
 FORMATS = ("coo", "csr", "csc")
 INT32_MAX = np.iinfo(np.int32).max
+
+
+# Writing nnz-sized arrays is memory-bound; numpy releases the GIL in copies and ufuncs, so
+# splitting one write into contiguous slabs on a few threads uses every core's bandwidth (and
+# spreads the page faults of fresh allocations).
+_THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8))
+_SLAB_BYTES = 16 << 20
+_pool: ThreadPoolExecutor | None = None
+
+
+def _slabs(shape: tuple[int, ...], pieces: int) -> Iterator[tuple]:
+    """Basic-slicing indexes that cut a C-ordered array of ``shape`` into about ``pieces``
+    contiguous blocks (so every block of every broadcast source is a view)."""
+    lead = 0
+    while lead < len(shape) and math.prod(shape[: lead + 1]) < pieces:
+        lead += 1
+    if lead == len(shape):
+        yield (Ellipsis,)  # the whole array, as a view even when 0-d
+        return
+    outer = shape[:lead]
+    n = shape[lead]
+    cuts = max(1, min(n, -(-pieces // max(math.prod(outer), 1))))
+    bounds = [n * c // cuts for c in range(cuts + 1)]
+    for head in np.ndindex(*outer):
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                yield head + (slice(a, b),)
+
+
+def parallel_write(out: np.ndarray, write: Callable[[tuple], None]) -> None:
+    """Call ``write(index)`` for slabs covering ``out`` (C-contiguous), on a few threads."""
+    global _pool
+    pieces = out.nbytes // _SLAB_BYTES
+    if _THREADS == 1 or pieces < 2:
+        write((Ellipsis,))
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="sparsejac")
+    for future in [_pool.submit(write, index) for index in _slabs(out.shape, pieces)]:
+        future.result()
 
 
 def index_dtype(nnz: int, shape: tuple[int, ...]) -> np.dtype:
@@ -93,7 +135,9 @@ def csr_pattern(structure: Structure) -> CompressedPattern:
         # the column-only labels, the same in every row): one broadcast add writes all of it.
         row_part = _ramp(structure, structure.cols, row_free, dtype)
         col_part = _ramp(structure, structure.cols, col_only, dtype)
-        np.add(row_part[:, None], col_part[None, :], out=indices.reshape(-1, per_row))
+        grid = indices.reshape(-1, per_row)
+        starts, steps = np.broadcast_arrays(row_part[:, None], col_part[None, :])
+        parallel_write(grid, lambda at: np.add(starts[at], steps[at], out=grid[at]))
 
     if len(row_free) == len(structure.rows):
         # Every row is hit once, in order: indptr is an arithmetic progression.
@@ -119,7 +163,9 @@ def coo_coords(structure: Structure) -> np.ndarray:
         ramp = np.arange(structure.sizes[label], dtype=dtype).reshape(
             [structure.sizes[label] if p == position else 1 for p in range(len(free))]
         )
-        np.copyto(coords[d].reshape(free_shape), ramp)
+        target = coords[d].reshape(free_shape)
+        ramp = np.broadcast_to(ramp, free_shape)
+        parallel_write(target, lambda at: np.copyto(target[at], ramp[at]))
     return coords
 
 
@@ -127,5 +173,7 @@ def fill_values(
     structure: Structure, factor: np.ndarray, labels: Sequence[int], out: np.ndarray
 ) -> np.ndarray:
     """Write ``factor`` (axes named by ``labels``), spread over ``V`` in C order, into ``out``."""
-    np.copyto(out.reshape(structure.free_shape), structure.spread(factor, labels))
+    target = out.reshape(structure.free_shape)
+    source = structure.spread(factor, labels)
+    parallel_write(target, lambda at: np.copyto(target[at], source[at]))
     return out

@@ -82,10 +82,12 @@ class Structure:
         labels = self.factor_labels if labels is None else tuple(labels)
         free = self.free
         order = sorted(range(len(labels)), key=lambda axis: free.index(labels[axis]))
-        expanded = np.reshape(
-            np.transpose(factor, order),
-            tuple(self.sizes[l] if l in labels else 1 for l in free),
-        )
+        factor = np.transpose(factor, order)
+        if factor.size * 16 <= max(self.nnz, 1) or factor.nbytes <= 1 << 26:
+            # A small factor is worth laying out in V order once: the broadcast copy that
+            # spreads it over the nonzeros then reads contiguous memory.
+            factor = np.ascontiguousarray(factor)
+        expanded = np.reshape(factor, tuple(self.sizes[l] if l in labels else 1 for l in free))
         return np.broadcast_to(expanded, self.free_shape)
 
 
