@@ -59,3 +59,41 @@ def as_arrays(operands: Sequence[Any], subscripts: str) -> list[np.ndarray]:
 def result_dtype(arrays: Sequence[np.ndarray]) -> np.dtype:
     """numpy's einsum result dtype for these operands."""
     return np.result_type(*arrays)
+
+
+def cuda_device(operands: Sequence[Any]):
+    """The device of the first CUDA tensor among ``operands``, or None."""
+    for x in operands:
+        if is_torch_tensor(x) and x.device.type == "cuda":
+            return x.device
+    return None
+
+
+def as_tensors(operands: Sequence[Any], device: Any, subscripts: str):
+    """Operands as detached torch tensors on ``device``, and the numpy dtype of the result.
+
+    Tensors already there in a numeric dtype are not copied; anything else goes through
+    :func:`as_array` (the same checks and messages) and is moved to ``device``.
+    """
+    import torch
+
+    tensors, dtypes = [], []
+    for i, x in enumerate(operands):
+        kind = _numpy_dtype(x.dtype) if is_torch_tensor(x) and x.layout == torch.strided else None
+        if kind is not None and kind.kind in NUMERIC_KINDS:
+            tensors.append(x.detach().resolve_conj().resolve_neg().to(device))
+        else:
+            array = as_array(x, i, subscripts)
+            tensors.append(torch.from_numpy(np.ascontiguousarray(array)).to(device))
+            kind = array.dtype
+        dtypes.append(kind)
+    return tensors, np.result_type(*dtypes)
+
+
+def _numpy_dtype(torch_dtype) -> np.dtype | None:
+    import torch
+
+    try:
+        return torch.empty(0, dtype=torch_dtype).numpy().dtype
+    except TypeError:  # bfloat16 and friends: no numpy twin
+        return None

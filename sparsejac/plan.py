@@ -34,7 +34,8 @@ from .errors import (
 )
 from .formats import FORMATS, CompressedPattern
 from .grammar import Einsum, bind, parse
-from .operands import as_arrays, result_dtype
+from .backend import NUMPY, TorchBackend, torch_dtype
+from .operands import as_arrays, as_tensors, cuda_device, result_dtype
 from .structure import Structure, einsum_factor, einsum_structure
 
 METHODS = ("direct", "embed")
@@ -141,10 +142,18 @@ class Plan:
     def nbytes(self, format: str = "coo", dtype: Any = np.float64) -> int:
         """Bytes of the arrays a fresh build of ``format`` allocates for values of ``dtype``."""
         fmt = _choice(format, "format", FORMATS, self.subscripts)
-        return formats.predicted_nbytes(self.structure, fmt, np.dtype(dtype).itemsize)
+        if not isinstance(dtype, np.dtype) and "torch" in type(dtype).__module__:
+            dtype = dtype.itemsize  # a torch dtype
+        itemsize = dtype if isinstance(dtype, int) else np.dtype(dtype).itemsize
+        return formats.predicted_nbytes(self.structure, fmt, itemsize)
 
-    def _guard(self, nbytes: int, memory_limit: Any, what: str) -> None:
-        limit = _check_limit(memory_limit, self.subscripts)
+    def _guard(self, nbytes: int, memory_limit: Any, what: str, device: Any = None) -> None:
+        if memory_limit is None and device is not None:
+            import torch
+
+            limit = torch.cuda.mem_get_info(device)[0]  # free memory on that GPU
+        else:
+            limit = _check_limit(memory_limit, self.subscripts)
         if limit is not None and nbytes > limit:
             raise JacobianTooLargeError(
                 f"{context(self.subscripts)}{what} needs about {nbytes:,} bytes "
@@ -153,16 +162,22 @@ class Plan:
                 "nothing was allocated"
             )
 
-    def _pattern_arrays(self, fmt: str):
-        """The cached index arrays for ``fmt`` (built on first use)."""
-        if fmt not in self._patterns:
-            if fmt == "coo":
-                self._patterns[fmt] = formats.coo_coords(self.structure)
-            elif fmt == "csr":
-                self._patterns[fmt] = formats.csr_pattern(self.structure)
+    def _pattern_arrays(self, fmt: str, xp=NUMPY):
+        """The index arrays for ``fmt`` on backend ``xp``, built once and then reused."""
+        key = (fmt, xp.name, str(getattr(xp, "device", "")))
+        if key not in self._patterns:
+            layout = formats.LAYOUT[fmt]
+            if layout == "coo":
+                itemsize = formats.coo_index_itemsize(fmt, self.structure)
+                self._patterns[key] = formats.coo_coords(self.structure, xp, itemsize)
+            elif layout == "csr":
+                self._patterns[key] = formats.csr_pattern(self.structure, xp)
             else:
-                self._patterns[fmt] = formats.csr_pattern(self.structure.transposed())
-        return self._patterns[fmt]
+                self._patterns[key] = formats.csr_pattern(self.structure.transposed(), xp)
+        return self._patterns[key]
+
+    def _has_pattern(self, fmt: str, xp=NUMPY) -> bool:
+        return (fmt, xp.name, str(getattr(xp, "device", ""))) in self._patterns
 
     def pattern(self, format: str = "coo", memory_limit: Any = None):
         """The structure alone: ``True`` at every structural nonzero (bool data).
@@ -170,22 +185,46 @@ class Plan:
         Usable as ``scipy.optimize.least_squares(..., jac_sparsity=plan.pattern("csr"))``.
         """
         fmt = _choice(format, "format", FORMATS, self.subscripts)
-        if fmt not in self._patterns:
+        if not self._has_pattern(fmt):
             self._guard(self.nbytes(fmt, np.bool_), memory_limit, f"the {fmt} pattern")
         return self._assemble(fmt, np.ones(self.nnz, dtype=np.bool_))
 
-    def _assemble(self, fmt: str, data: np.ndarray):
-        pattern = self._pattern_arrays(fmt)
+    def _assemble(self, fmt: str, data, xp=NUMPY):
+        """Wrap the cached pattern for ``fmt`` and ``data`` in ``fmt``'s container."""
+        return self._container(fmt, self._pattern_arrays(fmt, xp), data)
+
+    def _container(self, fmt: str, pattern, data):
+        """The container ``fmt`` names around index arrays and values, copying neither."""
         if fmt == "coo":
             return sparse.COO(
                 pattern, data, shape=self.shape, sorted=True, has_duplicates=False
             )
-        cls = scipy.sparse.csr_array if fmt == "csr" else scipy.sparse.csc_array
-        matrix = cls((data, pattern.indices, pattern.indptr), shape=self.matrix_shape)
-        # Sorted and free of duplicates by construction; saying so spares scipy a scan.
-        matrix.has_sorted_indices = True
-        matrix.has_canonical_format = True
-        return matrix
+        if fmt in ("csr", "csc"):
+            cls = scipy.sparse.csr_array if fmt == "csr" else scipy.sparse.csc_array
+            matrix = cls((data, pattern.indices, pattern.indptr), shape=self.matrix_shape)
+            # Sorted and free of duplicates by construction; saying so spares scipy a scan.
+            matrix.has_sorted_indices = True
+            matrix.has_canonical_format = True
+            return matrix
+        import warnings
+
+        import torch
+
+        def tensor(a):
+            return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+        if fmt == "torch":
+            # Coalesced by construction (sorted, no duplicates): no coalesce() pass.
+            return torch.sparse_coo_tensor(
+                tensor(pattern), tensor(data), self.shape,
+                is_coalesced=True, check_invariants=False,
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                tensor(pattern.indptr), tensor(pattern.indices), tensor(data),
+                self.matrix_shape, check_invariants=False,
+            )
 
     def jacobian(
         self,
@@ -197,32 +236,42 @@ class Plan:
         """The Jacobian for these operands (their shapes must be the plan's).
 
         ``format``: ``"coo"`` (``sparse.COO`` of shape ``z.shape + operand.shape``), ``"csr"`` or
-        ``"csc"`` (scipy arrays of shape ``(z.size, operand.size)``). The pattern built by an
-        earlier call is reused; only the values are written. ``memory_limit`` in bytes (default:
-        the memory available) guards every nnz-sized allocation.
+        ``"csc"`` (scipy arrays of shape ``(z.size, operand.size)``), ``"torch"`` (a coalesced
+        ``torch.sparse_coo_tensor`` of the COO shape) or ``"torch_csr"`` (a
+        ``torch.sparse_csr_tensor`` of the matrix shape). With CUDA tensor operands the torch
+        formats are built on their GPU. The pattern built by an earlier call is reused; only the
+        values are written. ``memory_limit`` in bytes (default: the memory available, on the
+        GPU for a GPU build) guards every nnz-sized allocation.
         """
         fmt = _choice(format, "format", FORMATS, self.subscripts)
         how = _choice(method, "method", METHODS, self.subscripts)
-        arrays = as_arrays(operands, self.subscripts)
-        shapes = tuple(a.shape for a in arrays)
+        device = cuda_device(operands) if fmt in ("torch", "torch_csr") and how == "direct" else None
+        if device is not None:
+            xp = TorchBackend(device)
+            arrays, dtype = as_tensors(operands, device, self.subscripts)
+            value_dtype = torch_dtype(dtype)
+        else:
+            xp = NUMPY
+            arrays = as_arrays(operands, self.subscripts)
+            dtype = value_dtype = result_dtype(arrays)
+        shapes = tuple(tuple(a.shape) for a in arrays)
         if shapes != self.shapes:
             raise ShapeError(
                 f"{context(self.subscripts)}the plan was made for shapes {self.shapes}, "
                 f"got operands of shapes {shapes}"
             )
-        dtype = result_dtype(arrays)
         if how == "embed":
             return self._embed(arrays, dtype, fmt, memory_limit)
 
         nbytes = self.nnz * dtype.itemsize
-        if fmt not in self._patterns:
+        if not self._has_pattern(fmt, xp):
             nbytes = formats.predicted_nbytes(self.structure, fmt, dtype.itemsize)
-        self._guard(nbytes, memory_limit, f"the {fmt} Jacobian")
-        factor = einsum_factor(self.einsum, self.wrt, arrays, dtype)
+        self._guard(nbytes, memory_limit, f"the {fmt} Jacobian", device)
+        factor = einsum_factor(self.einsum, self.wrt, arrays, value_dtype, xp)
         target = self.structure.transposed() if fmt == "csc" else self.structure
-        data = np.empty(self.nnz, dtype=dtype)
-        formats.fill_values(target, factor, self.structure.factor_labels, data)
-        return self._assemble(fmt, data)
+        data = xp.empty(self.nnz, value_dtype)
+        formats.fill_values(target, factor, self.structure.factor_labels, data, xp)
+        return self._assemble(fmt, data, xp)
 
     def _embed(self, arrays, dtype: np.dtype, fmt: str, memory_limit: Any):
         einsum = self.einsum
@@ -234,12 +283,17 @@ class Plan:
         result = embed_coo(einsum, self.wrt, arrays, dtype)
         if fmt == "coo":
             return result
+        if fmt == "torch":
+            return self._container(fmt, result.coords.astype(np.int64), result.data)
         n_out = len(einsum.output)
         out_shape, op_shape = self.shape[:n_out], self.shape[n_out:]
         rows = _flat(result.coords[:n_out], out_shape)
         cols = _flat(result.coords[n_out:], op_shape)
         coo = scipy.sparse.coo_array((result.data, (rows, cols)), shape=self.matrix_shape)
-        return coo.tocsr() if fmt == "csr" else coo.tocsc()
+        if fmt == "csc":
+            return coo.tocsc()
+        matrix = coo.tocsr()
+        return matrix if fmt == "csr" else self._container(fmt, matrix, matrix.data)
 
 
 def plan(subscripts: str, *shapes: Sequence[int], wrt: int = 0) -> Plan:

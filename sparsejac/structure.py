@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .backend import NUMPY
 from .errors import ShapeError, context
 from .grammar import Einsum
 
@@ -76,19 +77,20 @@ class Structure:
         order = tuple(label for label in free if label in self.factor_labels)
         return Structure(self.cols, self.rows, self.sizes, order)
 
-    def spread(self, factor: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:
+    def spread(self, factor, labels: Sequence[int] | None = None, xp=NUMPY):
         """``factor`` (axes named by ``labels``, default ``factor_labels``) as a read-only
         broadcast view of shape ``free_shape``: the values of the nonzeros in C order."""
         labels = self.factor_labels if labels is None else tuple(labels)
         free = self.free
         order = sorted(range(len(labels)), key=lambda axis: free.index(labels[axis]))
-        factor = np.transpose(factor, order)
-        if factor.size * 16 <= max(self.nnz, 1) or factor.nbytes <= 1 << 26:
+        factor = xp.permute(factor, order)
+        size = math.prod(factor.shape)
+        if size * 16 <= max(self.nnz, 1) or size <= 1 << 23:
             # A small factor is worth laying out in V order once: the broadcast copy that
             # spreads it over the nonzeros then reads contiguous memory.
-            factor = np.ascontiguousarray(factor)
-        expanded = np.reshape(factor, tuple(self.sizes[l] if l in labels else 1 for l in free))
-        return np.broadcast_to(expanded, self.free_shape)
+            factor = xp.contiguous(factor)
+        expanded = factor.reshape(tuple(self.sizes[l] if l in labels else 1 for l in free))
+        return xp.broadcast_to(expanded, self.free_shape)
 
 
 def einsum_structure(einsum: Einsum, wrt: int) -> Structure:
@@ -100,9 +102,7 @@ def einsum_structure(einsum: Einsum, wrt: int) -> Structure:
     return Structure(einsum.output, cols, einsum.sizes, factor_labels)
 
 
-def einsum_factor(
-    einsum: Einsum, wrt: int, operands: Sequence[np.ndarray], dtype: np.dtype
-) -> np.ndarray:
+def einsum_factor(einsum: Einsum, wrt: int, operands: Sequence, dtype, xp=NUMPY):
     """The dense factor ``R`` (axes: ``einsum_structure(einsum, wrt).factor_labels``).
 
     Operands are cast to ``dtype`` first, so products are formed at the result's precision.
@@ -110,21 +110,17 @@ def einsum_factor(
     """
     others = [i for i in range(len(operands)) if i != wrt]
     return labelled_einsum(
-        einsum, others, operands, dtype, einsum_structure(einsum, wrt).factor_labels
+        einsum, others, operands, dtype, einsum_structure(einsum, wrt).factor_labels, xp
     )
 
 
 def labelled_einsum(
-    einsum: Einsum,
-    which: Sequence[int],
-    operands: Sequence[np.ndarray],
-    dtype: np.dtype,
-    out: Sequence[int],
-) -> np.ndarray:
+    einsum: Einsum, which: Sequence[int], operands: Sequence, dtype, out: Sequence[int], xp=NUMPY
+):
     """``numpy.einsum`` of ``operands[which]`` (labelled as in ``einsum``) into labels ``out``,
     computed in ``dtype``; the empty product is 1."""
     if not which:
-        return np.ones((), dtype=dtype)
+        return xp.ones((), dtype)
     used = sorted({label for i in which for label in einsum.inputs[i]})
     if len(used) > 52:
         raise ShapeError(
@@ -135,5 +131,5 @@ def labelled_einsum(
     rename = {label: k for k, label in enumerate(used)}
     args: list = []
     for i in which:
-        args += [np.asarray(operands[i], dtype=dtype), [rename[l] for l in einsum.inputs[i]]]
-    return np.einsum(*args, [rename[l] for l in out], optimize=len(which) > 1)
+        args += [xp.cast(operands[i], dtype), [rename[l] for l in einsum.inputs[i]]]
+    return xp.einsum(*args, [rename[l] for l in out])

@@ -10,7 +10,7 @@ import sparse
 from hypothesis import given, settings, strategies as st
 
 import sparsejac
-from sparsejac import formats
+from sparsejac import backend, formats
 from reference import onehot_jacobian
 from strategies import einsum_problems, operands_for
 
@@ -58,12 +58,12 @@ def test_threaded_slabs_write_the_same(problem, seed, ):
     """Force every write through the slab splitter (tiny slabs) and compare."""
     subscripts, shapes = problem
     ops = operands_for(shapes, np.float64, seed)
-    old = formats._SLAB_BYTES
+    old = backend.SLAB_BYTES
     try:
         for k in range(len(shapes)):
-            formats._SLAB_BYTES = old
+            backend.SLAB_BYTES = old
             expect = [sparsejac.jacobian(subscripts, *ops, wrt=k, format=f) for f in ("coo", "csr")]
-            formats._SLAB_BYTES = 8
+            backend.SLAB_BYTES = 8
             got = [sparsejac.jacobian(subscripts, *ops, wrt=k, format=f) for f in ("coo", "csr")]
             np.testing.assert_array_equal(got[0].coords, expect[0].coords)
             np.testing.assert_array_equal(got[0].data, expect[0].data)
@@ -71,13 +71,13 @@ def test_threaded_slabs_write_the_same(problem, seed, ):
             np.testing.assert_array_equal(got[1].indptr, expect[1].indptr)
             np.testing.assert_array_equal(got[1].data, expect[1].data)
     finally:
-        formats._SLAB_BYTES = old
+        backend.SLAB_BYTES = old
 
 
 def test_slabs_cover_exactly_once():
     for shape in [(3, 5), (1, 1, 10), (7,), (), (2, 0, 3), (4, 4, 4)]:
         hits = np.zeros(shape, dtype=int)
-        for index in formats._slabs(shape, 6):
+        for index in backend.slabs(shape, 6):
             hits[index] += 1
         assert (hits == 1).all(), shape
 
