@@ -84,7 +84,7 @@ def as_tensors(operands: Sequence[Any], device: Any, subscripts: str):
             tensors.append(x.detach().resolve_conj().resolve_neg().to(device))
         else:
             array = as_array(x, i, subscripts)
-            tensors.append(torch.from_numpy(np.ascontiguousarray(array)).to(device))
+            tensors.append(torch.from_numpy(np.array(array, order="C")).to(device))
             kind = array.dtype
         dtypes.append(kind)
     return tensors, np.result_type(*dtypes)

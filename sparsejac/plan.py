@@ -148,7 +148,7 @@ class Plan:
         return formats.predicted_nbytes(self.structure, fmt, itemsize)
 
     def _guard(self, nbytes: int, memory_limit: Any, what: str, device: Any = None) -> None:
-        if memory_limit is None and device is not None:
+        if memory_limit is None and device is not None and device.type == "cuda":
             import torch
 
             limit = torch.cuda.mem_get_info(device)[0]  # free memory on that GPU

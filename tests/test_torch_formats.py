@@ -93,3 +93,25 @@ def test_embed_method_torch_formats():
         torch.testing.assert_close(a.to_dense(), b.to_dense())
     ref = onehot_jacobian("bii,ij->bj", ops, 0)
     np.testing.assert_allclose(a.to_dense().numpy().reshape(ref.shape), ref)
+
+
+@settings(max_examples=max(settings().max_examples // 4, 10))
+@given(einsum_problems(max_operands=3), st.integers(0, 2**32 - 1))
+def test_torch_backend_on_cpu_equals_numpy_backend(problem, seed):
+    """The GPU code path (the torch backend), forced onto the CPU so that CI runs it."""
+    from unittest import mock
+
+    subscripts, shapes = problem
+    ops = operands_for(shapes, np.float64, seed)
+    tensors = [torch.from_numpy(o) for o in ops]
+    with mock.patch("sparsejac.plan.cuda_device", lambda operands: torch.device("cpu")):
+        for k in range(len(shapes)):
+            coo = sparsejac.jacobian(subscripts, *ops, wrt=k)
+            csr = sparsejac.jacobian(subscripts, *ops, wrt=k, format="csr")
+            J = sparsejac.jacobian(subscripts, *tensors, wrt=k, format="torch")
+            C = sparsejac.jacobian(subscripts, *tensors, wrt=k, format="torch_csr")
+            np.testing.assert_array_equal(J._indices().numpy(), coo.coords)
+            np.testing.assert_allclose(J._values().numpy(), coo.data, rtol=1e-12)
+            np.testing.assert_array_equal(C.crow_indices().numpy(), csr.indptr)
+            np.testing.assert_array_equal(C.col_indices().numpy(), csr.indices)
+            np.testing.assert_allclose(C.values().numpy(), csr.data, rtol=1e-12)
