@@ -35,7 +35,7 @@ from .errors import (
 from .formats import FORMATS, CompressedPattern
 from .grammar import Einsum, bind, parse
 from .backend import NUMPY, TorchBackend, torch_dtype
-from .operands import as_arrays, as_tensors, cuda_device, result_dtype
+from .operands import as_array, as_arrays, as_tensors, cuda_device, is_torch_tensor, result_dtype
 from .structure import Structure, einsum_factor, einsum_structure
 
 METHODS = ("direct", "embed")
@@ -330,8 +330,11 @@ def jacobian(
     >>> float(J[1, 2, 1, 0]), float(J[1, 2, 0, 0])   # d z[1,2] / d x[1,0] = w[0,2]
     (2.0, 0.0)
     """
-    arrays = as_arrays(operands, subscripts if isinstance(subscripts, str) else repr(subscripts))
-    shapes = [a.shape for a in arrays]
+    label = subscripts if isinstance(subscripts, str) else repr(subscripts)
+    # Convert once here (not once per wrt); torch tensors stay tensors, so that a GPU build
+    # of the torch formats keeps them on their device.
+    arrays = [x if is_torch_tensor(x) else as_array(x, i, label) for i, x in enumerate(operands)]
+    shapes = [tuple(a.shape) for a in arrays]
     if isinstance(wrt, (tuple, list)):
         if not wrt:
             raise ArgumentError(f"{context(subscripts)}wrt is an empty sequence")
