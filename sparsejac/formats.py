@@ -135,3 +135,39 @@ def fill_values(structure: Structure, factor, labels: Sequence[int], out, xp=NUM
     """Write ``factor`` (axes named by ``labels``), spread over ``V`` in C order, into ``out``."""
     xp.copy_into(out.reshape(structure.free_shape), structure.spread(factor, labels, xp))
     return out
+
+
+def from_csr(csr, fmt: str, out_shape: Sequence[int], inp_shape: Sequence[int]):
+    """A canonical scipy CSR array of shape ``(prod(out_shape), prod(inp_shape))`` in the
+    container ``fmt`` names (for results that are assembled as CSR, e.g. sums of terms)."""
+    import scipy.sparse
+    import sparse
+
+    out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
+    if fmt == "csr":
+        return csr
+    if fmt == "csc":
+        return csr.tocsc()
+    if fmt == "torch_csr":
+        import torch
+
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(csr.indptr), torch.from_numpy(csr.indices),
+            torch.from_numpy(csr.data), csr.shape, check_invariants=False,
+        )
+    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+    coords = [np.unravel_index(rows, out_shape)] if out_shape else []
+    coords += [np.unravel_index(csr.indices, inp_shape)] if inp_shape else []
+    dtype = np.int64 if fmt == "torch" else index_dtype(csr.nnz, out_shape + inp_shape)
+    stacked = np.zeros((len(out_shape) + len(inp_shape), csr.nnz), dtype=dtype)
+    for d, c in enumerate(c for group in coords for c in group):
+        stacked[d] = c
+    if fmt == "torch":
+        import torch
+
+        return torch.sparse_coo_tensor(
+            torch.from_numpy(stacked), torch.from_numpy(csr.data), out_shape + inp_shape,
+            is_coalesced=True, check_invariants=False,
+        )
+    # Rows sorted, columns sorted within rows, no duplicates: lexicographic N-D order.
+    return sparse.COO(stacked, csr.data, shape=out_shape + inp_shape, sorted=True, has_duplicates=False)

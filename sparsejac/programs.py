@@ -26,7 +26,6 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import sparse
 
 from . import terms as T
 from .errors import (
@@ -36,6 +35,7 @@ from .errors import (
     OperandTypeError,
     SparsejacError,
 )
+from . import formats
 from .formats import FORMATS
 from .grammar import bind, parse
 from .plan import available_memory
@@ -546,23 +546,6 @@ def _wrt_list(wrt: Any, n: int) -> list[int]:
     return out
 
 
-def _to_format(csr, fmt: str, out_shape: tuple[int, ...], inp_shape: tuple[int, ...]):
-    if fmt == "csr":
-        return csr
-    if fmt == "csc":
-        return csr.tocsc()
-    rows = np.repeat(np.arange(csr.shape[0], dtype=csr.indices.dtype), np.diff(csr.indptr))
-    coords = [np.asarray(c) for c in np.unravel_index(rows, out_shape)] if out_shape else []
-    coords += [np.asarray(c) for c in np.unravel_index(csr.indices, inp_shape)] if inp_shape else []
-    coords_array = (
-        np.stack(coords) if coords else np.zeros((0, csr.nnz), dtype=csr.indices.dtype)
-    )
-    # Rows sorted, columns sorted within rows, no duplicates: lexicographic N-D order.
-    return sparse.COO(
-        coords_array, csr.data, shape=out_shape + inp_shape, sorted=True, has_duplicates=False
-    )
-
-
 def jacobian_of(
     fn: Callable[..., torch.Tensor],
     *args: Any,
@@ -635,7 +618,7 @@ def jacobian_of(
                 f"{int(limit):,} bytes; nothing was materialised"
             )
         csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
-        results.append(_to_format(csr, format, out_shape, inp_shape))
+        results.append(formats.from_csr(csr, format, out_shape, inp_shape))
     return tuple(results) if isinstance(wrt, (tuple, list)) else results[0]
 
 

@@ -313,3 +313,24 @@ def test_bad_arguments():
         sparsejac.jacobian_of(torch.tanh, torch.arange(3))
     with pytest.raises(ArgumentTypeError, match="one torch tensor"):
         sparsejac.jacobian_of(lambda x: (x, x), rand(3))
+
+
+def test_torch_formats_equal_coo():
+    """Every format of jacobian_of holds the same entries (torch formats included)."""
+    torch.manual_seed(3)
+    x, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+
+    def fn(x):
+        return torch.tanh(x @ w).sum(-1, keepdim=True) * x.mean(-1, keepdim=True)
+
+    coo = sparsejac.jacobian_of(fn, x)
+    J = sparsejac.jacobian_of(fn, x, format="torch")
+    assert J.layout == torch.sparse_coo and J.is_coalesced()
+    np.testing.assert_array_equal(J._indices().numpy(), coo.coords)
+    np.testing.assert_array_equal(J._values().numpy(), coo.data)
+    C = sparsejac.jacobian_of(fn, x, format="torch_csr")
+    csr = sparsejac.jacobian_of(fn, x, format="csr")
+    np.testing.assert_array_equal(C.col_indices().numpy(), csr.indices)
+    np.testing.assert_array_equal(C.crow_indices().numpy(), csr.indptr)
+    ref = torch.func.jacrev(fn)(x)
+    torch.testing.assert_close(J.to_dense(), ref)
