@@ -21,13 +21,19 @@ from .errors import (
     SubscriptError,
 )
 from .plan import Plan, jacobian, plan
+from .spy import spy
+from .programs import jacobian_of
+from .operator import linear_operator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "jacobian",
+    "jacobian_of",
     "plan",
     "Plan",
+    "linear_operator",
+    "spy",
     "SparsejacError",
     "SubscriptError",
     "ShapeError",

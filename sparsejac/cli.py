@@ -1,19 +1,341 @@
-"""The command line: ``sparsejac demo`` (also plain ``python -m sparsejac``)."""
+"""The command line: ``sparsejac jacobian ...`` for large-shape runs, ``sparsejac demo`` (also
+plain ``python -m sparsejac``).
+
+    sparsejac jacobian SUBSCRIPTS (--operand FILE.npy ... | --shape 512,512 ...) [--wrt K]
+              [--format coo|csr|csc] [--chunks SPEC] [--out PATH] [--dtype float32] [--check]
+
+Errors (bad subscripts, missing files, a Jacobian over the memory limit, ...) print one line on
+stderr and exit with status 1 (2 for a malformed command line), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import time
 from typing import Sequence
+
+import numpy as np
+
+CHECK_LIMIT = 2_000_000  # dense elements up to which --check compares with torch
+
+
+class CommandError(Exception):
+    """A problem with what the command line asks for (reported in one line, exit 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + line
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sparsejac", description="Exact sparse Jacobians of einsum expressions."
-    )
-    commands = parser.add_subparsers(dest="command")
+    parser = _Parser(prog="sparsejac", description="Exact sparse Jacobians of einsum expressions.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     commands.add_parser("demo", help="check small cases against torch, then build large ones")
+    jac = commands.add_parser(
+        "jacobian",
+        help="build the Jacobian of one einsum, report it, optionally save it",
+        description="Build the exact sparse Jacobian of numpy.einsum(SUBSCRIPTS, *operands) with "
+        "respect to operand K, print its shape, nnz, density, bytes against the dense bytes and "
+        "the time, and optionally save it.",
+    )
+    jac.add_argument("subscripts", metavar="SUBSCRIPTS", help="einsum subscripts, e.g. 'ij,jk->ik'")
+    source = jac.add_mutually_exclusive_group(required=True)
+    source.add_argument("--operand", action="append", metavar="FILE.npy",
+                        help="an operand saved with numpy.save (once per operand, in order)")
+    source.add_argument("--shape", action="append", metavar="N,M,...",
+                        help="the shape of a seeded random operand (once per operand; '' or () "
+                        "for a scalar)")
+    jac.add_argument("--wrt", type=int, default=0, metavar="K",
+                     help="differentiate with respect to operand K (default 0)")
+    jac.add_argument("--format", choices=("coo", "csr", "csc"), default=None,
+                     help="in-memory format (default csr: (z.size, operand.size))")
+    jac.add_argument("--chunks", metavar="SPEC",
+                     help="build block by block on dask: 'auto', N, or one entry per Jacobian "
+                     "axis such as 100,auto,-1,50")
+    jac.add_argument("--out", metavar="PATH",
+                     help="write the Jacobian: a .npz (scipy's save_npz for csr/csc, sparse's for "
+                     "coo), or with --chunks a directory of blocks (sparsejac.dask.load reads it)")
+    jac.add_argument("--dtype", metavar="DTYPE",
+                     help="cast the operands to DTYPE (random operands default to float64)")
+    jac.add_argument("--check", action="store_true",
+                     help="compare with torch.autograd.functional.jacobian where the dense "
+                     f"Jacobian has at most {CHECK_LIMIT:,} elements")
+    jac.add_argument("--seed", type=int, default=0, help="seed of the random operands (default 0)")
+    jac.add_argument("--memory-limit", metavar="BYTES",
+                     help="refuse an in-memory build over this many bytes (e.g. 8G; default: the "
+                     "memory available)")
+    jac.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out file or chunk directory")
     return parser
+
+
+# -- parsing option values ---------------------------------------------------------------------
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"512,512"`` -> ``(512, 512)``; ``""``, ``"()"`` -> ``()``."""
+    body = text.strip().strip("()[]").strip()
+    if not body:
+        return ()
+    try:
+        shape = tuple(int(part) for part in body.split(",") if part.strip() != "")
+    except ValueError:
+        raise CommandError(f"--shape {text!r} is not a list of integers such as 512,512") from None
+    if any(n < 0 for n in shape):
+        raise CommandError(f"--shape {text!r} has a negative size")
+    return shape
+
+
+def parse_chunks(text: str):
+    text = text.strip()
+    if text == "auto":
+        return "auto"
+    parts = [p.strip() for p in text.strip("()").split(",")]
+    values: list = []
+    for part in parts:
+        if part == "auto":
+            values.append("auto")
+            continue
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise CommandError(
+                f"--chunks {text!r}: expected 'auto', an integer, or one entry (integer, -1 or "
+                "auto) per Jacobian axis separated by commas"
+            ) from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30,
+             "GB": 2**30, "T": 2**40, "TB": 2**40}
+    body = text.strip().upper().replace("I", "")  # GiB, GB and G all mean 2**30 here
+    number = body.rstrip("KMGTB")
+    try:
+        value = float(number) * units[body[len(number):]]
+    except (ValueError, KeyError):
+        raise CommandError(f"--memory-limit {text!r} is not a size such as 8G or 500M") from None
+    return int(value)
+
+
+def _dtype(text: str | None) -> np.dtype | None:
+    if text is None:
+        return None
+    try:
+        dtype = np.dtype(text)
+    except TypeError:
+        raise CommandError(f"--dtype {text!r} is not a numpy dtype") from None
+    if dtype.kind not in "iufc":
+        raise CommandError(f"--dtype {text!r} is not numeric")
+    return dtype
+
+
+def _ratio(dense: float, nbytes: float) -> str:
+    if nbytes and dense >= nbytes:
+        return f"{dense / nbytes:.3g}x smaller"
+    return f"{nbytes / max(dense, 1):.3g}x larger" if nbytes else "nothing stored"
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(nbytes) < 1000:
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.3g} EB"
+
+
+def _random(shape, dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
+    if dtype.kind in "iu":
+        return rng.integers(-5 if dtype.kind == "i" else 0, 6, size=shape).astype(dtype)
+    x = rng.standard_normal(shape)
+    if dtype.kind == "c":
+        x = x + 1j * rng.standard_normal(shape)
+    return np.asarray(x).astype(dtype)
+
+
+def load_operands(args) -> list[np.ndarray]:
+    dtype = _dtype(args.dtype)
+    if args.operand:
+        operands = []
+        for path in args.operand:
+            if not os.path.exists(path):
+                raise CommandError(f"operand file {path!r} does not exist")
+            try:
+                x = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as error:
+                raise CommandError(f"cannot read operand file {path!r} as .npy: {error}") from None
+            if not isinstance(x, np.ndarray):
+                raise CommandError(f"operand file {path!r} is an .npz archive, not one array")
+            operands.append(x if dtype is None else x.astype(dtype, copy=False))
+        return operands
+    rng = np.random.default_rng(args.seed)
+    return [_random(parse_shape(s), dtype or np.dtype(np.float64), rng) for s in args.shape]
+
+
+# -- the jacobian command ----------------------------------------------------------------------
+
+
+def _summary(print_, plan, dtype) -> None:
+    dense = math.prod(plan.shape)
+    density = plan.nnz / dense if dense else 0.0
+    print_(f"Jacobian of einsum {plan.subscripts!r} with respect to operand {plan.wrt} "
+           f"(operand shapes {', '.join(str(s) for s in plan.shapes)}, {dtype})")
+    print_(f"  shape {plan.shape} = matrix {plan.matrix_shape}")
+    print_(f"  nnz {plan.nnz:,}  density {density:.3g}  dense would be {dense:,} elements "
+           f"({_human(dense * dtype.itemsize)})")
+
+
+def _check(print_, subscripts, operands, wrt, got_dense) -> bool:
+    """Compare with torch's autodiff where the dense Jacobian is small enough."""
+    size = int(np.prod(got_dense.shape)) if got_dense is not None else None
+    if got_dense is None:
+        return True
+    try:
+        import torch
+    except ImportError:
+        print_("  check skipped: torch is not installed (pip install 'einsum-sparsejac[torch]')")
+        return True
+    tensors = [torch.from_numpy(np.asarray(x, order="C")) for x in operands]
+
+    def f(t):
+        return torch.einsum(subscripts, *(t if i == wrt else x for i, x in enumerate(tensors)))
+
+    try:
+        z = f(tensors[wrt])
+    except RuntimeError as error:
+        print_(f"  check skipped: torch.einsum refuses these subscripts ({error})")
+        return True
+    if tuple(z.shape) != got_dense.shape[: got_dense.ndim - operands[wrt].ndim]:
+        print_("  check skipped: torch.einsum reads these subscripts differently from numpy")
+        return True
+    if size == 0 or tensors[wrt].is_complex() or not tensors[wrt].is_floating_point():
+        print_("  check skipped: torch's jacobian needs a non-empty real floating operand")
+        return True
+    ref = torch.autograd.functional.jacobian(f, tensors[wrt], vectorize=True).numpy()
+    tol = 1e-5 if got_dense.dtype in (np.float32, np.complex64) else 1e-12
+    scale = max(1.0, float(np.max(np.abs(ref), initial=0.0)))
+    err = float(np.max(np.abs(got_dense - ref), initial=0.0))
+    ok = ref.shape == got_dense.shape and err <= tol * scale
+    print_(f"  check against torch.autograd.functional.jacobian: max |difference| {err:.2e} "
+           f"(tolerance {tol * scale:.1e})  {'ok' if ok else 'MISMATCH'}")
+    return ok
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def run_jacobian(args, print_=print) -> int:
+    from .plan import Plan
+
+    operands = load_operands(args)
+    plan = Plan(args.subscripts, *(x.shape for x in operands), wrt=args.wrt)
+    from .operands import as_arrays, result_dtype
+
+    arrays = as_arrays(operands, args.subscripts)
+    dtype = result_dtype(arrays)
+    _summary(print_, plan, dtype)
+    dense_bytes = math.prod(plan.shape) * dtype.itemsize
+    want_check = args.check and math.prod(plan.shape) <= CHECK_LIMIT
+    if args.check and not want_check:
+        print_(f"  check skipped: the dense Jacobian has {math.prod(plan.shape):,} elements, "
+               f"over the {CHECK_LIMIT:,} that torch is asked to build")
+
+    if args.chunks is not None:
+        if args.format not in (None, "coo"):
+            raise CommandError("--format applies to in-memory builds; --chunks builds sparse.COO "
+                               "blocks (saved as per-block CSR files)")
+        return _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check)
+
+    fmt = args.format or "csr"
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    predicted = plan.nbytes(fmt, dtype)
+    print_(f"  building {fmt} in memory (about {_human(predicted)}) ...", flush=True)
+    start = time.perf_counter()
+    J = plan.jacobian(*arrays, format=fmt, memory_limit=limit)
+    seconds = time.perf_counter() - start
+    nbytes = J.nbytes if fmt == "coo" else J.data.nbytes + J.indices.nbytes + J.indptr.nbytes
+    print_(f"  built {fmt} in {seconds:.3f} s: {_human(nbytes)} against {_human(dense_bytes)} "
+           f"dense ({_ratio(dense_bytes, nbytes)})")
+    ok = True
+    if want_check:
+        got = J.todense() if fmt == "coo" else J.toarray().reshape(plan.shape)
+        ok = _check(print_, args.subscripts, arrays, plan.wrt, np.asarray(got))
+    if args.out:
+        out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+        if os.path.exists(out) and not args.overwrite:
+            raise CommandError(f"{out} exists; pass --overwrite to replace it")
+        start = time.perf_counter()
+        if fmt == "coo":
+            import sparse
+
+            sparse.save_npz(out, J, compressed=False)
+        else:
+            import scipy.sparse
+
+            scipy.sparse.save_npz(out, J, compressed=False)
+        print_(f"  saved to {out} ({_human(os.path.getsize(out))}) in "
+               f"{time.perf_counter() - start:.3f} s")
+    return 0 if ok else 1
+
+
+def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> int:
+    try:
+        import dask  # noqa: F401
+    except ImportError:
+        raise CommandError("--chunks needs dask: pip install 'einsum-sparsejac[dask]'") from None
+    import numpy as np
+    from dask.diagnostics import ProgressBar
+
+    from . import dask as sjd
+
+    J = sjd.jacobian(args.subscripts, *arrays, wrt=plan.wrt, chunks=parse_chunks(args.chunks))
+    largest = tuple(max(c, default=0) for c in J.chunks)
+    print_(f"  {math.prod(J.numblocks):,} blocks of at most {largest}, built and "
+           f"{'written' if args.out else 'counted'} one at a time", flush=True)
+    start = time.perf_counter()
+    # A bar redrawn 10 times a second on a terminal; one line every 10 s into a log file.
+    with ProgressBar(minimum=1.0, dt=0.1 if sys.stderr.isatty() else 10.0, out=sys.stderr):
+        if args.out:
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise CommandError(f"{args.out} exists and is not a directory")
+            try:
+                meta = sjd.save(J, args.out, overwrite=args.overwrite)
+            except FileExistsError as error:
+                raise CommandError(f"{error} (--overwrite)") from None
+            nnz = meta["nnz"]
+        else:
+            counts = J.map_blocks(
+                lambda b: np.full((1,) * b.ndim, b.nnz, dtype=np.int64),
+                chunks=tuple((1,) * len(c) for c in J.chunks),
+                dtype=np.int64,
+                meta=np.empty((0,) * J.ndim, dtype=np.int64),
+            ).compute()
+            nnz = int(np.sum(counts))
+    seconds = time.perf_counter() - start
+    if nnz != plan.nnz:
+        raise CommandError(f"the blocks hold {nnz:,} entries, expected {plan.nnz:,}")
+    if args.out:
+        nbytes = _dir_bytes(args.out)
+        print_(f"  built and saved {nnz:,} nonzeros in {seconds:.3f} s to {args.out}: "
+               f"{_human(nbytes)} on disk against {_human(dense_bytes)} dense "
+               f"({_ratio(dense_bytes, nbytes)})")
+    else:
+        nbytes = plan.nbytes("coo", dtype)
+        print_(f"  built {nnz:,} nonzeros in {seconds:.3f} s (about {_human(nbytes)} as COO "
+               f"against {_human(dense_bytes)} dense, {_ratio(dense_bytes, nbytes)})")
+    ok = True
+    if want_check:
+        ok = _check(print_, args.subscripts, arrays, plan.wrt, np.asarray(J.compute().todense()))
+    return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,6 +344,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo
 
         return demo()
+    if args.command == "jacobian":
+        from .errors import SparsejacError
+
+        try:
+            return run_jacobian(args)
+        except (CommandError, SparsejacError, OSError) as error:
+            print(f"sparsejac jacobian: error: {error}", file=sys.stderr)
+            return 1
+        except MemoryError as error:
+            print(f"sparsejac jacobian: error: out of memory ({error or 'allocation failed'}); "
+                  "try --chunks", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("sparsejac jacobian: interrupted", file=sys.stderr)
+            return 130
     return 2
 
 
