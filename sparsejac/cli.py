@@ -3,6 +3,7 @@ plain ``python -m sparsejac``).
 
     sparsejac jacobian SUBSCRIPTS (--operand FILE.npy ... | --shape 512,512 ...) [--wrt K]
               [--format coo|csr|csc] [--chunks SPEC] [--out PATH] [--dtype float32] [--check]
+              [--plot FILE.png]
 
 Errors (bad subscripts, missing files, a Jacobian over the memory limit, ...) print one line on
 stderr and exit with status 1 (2 for a malformed command line), never a traceback.
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     jac.add_argument("--memory-limit", metavar="BYTES",
                      help="refuse an in-memory build over this many bytes (e.g. 8G; default: the "
                      "memory available)")
+    jac.add_argument("--plot", metavar="FILE.png",
+                     help="draw the sparsity pattern (sparsejac.spy) to an image; needs matplotlib")
     jac.add_argument("--overwrite", action="store_true",
                      help="replace an existing --out file or chunk directory")
     return parser
@@ -250,6 +253,8 @@ def run_jacobian(args, print_=print) -> int:
                f"over the {CHECK_LIMIT:,} that torch is asked to build")
 
     if args.chunks is not None:
+        if args.plot:
+            raise CommandError("--plot applies to in-memory builds, not to --chunks")
         if args.format not in (None, "coo"):
             raise CommandError("--format applies to in-memory builds; --chunks builds sparse.COO "
                                "blocks (saved as per-block CSR files)")
@@ -269,6 +274,8 @@ def run_jacobian(args, print_=print) -> int:
     if want_check:
         got = J.todense() if fmt == "coo" else J.toarray().reshape(plan.shape)
         ok = _check(print_, args.subscripts, arrays, plan.wrt, np.asarray(got))
+    if args.plot:
+        _plot(print_, J, plan, args.plot)
     if args.out:
         out = args.out if args.out.endswith(".npz") else args.out + ".npz"
         if os.path.exists(out) and not args.overwrite:
@@ -285,6 +292,23 @@ def run_jacobian(args, print_=print) -> int:
         print_(f"  saved to {out} ({_human(os.path.getsize(out))}) in "
                f"{time.perf_counter() - start:.3f} s")
     return 0 if ok else 1
+
+
+def _plot(print_, J, plan, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise CommandError("--plot needs matplotlib: pip install 'einsum-sparsejac[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .spy import spy
+
+    ax = spy(J, out_shape=plan.einsum.output_shape, operand_shape=plan.shapes[plan.wrt])
+    ax.figure.suptitle(f"einsum {plan.subscripts!r}, d z / d operand {plan.wrt}", fontsize=10)
+    ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(ax.figure)
+    print_(f"  pattern drawn to {path}")
 
 
 def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> int:

@@ -69,30 +69,40 @@ def _rows_cols(J: Any, out_shape: Sequence[int] | None):
     )
 
 
-def spy(J: Any, ax: Any = None, max_pixels: int = 512, out_shape: Sequence[int] | None = None):
+def spy(
+    J: Any,
+    ax: Any = None,
+    max_pixels: int = 512,
+    out_shape: Sequence[int] | None = None,
+    operand_shape: Sequence[int] | None = None,
+):
     """Draw the sparsity pattern of ``J`` on ``ax`` (a new figure's axes by default).
 
     ``out_shape``: the output's shape, which splits an N-D COO's axes into output and operand
-    (default: the first half of the axes). Returns the matplotlib ``Axes``.
+    (default: the first half of the axes); with ``operand_shape`` it also labels a 2-D (scipy,
+    torch CSR) Jacobian's axes. Returns the matplotlib ``Axes``.
     """
     import matplotlib.pyplot as plt
 
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise ArgumentError(f"spy: max_pixels must be a positive int, got {max_pixels!r}")
     rows, cols, (m, n), oshape, ashape = _rows_cols(J, out_shape)
+    if operand_shape is not None and len(ashape) == 1:
+        ashape = tuple(operand_shape)
     pm, pn = max(1, min(m, max_pixels)), max(1, min(n, max_pixels))
     counts = np.zeros(pm * pn, dtype=np.int64)
     for start in range(0, len(rows), _CHUNK):  # bounded memory however many nonzeros
         r = rows[start : start + _CHUNK].astype(np.int64) * pm // max(m, 1)
         c = cols[start : start + _CHUNK].astype(np.int64) * pn // max(n, 1)
         counts += np.bincount(r * pn + c, minlength=pm * pn)
-    # The number of matrix cells that fall in each pixel, for a density in [0, 1].
-    row_cells = np.diff(np.arange(pm + 1) * m // pm) if m else np.ones(pm, int)
-    col_cells = np.diff(np.arange(pn + 1) * n // pn) if n else np.ones(pn, int)
+    # The number of matrix cells that fall in each pixel, for a density in [0, 1]: index r goes
+    # to pixel r * pm // m, so pixel p holds the indices from ceil(p * m / pm) on.
+    row_cells = np.diff(-(-np.arange(pm + 1) * m // pm)) if m else np.ones(pm, int)
+    col_cells = np.diff(-(-np.arange(pn + 1) * n // pn)) if n else np.ones(pn, int)
     density = counts.reshape(pm, pn) / np.maximum(np.outer(row_cells, col_cells), 1)
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 6 * min(max(pm / pn, 0.25), 4)))
+        _, ax = plt.subplots(figsize=(6, 6 * min(max(pm / pn, 0.4), 2)), layout="constrained")
     binned = m > max_pixels or n > max_pixels
     image = ax.imshow(
         density, cmap="Greys", vmin=0, vmax=1 if not binned else max(density.max(), 1e-12),

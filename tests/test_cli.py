@@ -183,3 +183,18 @@ def test_console_script_entry_point_is_cli_main():
                         "sys.exit(main(['jacobian', 'ij->ji', '--shape', '2,3']))"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "nnz 6" in r.stdout
+
+
+def test_plot_writes_a_picture(tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "pattern.png"
+    r = run("jacobian", "bij,bjk->bik", "--shape", "2,3,4", "--shape", "2,4,5", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert f"pattern drawn to {png}" in r.stdout
+    pixels = np.asarray(Image.open(png).convert("L"))
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert pixels.min() < 50 and pixels.max() > 200
+    r = run("jacobian", "ij,jk->ik", "--shape", "3,4", "--shape", "4,5", "--chunks", "auto",
+            "--plot", str(png))
+    assert_one_line_error(r, "--plot applies to in-memory builds")

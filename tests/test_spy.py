@@ -64,3 +64,18 @@ def test_spy_rejects_dense_and_bad_split():
         sparsejac.spy(J, out_shape=(4, 3))
     with pytest.raises(sparsejac.ArgumentError, match="max_pixels"):
         sparsejac.spy(J, max_pixels=0)
+
+
+def test_spy_density_is_a_fraction_with_uneven_bins():
+    """600 columns into 512 pixels: some pixels hold 2 columns, some 1; a full block is 1."""
+    J = sparsejac.jacobian("ij,jk->ik", np.ones((30, 20)), np.ones((20, 10)), format="csr")
+    ax = sparsejac.spy(J, max_pixels=512)
+    density = np.asarray(ax.get_images()[0].get_array())
+    assert density.shape == (300, 512)
+    assert density.max() == 1.0 and density.min() == 0.0
+    # Every stored entry is counted once.
+    cells_r = np.diff(-(-np.arange(301) * 300 // 300))
+    cells_c = np.diff(-(-np.arange(513) * 600 // 512))
+    assert cells_c.sum() == 600
+    assert round(float((density * np.outer(cells_r, cells_c)).sum())) == J.nnz
+    plt.close(ax.figure)
