@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -161,7 +160,7 @@ def measure(case: Case, method: str) -> dict:
 
 
 def available() -> int:
-    from sparsejac.plan import available_memory
+    from sparsejac.options import available_memory
 
     return available_memory() or 0
 

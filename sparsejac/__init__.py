@@ -19,6 +19,7 @@ from .errors import (
     ShapeError,
     SparsejacError,
     SubscriptError,
+    UnsupportedOperationError,
 )
 from .plan import Plan, jacobian, plan
 from .spy import spy
@@ -41,4 +42,5 @@ __all__ = [
     "ArgumentTypeError",
     "OperandTypeError",
     "JacobianTooLargeError",
+    "UnsupportedOperationError",
 ]

@@ -43,7 +43,7 @@ from . import formats
 from .errors import ArgumentError, ArgumentTypeError, context
 from .operands import as_arrays, result_dtype
 from .plan import Plan
-from .structure import Structure, distinct, einsum_factor
+from .structure import Structure, einsum_factor
 
 __all__ = ["jacobian", "save", "load", "auto_chunks"]
 

@@ -32,6 +32,11 @@ class OperandTypeError(SparsejacError, TypeError):
     """An operand is not a numeric array (strings, objects, booleans, ...)."""
 
 
+class UnsupportedOperationError(SparsejacError, NotImplementedError):
+    """``jacobian_of``'s function applied an operation to a traced tensor that cannot be
+    followed; the message names it and lists the supported ones."""
+
+
 class JacobianTooLargeError(SparsejacError, MemoryError):
     """The Jacobian would need more memory than the limit allows; nothing was allocated."""
 

@@ -140,7 +140,6 @@ def fill_values(structure: Structure, factor, labels: Sequence[int], out, xp=NUM
 def from_csr(csr, fmt: str, out_shape: Sequence[int], inp_shape: Sequence[int]):
     """A canonical scipy CSR array of shape ``(prod(out_shape), prod(inp_shape))`` in the
     container ``fmt`` names (for results that are assembled as CSR, e.g. sums of terms)."""
-    import scipy.sparse
     import sparse
 
     out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)

@@ -24,32 +24,16 @@ True
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from .errors import ShapeError, context
-from .grammar import Einsum, bind, parse
+from .errors import context
+from .grammar import bind, parse
 from .operands import as_arrays, result_dtype
-from .plan import normalize_wrt
-from .structure import distinct
-
-
-def _einsum(einsum: Einsum, pairs: Sequence[tuple[np.ndarray, Sequence[int]]], out: Sequence[int]):
-    """``numpy.einsum`` of ``(array, labels)`` pairs into labels ``out`` (integer labels of any
-    value, renamed densely for numpy)."""
-    used = sorted({label for _, labels in pairs for label in labels} | set(out))
-    if len(used) > 52:
-        raise ShapeError(
-            f"{context(einsum.subscripts)}the product uses {len(used)} distinct labels "
-            "(letters, '...' dimensions and the batch of vectors); numpy's einsum handles at most 52"
-        )
-    rename = {label: k for k, label in enumerate(used)}
-    args: list = []
-    for array, labels in pairs:
-        args += [array, [rename[l] for l in labels]]
-    return np.einsum(*args, [rename[l] for l in out], optimize=len(pairs) > 2)
+from . import options
+from .structure import distinct, labelled_product
 
 
 class EinsumJacobianOperator(LinearOperator):
@@ -63,7 +47,7 @@ class EinsumJacobianOperator(LinearOperator):
         arrays = as_arrays(operands, label)
         parsed = parse(subscripts, len(arrays))
         self.subscripts = subscripts
-        self.wrt = normalize_wrt(wrt, len(arrays), subscripts)
+        self.wrt = options.wrt_index(wrt, len(arrays), context(label))
         self.einsum = bind(parsed, [a.shape for a in arrays])
         dtype = result_dtype(arrays)
         # Cast once (a no-op for operands already of the result dtype) so that products are
@@ -94,7 +78,7 @@ class EinsumJacobianOperator(LinearOperator):
                 pairs.append((np.asarray(v, dtype=dtype), labels + extra))
             else:
                 pairs.append((np.asarray(array, dtype=dtype), labels))
-        z = _einsum(e, pairs, e.output + extra)
+        z = labelled_product(e.subscripts, pairs, e.output + extra)
         return np.reshape(z, (self.shape[0], k) if batch else (self.shape[0],))
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
@@ -120,7 +104,7 @@ class EinsumJacobianOperator(LinearOperator):
                 carried.update(labels)
         own = distinct(cols)  # the operand's distinct labels, in order of first appearance
         kept = tuple(l for l in own if l in carried)
-        g = _einsum(e, pairs, kept + extra)
+        g = labelled_product(e.subscripts, pairs, kept + extra)
         # Labels only the operand carries were summed in the forward einsum: the gradient is
         # the same along them (a size-1 broadcast dimension included).
         g = np.reshape(g, tuple(e.sizes[l] if l in carried else 1 for l in own) + g.shape[len(kept):])

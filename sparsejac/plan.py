@@ -15,84 +15,22 @@ built. :func:`jacobian` is the one-shot use of a plan.
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any, Sequence
 
 import numpy as np
 import scipy.sparse
 import sparse
 
-from . import formats
-from .embed import embed_coo, embedding_nnz
-from .errors import (
-    ArgumentError,
-    ArgumentTypeError,
-    JacobianTooLargeError,
-    ShapeError,
-    context,
-)
-from .formats import FORMATS, CompressedPattern
-from .grammar import Einsum, bind, parse
+from . import formats, options
 from .backend import NUMPY, TorchBackend, torch_dtype
+from .embed import embed_coo, embedding_nnz
+from .errors import ShapeError, context
+from .formats import FORMATS
+from .grammar import Einsum, bind, parse
 from .operands import as_array, as_arrays, as_tensors, cuda_device, is_torch_tensor, result_dtype
 from .structure import Structure, einsum_factor, einsum_structure
 
 METHODS = ("direct", "embed")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the machine has available now (``MemAvailable``), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _choice(value: Any, name: str, allowed: Sequence[str], subscripts: str) -> str:
-    if not isinstance(value, str):
-        raise ArgumentTypeError(
-            f"{context(subscripts)}{name} must be a str, one of {list(allowed)}, "
-            f"got {type(value).__name__}"
-        )
-    if value not in allowed:
-        raise ArgumentError(
-            f"{context(subscripts)}{name}={value!r} is not one of {list(allowed)}"
-        )
-    return value
-
-
-def normalize_wrt(wrt: Any, n_operands: int, subscripts: str) -> int:
-    """``wrt`` as an operand index in ``range(n_operands)`` (negative counts from the end)."""
-    if isinstance(wrt, bool) or not isinstance(wrt, (int, np.integer)):
-        raise ArgumentTypeError(
-            f"{context(subscripts)}wrt must be an int or a tuple of ints, got {type(wrt).__name__}"
-        )
-    if not -n_operands <= wrt < n_operands:
-        raise ArgumentError(
-            f"{context(subscripts)}wrt={int(wrt)} is out of range for {n_operands} operand(s)"
-        )
-    return int(wrt) % n_operands
-
-
-def _check_limit(memory_limit: Any, subscripts: str) -> float | None:
-    if memory_limit is None:
-        return available_memory()
-    if isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float, np.number)):
-        raise ArgumentTypeError(
-            f"{context(subscripts)}memory_limit must be a number of bytes or None, "
-            f"got {type(memory_limit).__name__}"
-        )
-    if not memory_limit >= 0:
-        raise ArgumentError(f"{context(subscripts)}memory_limit={memory_limit} must be >= 0")
-    return memory_limit
 
 
 def _flat(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -113,7 +51,7 @@ class Plan:
         parsed = parse(subscripts, len(shapes))
         self.subscripts = subscripts
         self.shapes = tuple(tuple(int(n) for n in s) for s in shapes)
-        self.wrt = normalize_wrt(wrt, len(shapes), subscripts)
+        self.wrt = options.wrt_index(wrt, len(shapes), context(subscripts))
         self.einsum: Einsum = bind(parsed, self.shapes)
         self.structure: Structure = einsum_structure(self.einsum, self.wrt)
         self._patterns: dict[str, Any] = {}
@@ -141,7 +79,7 @@ class Plan:
 
     def nbytes(self, format: str = "coo", dtype: Any = np.float64) -> int:
         """Bytes of the arrays a fresh build of ``format`` allocates for values of ``dtype``."""
-        fmt = _choice(format, "format", FORMATS, self.subscripts)
+        fmt = options.choice(format, "format", FORMATS, context(self.subscripts))
         if not isinstance(dtype, np.dtype) and "torch" in type(dtype).__module__:
             dtype = dtype.itemsize  # a torch dtype
         itemsize = dtype if isinstance(dtype, int) else np.dtype(dtype).itemsize
@@ -153,14 +91,11 @@ class Plan:
 
             limit = torch.cuda.mem_get_info(device)[0]  # free memory on that GPU
         else:
-            limit = _check_limit(memory_limit, self.subscripts)
-        if limit is not None and nbytes > limit:
-            raise JacobianTooLargeError(
-                f"{context(self.subscripts)}{what} needs about {nbytes:,} bytes "
-                f"({nbytes / 2**30:.3g} GiB) for {self.nnz:,} nonzeros of shape {self.shape}, "
-                f"over the memory limit of {int(limit):,} bytes ({limit / 2**30:.3g} GiB); "
-                "nothing was allocated"
-            )
+            limit = options.memory_limit(memory_limit, context(self.subscripts))
+        options.guard(
+            nbytes, limit, context(self.subscripts),
+            f"{what} with {self.nnz:,} nonzeros of shape {self.shape}",
+        )
 
     def _pattern_arrays(self, fmt: str, xp=NUMPY):
         """The index arrays for ``fmt`` on backend ``xp``, built once and then reused."""
@@ -184,7 +119,7 @@ class Plan:
 
         Usable as ``scipy.optimize.least_squares(..., jac_sparsity=plan.pattern("csr"))``.
         """
-        fmt = _choice(format, "format", FORMATS, self.subscripts)
+        fmt = options.choice(format, "format", FORMATS, context(self.subscripts))
         if not self._has_pattern(fmt):
             self._guard(self.nbytes(fmt, np.bool_), memory_limit, f"the {fmt} pattern")
         return self._assemble(fmt, np.ones(self.nnz, dtype=np.bool_))
@@ -243,8 +178,8 @@ class Plan:
         values are written. ``memory_limit`` in bytes (default: the memory available, on the
         GPU for a GPU build) guards every nnz-sized allocation.
         """
-        fmt = _choice(format, "format", FORMATS, self.subscripts)
-        how = _choice(method, "method", METHODS, self.subscripts)
+        fmt = options.choice(format, "format", FORMATS, context(self.subscripts))
+        how = options.choice(method, "method", METHODS, context(self.subscripts))
         device = cuda_device(operands) if fmt in ("torch", "torch_csr") and how == "direct" else None
         if device is not None:
             xp = TorchBackend(device)
@@ -335,15 +270,11 @@ def jacobian(
     # of the torch formats keeps them on their device.
     arrays = [x if is_torch_tensor(x) else as_array(x, i, label) for i, x in enumerate(operands)]
     shapes = [tuple(a.shape) for a in arrays]
-    if isinstance(wrt, (tuple, list)):
-        if not wrt:
-            raise ArgumentError(f"{context(subscripts)}wrt is an empty sequence")
-        return tuple(
-            Plan(subscripts, *shapes, wrt=k).jacobian(
-                *arrays, format=format, method=method, memory_limit=memory_limit
-            )
-            for k in wrt
+    positions = options.wrt_indices(wrt, len(arrays), context(label))
+    results = tuple(
+        Plan(subscripts, *shapes, wrt=k).jacobian(
+            *arrays, format=format, method=method, memory_limit=memory_limit
         )
-    return Plan(subscripts, *shapes, wrt=wrt).jacobian(
-        *arrays, format=format, method=method, memory_limit=memory_limit
+        for k in positions
     )
+    return results if isinstance(wrt, (tuple, list)) else results[0]

@@ -29,16 +29,13 @@ import numpy as np
 
 from . import terms as T
 from .errors import (
-    ArgumentError,
     ArgumentTypeError,
-    JacobianTooLargeError,
     OperandTypeError,
-    SparsejacError,
+    UnsupportedOperationError,
 )
-from . import formats
+from . import formats, options
 from .formats import FORMATS
 from .grammar import bind, parse
-from .plan import available_memory
 
 Terms = dict[int, list[T.Term]]  # wrt position -> the Jacobian of a tensor, a sum of terms
 PREFIX = "jacobian_of: "
@@ -59,10 +56,6 @@ def _load_torch() -> Any:
             ) from None
         torch = module
     return torch
-
-
-class UnsupportedOperationError(SparsejacError, NotImplementedError):
-    """``fn`` applied an operation to a traced tensor that :func:`jacobian_of` cannot follow."""
 
 
 # --- the tracer ------------------------------------------------------------------------------
@@ -530,22 +523,6 @@ def _as_tensor(x: Any, index: int) -> torch.Tensor:
     )
 
 
-def _wrt_list(wrt: Any, n: int) -> list[int]:
-    items = list(wrt) if isinstance(wrt, (tuple, list)) else [wrt]
-    if isinstance(wrt, (tuple, list)) and not items:
-        raise ArgumentError(f"{PREFIX}wrt is an empty sequence")
-    out = []
-    for w in items:
-        if isinstance(w, bool) or not isinstance(w, (int, np.integer)):
-            raise ArgumentTypeError(
-                f"{PREFIX}wrt must be an int or a tuple of ints, got {type(w).__name__}"
-            )
-        if not -n <= w < n:
-            raise ArgumentError(f"{PREFIX}wrt={int(w)} is out of range for {n} argument(s)")
-        out.append(int(w) % n)
-    return out
-
-
 def jacobian_of(
     fn: Callable[..., torch.Tensor],
     *args: Any,
@@ -573,12 +550,10 @@ def jacobian_of(
     if not callable(fn):
         raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
     _load_torch()
-    if not isinstance(format, str):
-        raise ArgumentTypeError(f"{PREFIX}format must be a str, one of {list(FORMATS)}")
-    if format not in FORMATS:
-        raise ArgumentError(f"{PREFIX}format={format!r} is not one of {list(FORMATS)}")
+    options.choice(format, "format", FORMATS, PREFIX)
     tensors = [_as_tensor(x, i) for i, x in enumerate(args)]
-    positions = _wrt_list(wrt, len(tensors))
+    positions = options.wrt_indices(wrt, len(tensors), PREFIX, "argument")
+    limit = options.memory_limit(memory_limit, PREFIX)
     for p in positions:
         if not tensors[p].is_floating_point():
             raise OperandTypeError(
@@ -610,13 +585,10 @@ def jacobian_of(
         # values and column indices, twice over while several terms are summed
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = nnz * (itemsize + 8) * (2 if len(terms) > 1 else 1)
-        limit = available_memory() if memory_limit is None else memory_limit
-        if limit is not None and nbytes > limit:
-            raise JacobianTooLargeError(
-                f"{PREFIX}the Jacobian w.r.t. argument {p} has {nnz:,} structural nonzeros "
-                f"in {len(terms)} term(s), about {nbytes:,} bytes, over the memory limit of "
-                f"{int(limit):,} bytes; nothing was materialised"
-            )
+        options.guard(
+            nbytes, limit, PREFIX,
+            f"the Jacobian w.r.t. argument {p} ({nnz:,} structural nonzeros in {len(terms)} term(s))",
+        )
         csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
         results.append(formats.from_csr(csr, format, out_shape, inp_shape))
     return tuple(results) if isinstance(wrt, (tuple, list)) else results[0]

@@ -21,8 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
 from .backend import NUMPY
 from .errors import ShapeError, context
 from .grammar import Einsum
@@ -117,19 +115,26 @@ def einsum_factor(einsum: Einsum, wrt: int, operands: Sequence, dtype, xp=NUMPY)
 def labelled_einsum(
     einsum: Einsum, which: Sequence[int], operands: Sequence, dtype, out: Sequence[int], xp=NUMPY
 ):
-    """``numpy.einsum`` of ``operands[which]`` (labelled as in ``einsum``) into labels ``out``,
+    """``einsum`` of ``operands[which]`` (labelled as in ``einsum``) into labels ``out``,
     computed in ``dtype``; the empty product is 1."""
     if not which:
         return xp.ones((), dtype)
-    used = sorted({label for i in which for label in einsum.inputs[i]})
+    pairs = [(xp.cast(operands[i], dtype), einsum.inputs[i]) for i in which]
+    return labelled_product(einsum.subscripts, pairs, out, xp)
+
+
+def labelled_product(subscripts: str, pairs: Sequence[tuple], out: Sequence[int], xp=NUMPY):
+    """The einsum of ``(array, labels)`` pairs into labels ``out``. Labels are integers of any
+    value (the broadcast and batch labels go past 52); they are renamed densely, as numpy's and
+    torch's einsum take labels below 52."""
+    used = sorted({label for _, labels in pairs for label in labels} | set(out))
     if len(used) > 52:
         raise ShapeError(
-            f"{context(einsum.subscripts)}the operands use {len(used)} distinct labels "
-            "(letters and '...' dimensions); numpy's einsum handles at most 52"
+            f"{context(subscripts)}the product uses {len(used)} distinct labels (letters, "
+            "'...' dimensions and any batch of vectors); einsum handles at most 52"
         )
-    # numpy's einsum takes integer labels below 52: rename ours densely.
     rename = {label: k for k, label in enumerate(used)}
     args: list = []
-    for i in which:
-        args += [xp.cast(operands[i], dtype), [rename[l] for l in einsum.inputs[i]]]
+    for array, labels in pairs:
+        args += [array, [rename[l] for l in labels]]
     return xp.einsum(*args, [rename[l] for l in out])

@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import scipy.sparse
 
 from . import formats
 from .structure import Structure, distinct
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 # torch is imported inside the functions that call it: it is optional for the package and slow
 # to import, and only :func:`sparsejac.jacobian_of` (which has it loaded) comes here.

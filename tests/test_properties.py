@@ -4,7 +4,6 @@ the one-hot reference and torch's autodiff."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import scipy.sparse
 import sparse
 from hypothesis import given, settings, strategies as st
