@@ -23,6 +23,7 @@ FORMATS = ("coo", "csr", "csc", "torch", "torch_csr")
 # The shape each format takes: "coo"-like (N-D coordinates) or "csr"-like (compressed rows).
 LAYOUT = {"coo": "coo", "torch": "coo", "csr": "csr", "torch_csr": "csr", "csc": "csc"}
 INT32_MAX = np.iinfo(np.int32).max
+INNER = 4096  # entries of the innermost table that csr_pattern broadcasts (see there)
 
 
 def index_dtype(nnz: int, shape: tuple[int, ...]) -> np.dtype:
@@ -51,28 +52,49 @@ def predicted_nbytes(structure: Structure, fmt: str, itemsize: int) -> int:
     return nnz * (itemsize + idx) + (nrows + 1) * idx
 
 
-def _axis_table(structure: Structure, labels: tuple[int, ...], free: tuple[int, ...], dtype, xp):
-    """sum over axes of ``labels`` of (value of the axis's label) * (the axis's C stride),
-    as a small array over the free labels it depends on (others kept as length-1 axes)."""
+Digits = list  # [(size, coefficient)]: an index as a mixed-radix sum, one digit per V label
+
+
+def _digits(structure: Structure, side: tuple[int, ...], free: Sequence[int]) -> Digits:
+    """For each label of ``free``, its size and its coefficient in the flat index of ``side``
+    (the sum of the C strides of the axes of ``side`` that carry it; 0 if none does)."""
     sizes = structure.sizes
-    shape = tuple(sizes[l] for l in labels)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    shape = tuple(sizes[l] for l in side)
     coef: dict[int, int] = {}
-    for label, stride in zip(labels, strides):
-        coef[label] = coef.get(label, 0) + stride
-    table = xp.zeros((1,) * len(free), dtype)
-    for position, label in enumerate(free):
-        if label in coef:
-            axis = [1] * len(free)
-            axis[position] = sizes[label]
-            table = table + xp.arange(sizes[label], dtype).reshape(axis) * coef[label]
-    return table
+    for d, label in enumerate(side):
+        coef[label] = coef.get(label, 0) + math.prod(shape[d + 1 :])
+    return [(sizes[l], coef.get(l, 0)) for l in free]
 
 
-def _ramp(structure: Structure, labels, free: tuple[int, ...], dtype, xp):
-    """:func:`_axis_table` enumerated over all of ``free`` in C order (flat)."""
-    table = _axis_table(structure, labels, free, dtype, xp)
-    return xp.flat(xp.broadcast_to(table, tuple(structure.sizes[l] for l in free)))
+def _ramp(digits: Digits, dtype, xp):
+    """The flat index ``sum(value * coefficient)`` enumerated over ``digits`` in C order."""
+    k = len(digits)
+    table = xp.zeros((1,) * k, dtype)
+    for position, (size, coef) in enumerate(digits):
+        if coef:
+            axis = [1] * k
+            axis[position] = size
+            table = table + xp.arange(size, dtype).reshape(axis) * coef
+    return xp.flat(xp.broadcast_to(table, tuple(size for size, _ in digits)))
+
+
+def _split_tail(digits: Digits, inner: int) -> tuple[Digits, Digits]:
+    """Cut ``digits`` into a head and the shortest tail of at least ``inner`` entries, cutting
+    one digit in two (``size = a * b``) where the tail would otherwise be much larger."""
+    tail: Digits = []
+    for position in range(len(digits) - 1, -1, -1):
+        have = math.prod(size for size, _ in tail)
+        if have >= inner:
+            return digits[: position + 1], tail
+        size, coef = digits[position]
+        need = -(-inner // have)
+        if size > 4 * need:
+            # The smallest divisor b of size with b >= need, if one is not too large.
+            for b in range(need, min(size, 16 * need) + 1):
+                if size % b == 0:
+                    return digits[:position] + [(size // b, coef * b)], [(b, coef)] + tail
+        tail.insert(0, (size, coef))
+    return [], tail
 
 
 class CompressedPattern(NamedTuple):
@@ -96,18 +118,20 @@ def csr_pattern(structure: Structure, xp=NUMPY) -> CompressedPattern:
 
     indices = xp.empty(nnz, dtype)
     if nnz:
-        # Column index = (part from labels shared with the row side, one per row) + (part from
-        # the column-only labels, the same in every row): one broadcast add writes all of it.
-        row_part = _ramp(structure, structure.cols, row_free, dtype, xp)
-        col_part = _ramp(structure, structure.cols, col_only, dtype, xp)
-        xp.add_into(indices.reshape(-1, per_row), row_part[:, None], col_part[None, :])
+        # The column index is a sum over the labels of V, so split V into a head and the
+        # shortest tail of at least INNER entries: index = (head part) + (tail part), one
+        # broadcast add of two small tables (about nnz / INNER and INNER entries, a label cut
+        # in two where needed) writes all of it; nothing nnz-sized is formed but the output.
+        head, tail = _split_tail(_digits(structure, structure.cols, free), INNER)
+        head, tail = _ramp(head, dtype, xp), _ramp(tail, dtype, xp)
+        xp.add_into(indices.reshape(-1, tail.shape[0]), head[:, None], tail[None, :])
 
     if len(row_free) == len(structure.rows):
         # Every row is hit once, in order: indptr is an arithmetic progression.
         indptr = xp.arange(nrows + 1, dtype) * per_row
     else:
         # A label repeated on the row side hits only the rows on its diagonal.
-        hit = _ramp(structure, structure.rows, row_free, xp.index(8), xp)
+        hit = _ramp(_digits(structure, structure.rows, row_free), xp.index(8), xp)
         counts = xp.zeros(nrows + 1, dtype)
         counts[hit + 1] = per_row
         indptr = xp.cumsum(counts, dtype)

@@ -54,16 +54,17 @@ def test_plan_predicts_and_refills(problem, seed):
 
 @settings(max_examples=max(settings().max_examples // 4, 10))
 @given(einsum_problems(max_operands=3), st.integers(0, 2**32 - 1))
-def test_threaded_slabs_write_the_same(problem, seed, ):
-    """Force every write through the slab splitter (tiny slabs) and compare."""
+def test_threaded_slabs_and_split_tables_write_the_same(problem, seed):
+    """Force every write through the slab splitter (tiny slabs) and csr_pattern's head/tail
+    split through cut labels (a tiny tail), and compare with the default writers."""
     subscripts, shapes = problem
     ops = operands_for(shapes, np.float64, seed)
-    old = backend.SLAB_BYTES
+    old, old_inner = backend.SLAB_BYTES, formats.INNER
     try:
         for k in range(len(shapes)):
-            backend.SLAB_BYTES = old
+            backend.SLAB_BYTES, formats.INNER = old, old_inner
             expect = [sparsejac.jacobian(subscripts, *ops, wrt=k, format=f) for f in ("coo", "csr")]
-            backend.SLAB_BYTES = 8
+            backend.SLAB_BYTES, formats.INNER = 8, 2
             got = [sparsejac.jacobian(subscripts, *ops, wrt=k, format=f) for f in ("coo", "csr")]
             np.testing.assert_array_equal(got[0].coords, expect[0].coords)
             np.testing.assert_array_equal(got[0].data, expect[0].data)
@@ -71,7 +72,22 @@ def test_threaded_slabs_write_the_same(problem, seed, ):
             np.testing.assert_array_equal(got[1].indptr, expect[1].indptr)
             np.testing.assert_array_equal(got[1].data, expect[1].data)
     finally:
-        backend.SLAB_BYTES = old
+        backend.SLAB_BYTES, formats.INNER = old, old_inner
+
+
+def test_split_tail_cuts_a_label_by_a_divisor():
+    digits = [(512, 262144), (512, 0), (512, 1)]  # x @ w wrt x, n = 512: (i, k, j)
+    head, tail = formats._split_tail(digits, 4096)
+    assert head == [(512, 262144), (64, 0)] and tail == [(8, 0), (512, 1)]
+    assert formats._split_tail([(10**7, 1)], 4096) == ([(2000, 5000)], [(5000, 1)])
+    assert formats._split_tail([(7919, 1)], 4096) == ([], [(7919, 1)])  # prime: no cut
+    assert formats._split_tail([(3, 1)], 4096) == ([], [(3, 1)])
+    for digits in ([(512, 262144), (512, 0), (512, 1)], [(10**7, 1)], [(6, 5), (35, 1)]):
+        head, tail = formats._split_tail(digits, 4096)
+        whole = formats._ramp(digits, np.int64, backend.NUMPY)
+        cut = (formats._ramp(head, np.int64, backend.NUMPY)[:, None]
+               + formats._ramp(tail, np.int64, backend.NUMPY)[None, :]).ravel()
+        np.testing.assert_array_equal(cut, whole)
 
 
 def test_slabs_cover_exactly_once():
