@@ -26,6 +26,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from measure import peak_above, reset_peak  # noqa: E402
 
 METHODS = ["floor-csr", "floor-coo", "csr", "coo", "embed", "torch-jacobian", "torch-jacrev", "note-dense"]
 
@@ -58,21 +61,6 @@ QUICK = [matmul(24), matmul(64), matmul(128), Case("abcd,efd-> small", "abcd,efd
 
 
 # --------------------------------------------------------------------------- one measurement
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> int:
-    """Reset the process's high-water mark (Linux: clear_refs 5) and return the RSS now."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
 
 
 def measure(case: Case, method: str) -> dict:
@@ -147,11 +135,11 @@ def measure(case: Case, method: str) -> dict:
     else:
         raise ValueError(method)
 
-    before = _reset_peak()
+    before = reset_peak()
     start = time.perf_counter()
     result = run()
     seconds = time.perf_counter() - start
-    peak = max(_status("VmHWM") - before, 0)
+    peak = peak_above(before)
     del result
     return {"seconds": seconds, "peak": peak, "out_bytes": out_bytes}
 

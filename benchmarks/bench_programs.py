@@ -1,8 +1,9 @@
 """sparsejac.jacobian_of against torch.func.jacrev on whole programs, side by side.
 
-Each (case, method) runs in a fresh subprocess, so that peak memory (``ru_maxrss``, minus the
-resident size after imports and inputs) is its own. Inputs come from a seeded generator; the time
-is of one call after a warm-up call on the same inputs. float32, CPU.
+Each (case, method) runs in a fresh subprocess, so that peak memory is its own. Inputs come
+from a seeded generator; the time
+is of one call after a warm-up call on the same inputs. float32, CPU. Peak memory: the rise of
+the resident size above its size before the first call (benchmarks/measure.py).
 
     python3 benchmarks/bench_programs.py            # both cases
     python3 benchmarks/bench_programs.py --quick    # smaller sizes, a smoke test
@@ -19,6 +20,9 @@ from pathlib import Path
 
 # Run from a checkout without installing: the package is next to this folder.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import peak_above, reset_peak  # noqa: E402
 
 CASES = {
     # name: (description, sizes, quick sizes)
@@ -28,16 +32,7 @@ CASES = {
 }
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _worker(case: str, method: str, sizes: dict) -> dict:
-    import resource
     import time
 
     import torch
@@ -73,7 +68,7 @@ def _worker(case: str, method: str, sizes: dict) -> dict:
         run = lambda: sparsejac.jacobian_of(fn, x, format="csr")  # noqa: E731
     else:
         run = lambda: torch.func.jacrev(fn)(x)  # noqa: E731
-    base = _rss_bytes()
+    base = reset_peak()
     t0 = time.perf_counter()
     result = run()  # warm-up (and the memory peak)
     cold = time.perf_counter() - t0
@@ -81,7 +76,7 @@ def _worker(case: str, method: str, sizes: dict) -> dict:
     t0 = time.perf_counter()
     result = run()
     warm = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_above(base)
     nnz = int(result.nnz) if method == "sparsejac" else int(result.numel())
     return dict(time=warm, cold=cold, peak=peak, stored=nnz)
 

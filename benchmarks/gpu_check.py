@@ -92,7 +92,6 @@ def main() -> None:
             lines.append(f"| 128 | | max abs(sparsejac - jacrev) | | {err:.1e} | | |")
             print("max abs difference to jacrev at n=128:", err, flush=True)
             del J, S
-        del x, w
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
