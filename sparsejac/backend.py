@@ -89,6 +89,9 @@ class NumpyBackend:
     def cast(self, x: Any, dtype) -> np.ndarray:
         return np.asarray(x, dtype=dtype)
 
+    def strides(self, x: np.ndarray) -> tuple[int, ...]:
+        return np.asarray(x).strides
+
     def write(self, out: np.ndarray, write: Callable[[tuple], None]) -> None:
         """Call ``write(index)`` for slabs covering ``out`` (C-contiguous), on a few threads."""
         global _pool
@@ -157,6 +160,9 @@ class TorchBackend:
 
     def cast(self, x, dtype):
         return x.to(device=self.device, dtype=dtype)
+
+    def strides(self, x) -> tuple[int, ...]:
+        return tuple(x.stride())
 
     def copy_into(self, out, source) -> None:
         out.copy_(self.torch.broadcast_to(source, out.shape))

@@ -50,9 +50,9 @@ class EinsumJacobianOperator(LinearOperator):
         self.wrt = options.wrt_index(wrt, len(arrays), context(label))
         self.einsum = bind(parsed, [a.shape for a in arrays])
         dtype = result_dtype(arrays)
-        # Cast once (a no-op for operands already of the result dtype) so that products are
-        # formed at the result's precision, as sparsejac.jacobian forms the values.
-        self.operands = [np.asarray(a, dtype=dtype) for a in arrays]
+        # Kept as given: each product casts them to its dtype (the result's precision, as
+        # sparsejac.jacobian forms the values) without materialising broadcast dimensions.
+        self.operands = arrays
         self.operand_shape = self.einsum.shape(self.wrt)
         self.output_shape = self.einsum.output_shape
         # A fresh label for the columns of a block of vectors (matmat/rmatmat).
@@ -75,10 +75,10 @@ class EinsumJacobianOperator(LinearOperator):
         pairs = []
         for i, (array, labels) in enumerate(zip(self.operands, e.inputs)):
             if i == self.wrt:
-                pairs.append((np.asarray(v, dtype=dtype), labels + extra))
+                pairs.append((v, labels + extra))
             else:
-                pairs.append((np.asarray(array, dtype=dtype), labels))
-        z = labelled_product(e.subscripts, pairs, e.output + extra)
+                pairs.append((array, labels))
+        z = labelled_product(e.subscripts, pairs, e.output + extra, dtype=dtype)
         return np.reshape(z, (self.shape[0], k) if batch else (self.shape[0],))
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
@@ -97,14 +97,14 @@ class EinsumJacobianOperator(LinearOperator):
         dtype = np.result_type(self.dtype, u.dtype)
         cols = e.inputs[self.wrt]
         carried = set(e.output)
-        pairs = [(np.asarray(u, dtype=dtype), e.output + extra)]
+        pairs = [(u, e.output + extra)]
         for i, (array, labels) in enumerate(zip(self.operands, e.inputs)):
             if i != self.wrt:
-                pairs.append((np.asarray(array, dtype=dtype), labels))
+                pairs.append((array, labels))
                 carried.update(labels)
         own = distinct(cols)  # the operand's distinct labels, in order of first appearance
         kept = tuple(l for l in own if l in carried)
-        g = labelled_product(e.subscripts, pairs, kept + extra)
+        g = labelled_product(e.subscripts, pairs, kept + extra, dtype=dtype)
         # Labels only the operand carries were summed in the forward einsum: the gradient is
         # the same along them (a size-1 broadcast dimension included).
         g = np.reshape(g, tuple(e.sizes[l] if l in carried else 1 for l in own) + g.shape[len(kept):])

@@ -119,14 +119,42 @@ def labelled_einsum(
     computed in ``dtype``; the empty product is 1."""
     if not which:
         return xp.ones((), dtype)
-    pairs = [(xp.cast(operands[i], dtype), einsum.inputs[i]) for i in which]
-    return labelled_product(einsum.subscripts, pairs, out, xp)
+    pairs = [(operands[i], einsum.inputs[i]) for i in which]
+    return labelled_product(einsum.subscripts, pairs, out, xp, dtype=dtype)
 
 
-def labelled_product(subscripts: str, pairs: Sequence[tuple], out: Sequence[int], xp=NUMPY):
-    """The einsum of ``(array, labels)`` pairs into labels ``out``. Labels are integers of any
-    value (the broadcast and batch labels go past 52); they are renamed densely, as numpy's and
-    torch's einsum take labels below 52."""
+def _compact(array, labels: Sequence[int], xp):
+    """``array`` with its broadcast (zero-stride) dimensions cut to length 1, and the labels so
+    cut with their sizes. A letter repeated in the operand is cut only if all its axes are
+    broadcast (einsum needs a diagonal's axes equal)."""
+    strides, shape = xp.strides(array), array.shape
+    cut: dict[int, int] = {}
+    for label in set(labels):
+        axes = [d for d, l in enumerate(labels) if l == label]
+        if all(strides[d] == 0 and shape[d] > 1 for d in axes):
+            cut[label] = shape[axes[0]]
+    if cut:
+        array = array[tuple(slice(0, 1) if l in cut else slice(None) for l in labels)]
+    return array, cut
+
+
+def labelled_product(
+    subscripts: str, pairs: Sequence[tuple], out: Sequence[int], xp=NUMPY, dtype=None
+):
+    """The einsum of ``(array, labels)`` pairs into labels ``out``, computed in ``dtype``.
+
+    Labels are integers of any value (broadcast and batch labels go past 52); they are renamed
+    densely, as numpy's and torch's einsum take labels below 52. Broadcast (zero-stride)
+    dimensions are read as length 1, never materialised by the cast: a label seen only on such
+    dimensions is scaled for (when summed) or broadcast back (when kept).
+    """
+    compacted, full, lost = [], set(), {}
+    for array, labels in pairs:
+        array, cut = _compact(array, labels, xp)
+        lost.update(cut)
+        full.update(l for l in labels if l not in cut)
+        compacted.append((array if dtype is None else xp.cast(array, dtype), labels))
+    lost = {l: n for l, n in lost.items() if l not in full}
     used = sorted({label for _, labels in pairs for label in labels} | set(out))
     if len(used) > 52:
         raise ShapeError(
@@ -135,6 +163,12 @@ def labelled_product(subscripts: str, pairs: Sequence[tuple], out: Sequence[int]
         )
     rename = {label: k for k, label in enumerate(used)}
     args: list = []
-    for array, labels in pairs:
+    for array, labels in compacted:
         args += [array, [rename[l] for l in labels]]
-    return xp.einsum(*args, [rename[l] for l in out])
+    result = xp.einsum(*args, [rename[l] for l in out])
+    scale = math.prod(n for l, n in lost.items() if l not in out)
+    if scale != 1:
+        result = result * scale  # a sum over n equal terms
+    if any(l in lost for l in out):
+        result = xp.broadcast_to(result, tuple(lost.get(l, n) for l, n in zip(out, result.shape)))
+    return result

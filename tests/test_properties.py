@@ -106,3 +106,46 @@ def test_pattern_is_structural(problem, seed):
         expected = np.argwhere(ref != 0).T
         assert J.coords.shape == expected.shape
         np.testing.assert_array_equal(J.coords, expected)
+
+
+def broadcast_views(operands, rng):
+    """The operands as zero-stride views (some axes broadcast from length 1), some float32."""
+    views = []
+    for x in operands:
+        index = tuple(slice(0, 1) if n > 1 and rng.random() < 0.5 else slice(None) for n in x.shape)
+        base = x[index].astype(np.float32 if rng.random() < 0.5 else x.dtype)
+        views.append(np.broadcast_to(base, x.shape))
+    return views
+
+
+@settings(max_examples=max(settings().max_examples // 4, 10))
+@given(einsum_problems(), st.integers(0, 2**32 - 1))
+def test_broadcast_views_equal_materialised(problem, seed):
+    """Zero-stride operands (mixed dtypes too) are read without materialising their broadcast
+    dimensions; the Jacobian is the one of the materialised operands."""
+    subscripts, shapes = problem
+    rng = np.random.default_rng(seed)
+    views = broadcast_views(operands_for(shapes, np.float64, seed), rng)
+    dense_ops = [np.array(v) for v in views]
+    for k in range(len(shapes)):
+        for fmt in FORMATS:
+            a = sparsejac.jacobian(subscripts, *views, wrt=k, format=fmt)
+            b = sparsejac.jacobian(subscripts, *dense_ops, wrt=k, format=fmt)
+            assert a.dtype == b.dtype
+            got = a.todense() if fmt == "coo" else a.toarray()
+            want = b.todense() if fmt == "coo" else b.toarray()
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        ref = onehot_jacobian(subscripts, dense_ops, k)
+        got = sparsejac.jacobian(subscripts, *views, wrt=k).todense()
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_huge_broadcast_operand_is_not_materialised():
+    """'ij,j->' wrt 1: 1e5 nonzeros; the float32 (1e5, 1e5) broadcast view must not be cast in
+    full (that would be 74.5 GiB)."""
+    big = np.broadcast_to(np.float32(2), (100_000, 100_000))
+    J = sparsejac.jacobian("ij,j->", big, np.ones(100_000), wrt=1)
+    assert J.shape == (100_000,) and J.nnz == 100_000
+    np.testing.assert_allclose(J.todense(), 200_000.0)
+    op = sparsejac.linear_operator("ij,j->", big, np.ones(100_000), wrt=1)
+    np.testing.assert_allclose(op @ np.ones(100_000), 2e10)
