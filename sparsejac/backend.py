@@ -174,8 +174,16 @@ class TorchBackend:
 NUMPY = NumpyBackend()
 
 
-def torch_dtype(dtype: np.dtype):
-    """The torch dtype of a numpy dtype."""
+def torch_dtype(dtype: np.dtype, prefix: str = ""):
+    """The torch dtype of a numpy dtype (``OperandTypeError`` where torch has none)."""
     import torch
 
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    except TypeError:
+        from .errors import OperandTypeError
+
+        raise OperandTypeError(
+            f"{prefix}the result dtype {np.dtype(dtype)} has no torch equivalent; "
+            "use a torch-supported dtype for the torch formats"
+        ) from None

@@ -20,7 +20,7 @@ import numpy as np
 import sparse
 
 from .errors import ShapeError, context
-from .formats import coo_coords
+from .formats import coo_coords, index_dtype
 from .grammar import Einsum
 from .structure import Structure, distinct, einsum_structure, labelled_einsum
 
@@ -62,8 +62,11 @@ def embed_coo(einsum: Einsum, wrt: int, arrays, dtype: np.dtype) -> sparse.COO:
     if not target:
         # sparse reduces to a scalar by moving the sum into fill_value; put it back as an entry.
         value = np.asarray(result.fill_value if isinstance(result, sparse.COO) else result)
-        return sparse.COO(np.zeros((0, 1), dtype=np.intp), value.astype(dtype).reshape(1), shape=())
+        coords = np.zeros((0, 1), dtype=index_dtype(1, ()))
+        return sparse.COO(coords, value.astype(dtype).reshape(1), shape=())
     result = result.astype(dtype, copy=False)
+    # The index dtype method="direct" writes (sparse's einsum returns int64 or intp).
+    result.coords = result.coords.astype(index_dtype(result.nnz, result.shape), copy=False)
     direct = einsum_structure(einsum, wrt)
     if result.nnz != direct.nnz:
         # A label summed only by the other operands has size 0: the embedding is empty, and the

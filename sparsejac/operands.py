@@ -38,6 +38,12 @@ def as_array(x: Any, index: int, subscripts: str) -> np.ndarray:
             t = t.to(torch.float32)  # numpy has no such dtype; float32 holds it exactly
         t = t.resolve_conj().resolve_neg()
         x = t.numpy()
+    module = type(x).__module__
+    if module.startswith(("sparse", "scipy.sparse")) or hasattr(x, "tocsr"):
+        raise OperandTypeError(
+            f"{context(subscripts)}operand {index} is a sparse array ({type(x).__name__}); "
+            "pass a dense array (the operands of an einsum are dense here)"
+        )
     try:
         array = np.asarray(x)
     except (ValueError, TypeError) as error:

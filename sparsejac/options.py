@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ArgumentError, ArgumentTypeError, JacobianTooLargeError
+from .errors import ArgumentError, ArgumentTypeError, JacobianTooLargeError, ShapeError
 
 
 def available_memory() -> int | None:
@@ -44,12 +44,12 @@ def choice(value: Any, name: str, allowed: Sequence[str], prefix: str) -> str:
     return value
 
 
-def wrt_index(wrt: Any, n: int, prefix: str, what: str = "operand") -> int:
-    """``wrt`` as an index in ``range(n)`` (negative counts from the end)."""
+def wrt_index(wrt: Any, n: int, prefix: str, what: str = "operand", tuples: bool = True) -> int:
+    """``wrt`` as an index in ``range(n)`` (negative counts from the end); ``tuples`` says
+    whether the caller also takes a tuple (for the message)."""
     if isinstance(wrt, bool) or not isinstance(wrt, (int, np.integer)):
-        raise ArgumentTypeError(
-            f"{prefix}wrt must be an int or a tuple of ints, got {type(wrt).__name__}"
-        )
+        kinds = "an int or a tuple of ints" if tuples else "an int"
+        raise ArgumentTypeError(f"{prefix}wrt must be {kinds}, got {type(wrt).__name__}")
     if not -n <= wrt < n:
         raise ArgumentError(f"{prefix}wrt={int(wrt)} is out of range for {n} {what}(s)")
     return int(wrt) % n
@@ -62,6 +62,26 @@ def wrt_indices(wrt: Any, n: int, prefix: str, what: str = "operand") -> list[in
     if not wrt:
         raise ArgumentError(f"{prefix}wrt is an empty sequence")
     return [wrt_index(w, n, prefix, what) for w in wrt]
+
+
+def shape(value: Any, index: int, prefix: str) -> tuple[int, ...]:
+    """``value`` as a shape: a sequence of non-negative ints (numpy ints too)."""
+    try:
+        dims = tuple(value)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"{prefix}shape {index} must be a sequence of ints such as (3, 4), "
+            f"got {type(value).__name__}"
+        ) from None
+    for n in dims:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ArgumentTypeError(
+                f"{prefix}shape {index} {dims} has a dimension {n!r} of type "
+                f"{type(n).__name__}; dimensions are ints"
+            )
+        if n < 0:
+            raise ShapeError(f"{prefix}shape {index} {dims} has a negative dimension {n}")
+    return tuple(int(n) for n in dims)
 
 
 def memory_limit(value: Any, prefix: str) -> float | None:

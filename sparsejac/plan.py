@@ -24,7 +24,7 @@ import sparse
 from . import formats, options
 from .backend import NUMPY, TorchBackend, torch_dtype
 from .embed import embed_coo, embedding_nnz
-from .errors import ShapeError, context
+from .errors import ArgumentTypeError, ShapeError, context
 from .formats import FORMATS
 from .grammar import Einsum, bind, parse
 from .operands import as_array, as_arrays, as_tensors, cuda_device, is_torch_tensor, result_dtype
@@ -50,8 +50,8 @@ class Plan:
     def __init__(self, subscripts: str, *shapes: Sequence[int], wrt: int = 0) -> None:
         parsed = parse(subscripts, len(shapes))
         self.subscripts = subscripts
-        self.shapes = tuple(tuple(int(n) for n in s) for s in shapes)
-        self.wrt = options.wrt_index(wrt, len(shapes), context(subscripts))
+        self.shapes = tuple(options.shape(s, i, context(subscripts)) for i, s in enumerate(shapes))
+        self.wrt = options.wrt_index(wrt, len(shapes), context(subscripts), tuples=False)
         self.einsum: Einsum = bind(parsed, self.shapes)
         self.structure: Structure = einsum_structure(self.einsum, self.wrt)
         self._patterns: dict[str, Any] = {}
@@ -80,9 +80,15 @@ class Plan:
     def nbytes(self, format: str = "coo", dtype: Any = np.float64) -> int:
         """Bytes of the arrays a fresh build of ``format`` allocates for values of ``dtype``."""
         fmt = options.choice(format, "format", FORMATS, context(self.subscripts))
-        if not isinstance(dtype, np.dtype) and "torch" in type(dtype).__module__:
-            dtype = dtype.itemsize  # a torch dtype
-        itemsize = dtype if isinstance(dtype, int) else np.dtype(dtype).itemsize
+        if "torch" in type(dtype).__module__:
+            itemsize = dtype.itemsize  # a torch dtype
+        else:
+            try:
+                itemsize = np.dtype(dtype).itemsize
+            except TypeError:
+                raise ArgumentTypeError(
+                    f"{context(self.subscripts)}dtype {dtype!r} is not a numpy or torch dtype"
+                ) from None
         return formats.predicted_nbytes(self.structure, fmt, itemsize)
 
     def _guard(self, nbytes: int, memory_limit: Any, what: str, device: Any = None) -> None:
@@ -97,19 +103,34 @@ class Plan:
             f"{what} with {self.nnz:,} nonzeros of shape {self.shape}",
         )
 
-    def _pattern_arrays(self, fmt: str, xp=NUMPY):
-        """The index arrays for ``fmt`` on backend ``xp``, built once and then reused."""
+    def _pattern_arrays(self, fmt: str, xp=NUMPY, keep: bool = True):
+        """The index arrays for ``fmt`` on backend ``xp``: built once and kept for later calls
+        (``keep``), read-only then, since every result of the plan shares them."""
         key = (fmt, xp.name, str(getattr(xp, "device", "")))
-        if key not in self._patterns:
-            layout = formats.LAYOUT[fmt]
-            if layout == "coo":
-                itemsize = formats.coo_index_itemsize(fmt, self.structure)
-                self._patterns[key] = formats.coo_coords(self.structure, xp, itemsize)
-            elif layout == "csr":
-                self._patterns[key] = formats.csr_pattern(self.structure, xp)
-            else:
-                self._patterns[key] = formats.csr_pattern(self.structure.transposed(), xp)
-        return self._patterns[key]
+        if key in self._patterns:
+            return self._patterns[key]
+        layout = formats.LAYOUT[fmt]
+        if layout == "coo":
+            itemsize = formats.coo_index_itemsize(fmt, self.structure)
+            pattern = formats.coo_coords(self.structure, xp, itemsize)
+        elif layout == "csr":
+            pattern = formats.csr_pattern(self.structure, xp)
+        else:
+            pattern = formats.csr_pattern(self.structure.transposed(), xp)
+        if fmt in ("torch", "torch_csr") and xp is NUMPY:
+            import torch
+
+            pattern = (
+                torch.from_numpy(pattern) if layout == "coo"
+                else pattern._replace(indices=torch.from_numpy(pattern.indices),
+                                      indptr=torch.from_numpy(pattern.indptr))
+            )
+        if keep:
+            for array in (pattern,) if layout == "coo" else (pattern.indices, pattern.indptr):
+                if isinstance(array, np.ndarray):
+                    array.flags.writeable = False  # torch tensors cannot be; see the docs
+            self._patterns[key] = pattern
+        return pattern
 
     def _has_pattern(self, fmt: str, xp=NUMPY) -> bool:
         return (fmt, xp.name, str(getattr(xp, "device", ""))) in self._patterns
@@ -124,9 +145,9 @@ class Plan:
             self._guard(self.nbytes(fmt, np.bool_), memory_limit, f"the {fmt} pattern")
         return self._assemble(fmt, np.ones(self.nnz, dtype=np.bool_))
 
-    def _assemble(self, fmt: str, data, xp=NUMPY):
-        """Wrap the cached pattern for ``fmt`` and ``data`` in ``fmt``'s container."""
-        return self._container(fmt, self._pattern_arrays(fmt, xp), data)
+    def _assemble(self, fmt: str, data, xp=NUMPY, keep: bool = True):
+        """Wrap the pattern for ``fmt`` and ``data`` in ``fmt``'s container."""
+        return self._container(fmt, self._pattern_arrays(fmt, xp, keep), data)
 
     def _container(self, fmt: str, pattern, data):
         """The container ``fmt`` names around index arrays and values, copying neither."""
@@ -175,9 +196,13 @@ class Plan:
         ``torch.sparse_coo_tensor`` of the COO shape) or ``"torch_csr"`` (a
         ``torch.sparse_csr_tensor`` of the matrix shape). With CUDA tensor operands the torch
         formats are built on their GPU. The pattern built by an earlier call is reused; only the
-        values are written. ``memory_limit`` in bytes (default: the memory available, on the
-        GPU for a GPU build) guards every nnz-sized allocation.
+        values are written, and every result shares the plan's (read-only) index arrays.
+        ``memory_limit`` in bytes (default: the memory available, on the GPU for a GPU build)
+        guards every nnz-sized allocation.
         """
+        return self._jacobian(operands, format, method, memory_limit, keep=True)
+
+    def _jacobian(self, operands, format, method, memory_limit, keep: bool):
         fmt = options.choice(format, "format", FORMATS, context(self.subscripts))
         how = options.choice(method, "method", METHODS, context(self.subscripts))
         device = cuda_device(operands) if fmt in ("torch", "torch_csr") and how == "direct" else None
@@ -189,6 +214,8 @@ class Plan:
             xp = NUMPY
             arrays = as_arrays(operands, self.subscripts)
             dtype = value_dtype = result_dtype(arrays)
+            if fmt in ("torch", "torch_csr"):
+                torch_dtype(dtype, context(self.subscripts))  # refuse what torch cannot hold
         shapes = tuple(tuple(a.shape) for a in arrays)
         if shapes != self.shapes:
             raise ShapeError(
@@ -206,7 +233,7 @@ class Plan:
         target = self.structure.transposed() if fmt == "csc" else self.structure
         data = xp.empty(self.nnz, value_dtype)
         formats.fill_values(target, factor, self.structure.factor_labels, data, xp)
-        return self._assemble(fmt, data, xp)
+        return self._assemble(fmt, data, xp, keep)
 
     def _embed(self, arrays, dtype: np.dtype, fmt: str, memory_limit: Any):
         einsum = self.einsum
@@ -225,10 +252,12 @@ class Plan:
         rows = _flat(result.coords[:n_out], out_shape)
         cols = _flat(result.coords[n_out:], op_shape)
         coo = scipy.sparse.coo_array((result.data, (rows, cols)), shape=self.matrix_shape)
-        if fmt == "csc":
-            return coo.tocsc()
-        matrix = coo.tocsr()
-        return matrix if fmt == "csr" else self._container(fmt, matrix, matrix.data)
+        matrix = coo.tocsc() if fmt == "csc" else coo.tocsr()
+        # The same index dtype as method="direct" writes.
+        index = formats.index_dtype(self.nnz, self.matrix_shape)
+        matrix.indices = matrix.indices.astype(index, copy=False)
+        matrix.indptr = matrix.indptr.astype(index, copy=False)
+        return matrix if fmt in ("csr", "csc") else self._container(fmt, matrix, matrix.data)
 
 
 def plan(subscripts: str, *shapes: Sequence[int], wrt: int = 0) -> Plan:
@@ -271,10 +300,9 @@ def jacobian(
     arrays = [x if is_torch_tensor(x) else as_array(x, i, label) for i, x in enumerate(operands)]
     shapes = [tuple(a.shape) for a in arrays]
     positions = options.wrt_indices(wrt, len(arrays), context(label))
+    # Each plan is private to this call: its index arrays go to the result alone (writable).
     results = tuple(
-        Plan(subscripts, *shapes, wrt=k).jacobian(
-            *arrays, format=format, method=method, memory_limit=memory_limit
-        )
+        Plan(subscripts, *shapes, wrt=k)._jacobian(arrays, format, method, memory_limit, keep=False)
         for k in positions
     )
     return results if isinstance(wrt, (tuple, list)) else results[0]

@@ -85,3 +85,29 @@ def test_numpy_rejects_what_we_reject():
             continue  # numpy accepts an output '...' with no input one; we refuse it (issue 2)
         with pytest.raises((ValueError, TypeError)):
             np.einsum(subscripts, *operands)
+
+
+def test_plan_shapes_and_dtypes_are_checked():
+    with pytest.raises(ShapeError, match=r"'ij->ij': shape 0 \(-3, -2\) has a negative dimension"):
+        sparsejac.plan("ij->ij", (-3, -2))
+    with pytest.raises(ArgumentTypeError, match=r"shape 0 \(3.5,\) has a dimension 3.5 of type float"):
+        sparsejac.plan("i->i", (3.5,))
+    with pytest.raises(ArgumentTypeError, match=r"shape 0 must be a sequence of ints.*int"):
+        sparsejac.plan("i->i", 3)
+    with pytest.raises(ArgumentTypeError, match=r"wrt must be an int, got tuple"):
+        sparsejac.plan("i,i->i", (3,), (3,), wrt=(0, 1))
+    with pytest.raises(ArgumentTypeError, match=r"dtype 'foo' is not a numpy or torch dtype"):
+        sparsejac.plan("i->i", (3,)).nbytes("csr", "foo")
+    assert sparsejac.plan("i->i", (np.int64(3),)).shape == (3, 3)
+
+
+def test_sparse_operands_and_torchless_dtypes_are_refused():
+    import scipy.sparse
+    import sparse
+
+    with pytest.raises(OperandTypeError, match=r"operand 0 is a sparse array \(COO\)"):
+        sparsejac.jacobian("ij,jk->ik", sparse.COO.from_numpy(A23), A34)
+    with pytest.raises(OperandTypeError, match=r"operand 1 is a sparse array \(csr_array\)"):
+        sparsejac.jacobian("ij,jk->ik", A23, scipy.sparse.csr_array(A34))
+    with pytest.raises(OperandTypeError, match=r"float128 has no torch equivalent"):
+        sparsejac.jacobian("ij,jk->ik", A23.astype(np.longdouble), A34, format="torch")

@@ -164,3 +164,33 @@ def test_plan_checks_shapes_and_describes_itself():
     assert "nnz=24" in repr(p)
     with pytest.raises(sparsejac.ShapeError, match=r"plan was made for shapes"):
         p.jacobian(np.ones((2, 3)), np.ones((3, 5)))
+
+
+def test_plan_results_share_read_only_patterns_one_shot_results_do_not():
+    """A plan's results share its index arrays, so they are read-only (an in-place edit of one
+    result cannot corrupt the next); sparsejac.jacobian's results own writable arrays."""
+    x, w = np.ones((2, 3)), np.arange(6.0).reshape(3, 2)
+    w[0, 0] = 0
+    p = sparsejac.plan("ij,jk->ik", x.shape, w.shape)
+    J1 = p.jacobian(x, w, format="csr")
+    with pytest.raises(ValueError, match="read-only"):
+        J1.eliminate_zeros()
+    J2 = p.jacobian(x, w + 1, format="csr")
+    np.testing.assert_array_equal(J2.toarray(), np.kron(np.eye(2), (w + 1).T))
+    assert not p.jacobian(x, w).coords.flags.writeable
+    J = sparsejac.jacobian("ij,jk->ik", x, w, format="csr")
+    J.eliminate_zeros()  # its own arrays
+    assert J.nnz == 2 * 3 * 2 - 2
+
+
+def test_embed_writes_the_same_index_dtypes_as_direct():
+    ops = [np.ones((3, 4)), np.ones((4, 5))]
+    for fmt in ("coo", "csr", "csc"):
+        a = sparsejac.jacobian("ij,jk->ik", *ops, format=fmt)
+        b = sparsejac.jacobian("ij,jk->ik", *ops, format=fmt, method="embed")
+        if fmt == "coo":
+            assert a.coords.dtype == b.coords.dtype == np.int32
+        else:
+            assert a.indices.dtype == b.indices.dtype == a.indptr.dtype == b.indptr.dtype == np.int32
+    a = sparsejac.jacobian(",->", 2.0, 3.0, method="embed")
+    assert a.coords.dtype == sparsejac.jacobian(",->", 2.0, 3.0).coords.dtype
