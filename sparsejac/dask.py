@@ -39,7 +39,7 @@ import sparse
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
-from . import formats
+from . import formats, options
 from .errors import ArgumentError, ArgumentTypeError, context
 from .operands import as_arrays, result_dtype
 from .plan import Plan
@@ -158,14 +158,22 @@ class JacobianBlocks:
 
     def __init__(self, structure: Structure, factor: np.ndarray, dtype: np.dtype) -> None:
         self.structure = structure
-        self.factor = np.asarray(factor, order="C")  # (ascontiguousarray would make 0-d 1-d)
+        # Keep broadcast (zero-stride) axes of the factor at length 1: the graph then carries
+        # (and a cluster pickles) only the factor's own data, never its broadcast size.
+        base = factor[tuple(
+            slice(0, 1) if stride == 0 and n > 1 else slice(None)
+            for stride, n in zip(factor.strides, factor.shape)
+        )]
+        self._factor_base = np.array(base, order="C")
+        self._factor_shape = factor.shape
         self.dtype = np.dtype(dtype)
         self.shape = structure.shape
         self.ndim = len(self.shape)
 
     def __getitem__(self, index: Any) -> sparse.COO:
         starts, stops, post = _ranges(index, self.shape)
-        block = restricted_block(self.structure, self.factor, self.dtype, starts, stops)
+        factor = np.broadcast_to(self._factor_base, self._factor_shape)
+        block = restricted_block(self.structure, factor, self.dtype, starts, stops)
         return block if post is None else block[post]
 
 
@@ -196,7 +204,9 @@ def auto_chunks(structure: Structure, dtype: Any, limit: Any = None) -> tuple[tu
     return tuple(chunks)
 
 
-def jacobian(subscripts: str, *operands: Any, wrt: int = 0, chunks: Any = "auto") -> da.Array:
+def jacobian(
+    subscripts: str, *operands: Any, wrt: int = 0, chunks: Any = "auto", memory_limit: Any = None
+) -> da.Array:
     """The Jacobian of ``numpy.einsum(subscripts, *operands)`` with respect to ``operands[wrt]``
     as a lazy ``dask.array.Array`` of shape ``z.shape + operand.shape`` with ``sparse.COO``
     blocks.
@@ -206,7 +216,8 @@ def jacobian(subscripts: str, *operands: Any, wrt: int = 0, chunks: Any = "auto"
     dense sizing). The default ``"auto"`` sizes blocks by their nonzeros (:func:`auto_chunks`).
 
     The block values are those of ``sparsejac.jacobian(..., format="coo")`` (same dtype, same
-    stored entries); only the factor ``R`` is computed up front, here.
+    stored entries); only the factor ``R`` is computed up front, here, after checking its size
+    against ``memory_limit`` (bytes; default the memory available).
     """
     label = subscripts if isinstance(subscripts, str) else repr(subscripts)
     arrays = as_arrays(operands, label)
@@ -217,6 +228,11 @@ def jacobian(subscripts: str, *operands: Any, wrt: int = 0, chunks: Any = "auto"
         normalized = auto_chunks(structure, dtype)
     else:
         normalized = _normalize_chunks(chunks, structure.shape, dtype, subscripts)
+    factor_size = math.prod(structure.sizes[l] for l in structure.factor_labels)
+    options.guard(
+        factor_size * dtype.itemsize, options.memory_limit(memory_limit, context(label)),
+        context(label), f"the dense factor R over {len(structure.factor_labels)} letter(s)",
+    )
     factor = einsum_factor(plan.einsum, plan.wrt, arrays, dtype)
     blocks = JacobianBlocks(structure, factor, dtype)
     name = "sparsejac-jacobian-" + tokenize(subscripts, plan.wrt, normalized, dtype.str, *arrays)
@@ -239,7 +255,7 @@ def _normalize_chunks(chunks, shape, dtype, subscripts):
         )
     try:
         return da.core.normalize_chunks(chunks, shape, dtype=dtype)
-    except (ValueError, TypeError, NotImplementedError) as error:
+    except (ValueError, TypeError, NotImplementedError, ZeroDivisionError) as error:
         raise ArgumentError(
             f"{context(subscripts)}chunks={chunks!r} do not fit the Jacobian's shape {shape}: "
             f"{error}"

@@ -276,3 +276,21 @@ def test_save_load_edge_shapes(tmp_path, subscripts, shapes):
     got = sjd.load(tmp_path / "J").compute()
     assert got.shape == ref.shape and got.nnz == ref.nnz
     np.testing.assert_array_equal(got.todense(), ref.todense())
+
+
+def test_huge_factor_is_refused_and_broadcast_factor_stays_small():
+    big = np.broadcast_to(1.0, (100_000, 100_000))
+    with pytest.raises(sparsejac.JacobianTooLargeError, match=r"'ij,jk->ik'.*dense factor R"):
+        sjd.jacobian("ij,jk->ik", big, big)
+    # 'ij,j->ij' wrt 1: the factor is x itself; a broadcast x stays a length-1 base in the graph.
+    x = np.broadcast_to(np.arange(3.0)[:, None], (3, 50_000))
+    J = sjd.jacobian("ij,j->ij", x, np.ones(50_000), wrt=1, chunks=(3, 10_000, 10_000))
+    ref = sparsejac.jacobian("ij,j->ij", np.array(x), np.ones(50_000), wrt=1)
+    assert J.blocks[0, 0, 0].compute().nnz == 3 * 10_000
+    got = J.sum(axis=(0, 1)).compute().todense()
+    np.testing.assert_allclose(got, ref.sum(axis=(0, 1)).todense())
+
+
+def test_zero_chunks_are_an_argument_error():
+    with pytest.raises(sparsejac.ArgumentError, match=r"chunks=0"):
+        sjd.jacobian("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), chunks=0)
