@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from . import options
+
 CHECK_LIMIT = 2_000_000  # dense elements up to which --check compares with torch
 
 
@@ -176,7 +178,18 @@ def load_operands(args) -> list[np.ndarray]:
             operands.append(x if dtype is None else x.astype(dtype, copy=False))
         return operands
     rng = np.random.default_rng(args.seed)
-    return [_random(parse_shape(s), dtype or np.dtype(np.float64), rng) for s in args.shape]
+    dtype = dtype or np.dtype(np.float64)
+    shapes = [parse_shape(s) for s in args.shape]
+    # Random operands are drawn in float64 before the cast: refuse sizes that cannot fit
+    # before numpy tries (the Jacobian's own guard comes later).
+    need = sum(math.prod(shape) for shape in shapes) * max(16, 2 * dtype.itemsize)
+    available = options.available_memory()
+    if available is not None and need > available:
+        raise CommandError(
+            f"the random operands of shapes {shapes} alone need about {_human(need)}, over the "
+            f"{_human(available)} of memory available"
+        )
+    return [_random(shape, dtype, rng) for shape in shapes]
 
 
 # -- the jacobian command ----------------------------------------------------------------------

@@ -198,3 +198,8 @@ def test_plot_writes_a_picture(tmp_path):
     r = run("jacobian", "ij,jk->ik", "--shape", "3,4", "--shape", "4,5", "--chunks", "auto",
             "--plot", str(png))
     assert_one_line_error(r, "--plot applies to in-memory builds")
+
+
+def test_operands_too_large_to_draw_are_refused_up_front():
+    r = run("jacobian", "ij,jk->ik", "--shape", "100000,100000", "--shape", "100000,100000")
+    assert_one_line_error(r, "random operands", "alone need about")
