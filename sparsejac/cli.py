@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from . import options
+from .report import compare_with_torch, human_bytes, size_ratio
 
 CHECK_LIMIT = 2_000_000  # dense elements up to which --check compares with torch
 
@@ -139,20 +140,6 @@ def _dtype(text: str | None) -> np.dtype | None:
     return dtype
 
 
-def _ratio(dense: float, nbytes: float) -> str:
-    if nbytes and dense >= nbytes:
-        return f"{dense / nbytes:.3g}x smaller"
-    return f"{nbytes / max(dense, 1):.3g}x larger" if nbytes else "nothing stored"
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(nbytes) < 1000:
-            return f"{nbytes:.3g} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.3g} EB"
-
-
 def _random(shape, dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
     if dtype.kind in "iu":
         return rng.integers(-5 if dtype.kind == "i" else 0, 6, size=shape).astype(dtype)
@@ -186,8 +173,8 @@ def load_operands(args) -> list[np.ndarray]:
     available = options.available_memory()
     if available is not None and need > available:
         raise CommandError(
-            f"the random operands of shapes {shapes} alone need about {_human(need)}, over the "
-            f"{_human(available)} of memory available"
+            f"the random operands of shapes {shapes} alone need about {human_bytes(need)}, over the "
+            f"{human_bytes(available)} of memory available"
         )
     return [_random(shape, dtype, rng) for shape in shapes]
 
@@ -202,43 +189,7 @@ def _summary(print_, plan, dtype) -> None:
            f"(operand shapes {', '.join(str(s) for s in plan.shapes)}, {dtype})")
     print_(f"  shape {plan.shape} = matrix {plan.matrix_shape}")
     print_(f"  nnz {plan.nnz:,}  density {density:.3g}  dense would be {dense:,} elements "
-           f"({_human(dense * dtype.itemsize)})")
-
-
-def _check(print_, subscripts, operands, wrt, got_dense) -> bool:
-    """Compare with torch's autodiff where the dense Jacobian is small enough."""
-    size = int(np.prod(got_dense.shape)) if got_dense is not None else None
-    if got_dense is None:
-        return True
-    try:
-        import torch
-    except ImportError:
-        print_("  check skipped: torch is not installed (pip install 'einsum-sparsejac[torch]')")
-        return True
-    tensors = [torch.from_numpy(np.asarray(x, order="C")) for x in operands]
-
-    def f(t):
-        return torch.einsum(subscripts, *(t if i == wrt else x for i, x in enumerate(tensors)))
-
-    try:
-        z = f(tensors[wrt])
-    except RuntimeError as error:
-        print_(f"  check skipped: torch.einsum refuses these subscripts ({error})")
-        return True
-    if tuple(z.shape) != got_dense.shape[: got_dense.ndim - operands[wrt].ndim]:
-        print_("  check skipped: torch.einsum reads these subscripts differently from numpy")
-        return True
-    if size == 0 or tensors[wrt].is_complex() or not tensors[wrt].is_floating_point():
-        print_("  check skipped: torch's jacobian needs a non-empty real floating operand")
-        return True
-    ref = torch.autograd.functional.jacobian(f, tensors[wrt], vectorize=True).numpy()
-    tol = 1e-5 if got_dense.dtype in (np.float32, np.complex64) else 1e-12
-    scale = max(1.0, float(np.max(np.abs(ref), initial=0.0)))
-    err = float(np.max(np.abs(got_dense - ref), initial=0.0))
-    ok = ref.shape == got_dense.shape and err <= tol * scale
-    print_(f"  check against torch.autograd.functional.jacobian: max |difference| {err:.2e} "
-           f"(tolerance {tol * scale:.1e})  {'ok' if ok else 'MISMATCH'}")
-    return ok
+           f"({human_bytes(dense * dtype.itemsize)})")
 
 
 def _dir_bytes(path: str) -> int:
@@ -276,17 +227,17 @@ def run_jacobian(args, print_=print) -> int:
     fmt = args.format or "csr"
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     predicted = plan.nbytes(fmt, dtype)
-    print_(f"  building {fmt} in memory (about {_human(predicted)}) ...", flush=True)
+    print_(f"  building {fmt} in memory (about {human_bytes(predicted)}) ...", flush=True)
     start = time.perf_counter()
     J = plan.jacobian(*arrays, format=fmt, memory_limit=limit)
     seconds = time.perf_counter() - start
     nbytes = J.nbytes if fmt == "coo" else J.data.nbytes + J.indices.nbytes + J.indptr.nbytes
-    print_(f"  built {fmt} in {seconds:.3f} s: {_human(nbytes)} against {_human(dense_bytes)} "
-           f"dense ({_ratio(dense_bytes, nbytes)})")
+    print_(f"  built {fmt} in {seconds:.3f} s: {human_bytes(nbytes)} against {human_bytes(dense_bytes)} "
+           f"dense ({size_ratio(dense_bytes, nbytes)})")
     ok = True
     if want_check:
         got = J.todense() if fmt == "coo" else J.toarray().reshape(plan.shape)
-        ok = _check(print_, args.subscripts, arrays, plan.wrt, np.asarray(got))
+        ok = compare_with_torch(print_, args.subscripts, arrays, plan.wrt, np.asarray(got))
     if args.plot:
         _plot(print_, J, plan, args.plot)
     if args.out:
@@ -302,7 +253,7 @@ def run_jacobian(args, print_=print) -> int:
             import scipy.sparse
 
             scipy.sparse.save_npz(out, J, compressed=False)
-        print_(f"  saved to {out} ({_human(os.path.getsize(out))}) in "
+        print_(f"  saved to {out} ({human_bytes(os.path.getsize(out))}) in "
                f"{time.perf_counter() - start:.3f} s")
     return 0 if ok else 1
 
@@ -363,15 +314,15 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
     if args.out:
         nbytes = _dir_bytes(args.out)
         print_(f"  built and saved {nnz:,} nonzeros in {seconds:.3f} s to {args.out}: "
-               f"{_human(nbytes)} on disk against {_human(dense_bytes)} dense "
-               f"({_ratio(dense_bytes, nbytes)})")
+               f"{human_bytes(nbytes)} on disk against {human_bytes(dense_bytes)} dense "
+               f"({size_ratio(dense_bytes, nbytes)})")
     else:
         nbytes = plan.nbytes("coo", dtype)
-        print_(f"  built {nnz:,} nonzeros in {seconds:.3f} s (about {_human(nbytes)} as COO "
-               f"against {_human(dense_bytes)} dense, {_ratio(dense_bytes, nbytes)})")
+        print_(f"  built {nnz:,} nonzeros in {seconds:.3f} s (about {human_bytes(nbytes)} as COO "
+               f"against {human_bytes(dense_bytes)} dense, {size_ratio(dense_bytes, nbytes)})")
     ok = True
     if want_check:
-        ok = _check(print_, args.subscripts, arrays, plan.wrt, np.asarray(J.compute().todense()))
+        ok = compare_with_torch(print_, args.subscripts, arrays, plan.wrt, np.asarray(J.compute().todense()))
     return 0 if ok else 1
 
 
