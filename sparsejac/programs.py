@@ -5,7 +5,7 @@
 differentiated argument is looked up in :data:`OPERATIONS` and its Jacobian is propagated
 forward in structured form (:mod:`sparsejac.terms`): deltas stay deltas, factors are composed by
 einsum, and the sparse result is written once, at the end. Nothing dense beyond a term's own
-structure is ever formed.
+structure is ever formed, and each factor is checked against ``memory_limit`` first.
 
 Tracing limits: the Jacobian is that of the path the real values took (Python control flow,
 including data-dependent ``if``, runs once, as with ``torch.func.jacrev``); in-place operations,
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import string
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -120,19 +121,70 @@ class _Tracer:
                 "write it out of place (y = y + 1, not y += 1 or y.add_(1))"
             )
         handler = OPERATIONS.get(name)
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor) and not (
+            result.is_floating_point() or result.is_complex()
+        ):
+            # Integer and boolean results (casts such as x.to(torch.int64), x.long(),
+            # x.type_as(an integer tensor), indices) carry no derivative in torch: constants.
+            return result
         if handler is None:
             raise UnsupportedOperationError(
                 f"{PREFIX}operation {name!r} ({func!r}) on a traced tensor is not supported. "
                 f"Supported: {', '.join(sorted(OPERATIONS))}; and, on traced tensors, the "
                 f"metadata queries {', '.join(sorted(METADATA))}"
             )
-        result = func(*args, **kwargs)
         if isinstance(result, torch.Tensor):
+            if result.is_complex():
+                raise UnsupportedOperationError(
+                    f"{PREFIX}{name!r} gives a complex tensor; complex values are not supported"
+                )
+            args, kwargs = _normalise(func, name, args, kwargs)
+            # The guard's messages name the operation; a handler's derivative values (tangents,
+            # 1 / y, a condition as a mask) are each at most the result's size.
+            self.labels.prefix = f"{PREFIX}{name!r}: "
+            self.labels.guard(tuple(result.shape), _itemsize(self.dtype), "derivative values")
             try:
                 self.record(result, handler(self, result, name, args, kwargs))
             except T.TooManyLabelsError as error:
                 raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
+            finally:
+                self.labels.prefix = PREFIX
         return result
+
+
+def _itemsize(dtype: "torch.dtype") -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _is_method(func: Any, name: str) -> bool:
+    """Whether ``func`` is the ``Tensor`` method ``name`` (its operands may come in another
+    order than the function's: ``x.where(cond, y)`` is ``torch.where(cond, x, y)``)."""
+    return getattr(torch.Tensor, name, None) is func
+
+
+def _normalise(func: Any, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of one call with the parameters in :data:`SIGNATURES` given by keyword
+    moved into place, in the function's order (a method's own order is read through
+    :data:`METHOD_SIGNATURES`), so that handlers read operands positionally. Positional
+    arguments beyond the signature stay (``x.permute(1, 0)``); a parameter after a gap, e.g.
+    ``keepdim`` without ``dim``, stays a keyword."""
+    order = SIGNATURES.get(name, ("input",))
+    params = METHOD_SIGNATURES.get(name, order) if _is_method(func, name) else order
+    bound = dict(zip(params, args))
+    extra = tuple(args[len(params) :])
+    kwargs = dict(kwargs)
+    for p in params:
+        if p not in bound and p in kwargs:
+            bound[p] = kwargs.pop(p)
+    positional = []
+    for p in order:
+        if p not in bound:
+            break
+        positional.append(bound.pop(p))
+    kwargs.update(bound)
+    return tuple(positional) + extra, kwargs
 
 
 @functools.cache
@@ -221,6 +273,7 @@ def _op_einsum(tr, result, name, args, kwargs):
 
 
 def _matmul_spec(na: int, nb: int) -> str:
+    """torch.matmul (and mm, bmm, mv, dot): a 1-D operand is a vector, batches broadcast."""
     if na == 1 and nb == 1:
         return "i,i->"
     if nb == 1:
@@ -230,18 +283,33 @@ def _matmul_spec(na: int, nb: int) -> str:
     return "...ij,...jk->...ik"
 
 
+def _inner_spec(na: int, nb: int) -> str:
+    """torch.inner: the last axes of both contracted, the output ``a.shape[:-1] +
+    b.shape[:-1]`` (ranks 2 and 3: ``'ai,bci->abc'``); a product where either is a scalar."""
+    letters = string.ascii_letters
+    if na + nb - 1 > len(letters):
+        raise UnsupportedOperationError(f"{PREFIX}inner of ranks {na} and {nb}: too many axes")
+    if na == 0 or nb == 0:
+        both = letters[: na + nb]
+        return f"{both[:na]},{both[:nb]}->{both}"
+    la, lb, k = letters[: na - 1], letters[na - 1 : na + nb - 2], letters[na + nb - 2]
+    return f"{la}{k},{lb}{k}->{la}{lb}"
+
+
 def _op_matmul(tr, result, name, args, kwargs):
     a, b = args[0], args[1]
     if name == "__rmatmul__":
         a, b = b, a
     a, b = _value(a, result), _value(b, result)
-    return _spec_einsum(tr, result, _matmul_spec(a.dim(), b.dim()), (a, b))
+    spec = _inner_spec if name == "inner" else _matmul_spec
+    return _spec_einsum(tr, result, spec(a.dim(), b.dim()), (a, b))
 
 
 def _op_linear(tr, result, name, args, kwargs):
     x, w = args[0], args[1]
     bias = _arg(args, kwargs, 2, "bias")
-    lin = _spec_einsum(tr, result, "...i,oi->...o" if x.dim() > 1 else "i,oi->o", (x, w))
+    # weight (out, in), or (in,) for a single output (no output axis)
+    lin = _spec_einsum(tr, result, "...i,oi->...o" if w.dim() == 2 else "...i,i->...", (x, w))
     if bias is None:
         return lin
     return _add(tr, lin, _broadcast(tr, bias, tuple(result.shape), {}))
@@ -258,12 +326,12 @@ def _op_add(tr, result, name, args, kwargs):
     tx = _broadcast(tr, x, shape, fresh)
     ty = _broadcast(tr, y, shape, fresh)
     if sign * alpha != 1:
-        ty = _map(ty, lambda t: _with_factor(t, t.factor * (sign * alpha)))
+        ty = _times(tr, ty, sign * alpha)
     return _add(tr, tx, ty)
 
 
-def _with_factor(term: T.Term, factor: torch.Tensor) -> T.Term:
-    return T.Term(term.out, term.inp, factor, term.flabels)
+def _times(tr: _Tracer, terms: Terms, c: float) -> Terms:
+    return _map(terms, lambda t: T.multiply(t, c, tr.labels))
 
 
 def _op_mul(tr, result, name, args, kwargs):
@@ -290,7 +358,7 @@ def _op_div(tr, result, name, args, kwargs):
 
 
 def _op_neg(tr, result, name, args, kwargs):
-    return _map(tr.terms(args[0]), lambda t: _with_factor(t, -t.factor))
+    return _times(tr, tr.terms(args[0]), -1)
 
 
 def _op_elementwise(tr, result, name, args, kwargs):
@@ -321,7 +389,7 @@ def _op_elementwise(tr, result, name, args, kwargs):
 
 
 def _op_where(tr, result, name, args, kwargs):
-    cond, a, b = args[0], args[1], args[2]
+    cond, a, b = args[0], args[1], args[2]  # torch.where's order, also for x.where(cond, y)
     shape = tuple(result.shape)
     fresh: dict = {}
     c = cond.to(result.dtype)
@@ -362,7 +430,7 @@ def _op_sum(tr, result, name, args, kwargs):
     terms = _sum_terms(tr, x, dims, keepdim)
     if name == "mean":
         count = math.prod(x.shape[d] for d in dims)
-        terms = _map(terms, lambda t: _with_factor(t, t.factor / count))
+        terms = _times(tr, terms, 1 / count)
     return terms
 
 
@@ -397,9 +465,7 @@ def _op_softmax(tr, result, name, args, kwargs):
     else:  # log_softmax: x - logsumexp(x)
         s = torch.exp(result)
         first = tr.terms(x)
-        second = _map(
-            _contract_back(tr, x, s, d, shape, fresh), lambda t: _with_factor(t, -t.factor)
-        )
+        second = _times(tr, _contract_back(tr, x, s, d, shape, fresh), -1)
     return _add(tr, first, second)
 
 
@@ -459,6 +525,30 @@ for _names, _handler in [
     for _n in _names:
         OPERATIONS[_n] = _handler
 
+# The parameter names of each operation's operands, in torch's order, for moving those passed by
+# keyword into place (:func:`_normalise`); an operation not listed takes ``input`` first.
+SIGNATURES: dict[str, tuple[str, ...]] = {}
+for _names, _params in [
+    (("add", "sub", "subtract", "rsub", "mul", "multiply", "div", "divide", "true_divide",
+      "matmul", "inner", "maximum", "minimum", "type_as", "expand_as", "view_as", "reshape_as"),
+     ("input", "other")),
+    (("mm", "bmm"), ("input", "mat2")),
+    (("mv",), ("input", "vec")),
+    (("dot",), ("input", "tensor")),
+    (("linear",), ("input", "weight", "bias")),
+    (("where",), ("condition", "input", "other")),
+    (("softmax", "log_softmax"), ("input", "dim")),
+    (("sum", "mean"), ("input", "dim", "keepdim")),
+    (("pow",), ("input", "exponent")),
+    (("clamp",), ("input", "min", "max")),
+    (("transpose", "swapdims"), ("input", "dim0", "dim1")),
+    (("swapaxes",), ("input", "axis0", "axis1")),
+]:
+    for _n in _names:
+        SIGNATURES[_n] = _params
+# Tensor methods whose operands come in another order than the function's.
+METHOD_SIGNATURES = {"where": ("input", "condition", "other")}
+
 # Elementwise functions, differentiated by forward mode on their values. The callable used for
 # the tangent is looked up by name so that every spelling (torch.tanh, Tensor.tanh, F.tanh)
 # shares one implementation.
@@ -493,12 +583,16 @@ METADATA = frozenset({
     "storage_offset", "data_ptr", "untyped_storage", "is_sparse", "is_cuda", "names",
 })
 # Operations whose results are piecewise constant in the values (zero derivative almost
-# everywhere, as torch has it): comparisons, signs, argmax; and detach, which is a constant.
+# everywhere, as torch has it): comparisons, signs, argmax; detach; and tensors made like a traced
+# one, which take its shape and dtype but none of its values. (Any integer or boolean result is
+# a constant too: see _Tracer.__torch_function__.)
 CONSTANT_RESULT = frozenset({
     "gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__", "__eq__",
     "__ne__", "greater", "less", "greater_equal", "less_equal", "equal", "sign", "argmax",
     "argmin", "isnan", "isinf", "isfinite", "detach", "__bool__", "allclose", "isclose",
     "logical_not", "round", "floor", "ceil", "trunc", "argsort", "__and__", "__or__",
+    "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
+    "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor",
 })
 TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__array__"})
 
@@ -523,6 +617,28 @@ def _as_tensor(x: Any, index: int) -> torch.Tensor:
     )
 
 
+def _conversion_nbytes(
+    fmt: str, nnz: int, out_shape: tuple, inp_shape: tuple, itemsize: int, csr_bytes: int
+) -> tuple[int, int]:
+    """``(extra, final)``: the bytes :func:`formats.from_csr` allocates beside the CSR of ``nnz``
+    entries (``csr_bytes``) to give ``fmt``, and those the result keeps."""
+    nrows, ncols = math.prod(out_shape), math.prod(inp_shape)
+    idx = formats.index_dtype(nnz, (nrows, ncols)).itemsize  # the CSR's index width
+    if fmt in ("csr", "torch_csr"):  # torch's shares the CSR's arrays
+        return 0, csr_bytes
+    if fmt == "csc":
+        extra = nnz * (idx + itemsize) + (ncols + 1) * idx
+        return extra, extra
+    # "coo" and "torch": each entry's row expanded (int64, from an arange and a diff of the row
+    # pointers), rows and columns unravelled into one int64 array per axis, and the stacked
+    # coordinates; the values are the CSR's own.
+    ndim = len(out_shape) + len(inp_shape)
+    cidx = 8 if fmt == "torch" else formats.index_dtype(nnz, out_shape + inp_shape).itemsize
+    coords = nnz * ndim * cidx
+    extra = max(nrows * (8 + idx) + nnz * 8, nnz * 8 * (1 + ndim) + coords)
+    return extra, nnz * itemsize + coords
+
+
 def jacobian_of(
     fn: Callable[..., torch.Tensor],
     *args: Any,
@@ -539,6 +655,11 @@ def jacobian_of(
     shape ``(out.size, args[wrt].size)``; a tuple ``wrt`` gives a tuple. The stored entries are
     the union, over the terms of the Jacobian (one per path from the argument to the output, after
     merging), of each term's structural nonzeros.
+
+    ``memory_limit`` (bytes; default the memory available) bounds every allocation that grows
+    with the problem, while tracing (each Jacobian factor, checked before it is formed) and at
+    the end (the result's arrays and their temporaries in ``format``): over it,
+    :class:`~sparsejac.errors.JacobianTooLargeError` is raised with the predicted bytes.
 
     >>> import torch, sparsejac
     >>> x = torch.randn(8, 4, dtype=torch.float64)
@@ -564,7 +685,8 @@ def jacobian_of(
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
 
-    labels = T.Labels()
+    # The limit applies while tracing too: every factor is checked before it is allocated.
+    labels = T.Labels(limit, PREFIX)
     tracer = _tracer(labels, dtype)
     for p in sorted(set(positions)):
         tracer.record(tensors[p], {p: [T.identity(tuple(tensors[p].shape), labels, dtype)]})
@@ -578,19 +700,23 @@ def jacobian_of(
     out_shape = tuple(out.shape)
 
     results = []
+    held = 0  # bytes of the results already built: a tuple wrt keeps them all
+    itemsize = _itemsize(dtype)
     for p in positions:
         terms = out_terms.get(p, [])
         inp_shape = tuple(tensors[p].shape)
         nnz = sum(t.nnz(labels) for t in terms)
-        # values and column indices, twice over while several terms are summed
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = nnz * (itemsize + 8) * (2 if len(terms) > 1 else 1)
+        peak, csr_bytes = T.materialise_nbytes(terms, out_shape, inp_shape, labels, dtype)
+        convert, final = _conversion_nbytes(format, nnz, out_shape, inp_shape, itemsize, csr_bytes)
         options.guard(
-            nbytes, limit, PREFIX,
-            f"the Jacobian w.r.t. argument {p} ({nnz:,} structural nonzeros in {len(terms)} term(s))",
+            held + max(peak, csr_bytes + convert), limit, PREFIX,
+            f"the Jacobian w.r.t. argument {p} ({nnz:,} structural nonzeros in {len(terms)} "
+            f"term(s), format {format!r})",
         )
         csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
         results.append(formats.from_csr(csr, format, out_shape, inp_shape))
+        del csr
+        held += final
     return tuple(results) if isinstance(wrt, (tuple, list)) else results[0]
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import scipy.sparse
 
-from . import formats
+from . import formats, options
 from .structure import Structure, distinct
 
 if TYPE_CHECKING:  # annotations only
@@ -53,11 +53,23 @@ class TooManyLabelsError(Exception):
 
 class Labels:
     """The size of every label of one trace, fresh labels, and memoised splits (so that terms
-    which split the same label the same way keep sharing labels and can still be merged)."""
+    which split the same label the same way keep sharing labels and can still be merged).
 
-    def __init__(self) -> None:
+    It also carries the trace's memory limit: every factor the algebra below allocates is
+    checked against it first (:meth:`guard`), so an oversized term is refused with
+    :class:`~sparsejac.errors.JacobianTooLargeError` instead of failing in torch's allocator."""
+
+    def __init__(self, limit: float | None = None, prefix: str = "") -> None:
         self.sizes: dict[int, int] = {}
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
+        self.limit = limit
+        self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
+
+    def guard(self, shape: Sequence[int], itemsize: int, what: str = "a Jacobian factor") -> None:
+        """Refuse, before it is allocated, a tensor of ``shape`` over the memory limit."""
+        options.guard(
+            math.prod(shape) * itemsize, self.limit, self.prefix, f"{what} of shape {tuple(shape)}"
+        )
 
     def fresh(self, size: int) -> Atoms:
         """Atoms for a new axis of ``size``: one new label, none for size 1."""
@@ -115,8 +127,14 @@ class Term:
         return labels.size(self.free)
 
 
-def _einsum(operands: Sequence[tuple[torch.Tensor, Sequence[int]]], out: Sequence[int]):
-    """``torch.einsum`` in sublist form over arbitrary integer labels (renamed below 52)."""
+def _einsum(
+    operands: Sequence[tuple[torch.Tensor, Sequence[int]]], out: Sequence[int], labels: Labels
+):
+    """``torch.einsum`` in sublist form over arbitrary integer labels (renamed below 52).
+
+    Operands are contracted pairwise from the left, each step summing the labels that neither
+    the output nor a later operand carries (the order torch uses without opt_einsum), so that
+    every intermediate is known, and checked against the memory limit, before it is formed."""
     used = distinct([l for _, ls in operands for l in ls] + list(out))
     if len(used) > MAX_EINSUM_LABELS:
         raise TooManyLabelsError(
@@ -126,10 +144,27 @@ def _einsum(operands: Sequence[tuple[torch.Tensor, Sequence[int]]], out: Sequenc
     import torch
 
     rename = {l: k for k, l in enumerate(used)}
-    args: list = []
+    size: dict[int, int] = {}
     for tensor, ls in operands:
-        args += [tensor, [rename[l] for l in ls]]
-    return torch.einsum(*args, [rename[l] for l in out])
+        for l, n in zip(ls, tensor.shape):
+            size[l] = max(size.get(l, 1), n)
+    itemsize = max(tensor.element_size() for tensor, _ in operands)
+
+    def step(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], keep: Sequence[int]):
+        labels.guard([size[l] for l in keep], itemsize)
+        args: list = [a for tensor, ls in pairs for a in (tensor, [rename[l] for l in ls])]
+        return torch.einsum(*args, [rename[l] for l in keep])
+
+    acc, acc_ls = operands[0]
+    rest = list(operands[1:])
+    if not rest:
+        return step([(acc, acc_ls)], out)
+    for i, (tensor, ls) in enumerate(rest):
+        later = set(out).union(*(l for _, l in rest[i + 1 :]))
+        last = i == len(rest) - 1
+        keep = list(out) if last else [l for l in distinct(list(acc_ls) + list(ls)) if l in later]
+        acc, acc_ls = step([(acc, acc_ls), (tensor, ls)], keep), keep
+    return acc
 
 
 def identity(shape: Sequence[int], labels: Labels, dtype: torch.dtype) -> Term:
@@ -140,7 +175,7 @@ def identity(shape: Sequence[int], labels: Labels, dtype: torch.dtype) -> Term:
     return Term(axes, axes, torch.ones((), dtype=dtype), ())
 
 
-def _substitute(term: Term, old: int, new: int) -> Term:
+def _substitute(term: Term, old: int, new: int, labels: Labels) -> Term:
     """Identify label ``old`` with ``new`` (a diagonal): rename it, taking the factor's
     diagonal if it carries both."""
     sub = lambda atoms: tuple(new if a == old else a for a in atoms)  # noqa: E731
@@ -148,7 +183,7 @@ def _substitute(term: Term, old: int, new: int) -> Term:
     factor = term.factor
     if len(set(fl)) < len(fl):
         fl_new = distinct(fl)
-        factor = _einsum([(factor, fl)], fl_new)
+        factor = _einsum([(factor, fl)], fl_new, labels)
         fl = fl_new
     return Term(
         tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), factor, fl
@@ -165,6 +200,8 @@ def split_label(term: Term, label: int, parts: Atoms, labels: Labels) -> Term:
     if label in fl:
         pos = fl.index(label)
         shape = tuple(factor.shape)
+        if not factor.is_contiguous():  # the reshape below may copy it
+            labels.guard(shape, factor.element_size())
         factor = factor.reshape(shape[:pos] + labels.shape(parts) + shape[pos + 1 :])
         fl = fl[:pos] + parts + fl[pos + 1 :]
     return Term(tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), factor, fl)
@@ -180,13 +217,15 @@ def densify(term: Term, shape: Sequence[int], labels: Labels) -> Term:
 
     occ = term.out_atoms
     private = [labels.fresh(labels.sizes[a])[0] for a in occ]
+    for a in occ:
+        labels.guard((labels.sizes[a],) * 2, term.factor.element_size(), "an identity matrix")
     eyes = [
         (torch.eye(labels.sizes[a], dtype=term.factor.dtype), (p, a))
         for p, a in zip(private, occ)
     ]
     carried = set(term.flabels) | set(occ)
     keep_inp = [l for l in distinct(term.inp_atoms) if l in carried]
-    factor = _einsum([(term.factor, term.flabels)] + eyes, private + keep_inp)
+    factor = _einsum([(term.factor, term.flabels)] + eyes, private + keep_inp, labels)
     big = [n for n in shape if n != 1]
     factor = factor.reshape(tuple(big) + tuple(factor.shape[len(private) :]))
     out, fl = [], []
@@ -249,6 +288,8 @@ def merge_run(term: Term, run: Atoms, labels: Labels) -> Term | None:
     factor, fl = term.factor, term.flabels
     if set(run) & set(fl):
         missing = [a for a in run if a not in fl]
+        # expanded over the missing labels and permuted, the reshape below copies all of it
+        labels.guard(tuple(factor.shape) + labels.shape(missing), factor.element_size())
         factor = factor.reshape(tuple(factor.shape) + (1,) * len(missing))
         factor = factor.expand(tuple(factor.shape[: len(fl)]) + labels.shape(missing))
         fl = fl + tuple(missing)
@@ -349,12 +390,19 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     Jacobian of an elementwise operation composed with the term."""
     g = g.to(term.factor.dtype)
     if g.dim() == 0 or g.numel() == 1:
-        return replace(term, factor=term.factor * g.reshape(()))
+        return multiply(term, g.reshape(()), labels)
     axes = term.out[len(term.out) - g.dim() :]
     gv, gl = _on_atoms(g, axes, labels)
     carried = set(term.flabels) | set(gl)
     fl = tuple(l for l in term.free if l in carried)
-    return Term(term.out, term.inp, _einsum([(term.factor, term.flabels), (gv, gl)], fl), fl)
+    factor = _einsum([(term.factor, term.flabels), (gv, gl)], fl, labels)
+    return Term(term.out, term.inp, factor, fl)
+
+
+def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
+    """The term times a scalar ``c`` (a new factor of the same shape)."""
+    labels.guard(tuple(term.factor.shape), term.factor.element_size())
+    return replace(term, factor=term.factor * c)
 
 
 def _bind(term: Term, letters: Sequence[int], labels: Labels):
@@ -373,7 +421,7 @@ def _bind(term: Term, letters: Sequence[int], labels: Labels):
             while a != b:
                 i = next(i for i in range(len(a)) if a[i] != b[i])
                 old, new = b[i], a[i]
-                term = _substitute(term, old, new)
+                term = _substitute(term, old, new, labels)
                 a = [new if x == old else x for x in a]
                 b = [new if x == old else x for x in b]
                 amap = {k: tuple(new if x == old else x for x in v) for k, v in amap.items()}
@@ -419,11 +467,12 @@ def compose(
     free = distinct([a for axis in out for a in axis] + list(term.inp_atoms))
     carried = {l for _, ls in ops for l in ls}
     fl = tuple(l for l in free if l in carried)
-    factor = _einsum(ops, fl)
+    factor = _einsum(ops, fl, labels)
+    term = Term(out, term.inp, factor, fl)
     uncarried = {a for e in inputs[k] for a in amap[e]} - set(free) - carried
     if uncarried:
-        factor = factor * labels.size(sorted(uncarried))
-    return Term(out, term.inp, factor, fl)
+        term = multiply(term, labels.size(sorted(uncarried)), labels)
+    return term
 
 
 def _aligned(term: Term, union: Sequence[int]) -> torch.Tensor:
@@ -449,6 +498,8 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
     """Add terms whose axes agree up to a renaming of labels into one: the paths through
     queries, keys and values of attention end in one term, and materialising writes each
     pattern once. The factors broadcast over the union of their labels, inside ``V``."""
+    import torch
+
     groups: dict[tuple, list[Term]] = {}
     for t in terms:
         groups.setdefault(_signature(t, labels), []).append(t)
@@ -466,9 +517,15 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
                                 tuple(rename[l] for l in t.flabels)))
         present = {l for t in renamed for l in t.flabels}
         union = tuple(l for l in free if l in present)
-        total = _aligned(renamed[0], union)
-        for t in renamed[1:]:
-            total = total + _aligned(t, union)
+        aligned = [_aligned(t, union) for t in renamed]
+        # each partial sum is a new tensor of the broadcast shape (at most the union's)
+        labels.guard(
+            torch.broadcast_shapes(*(a.shape for a in aligned)),
+            max(a.element_size() for a in aligned),
+        )
+        total = aligned[0]
+        for a in aligned[1:]:
+            total = total + a
         merged.append(Term(first.out, first.inp, total, union))
     return merged
 
@@ -485,6 +542,10 @@ def _structure(term: Term, labels: Labels) -> tuple[Structure, tuple[int, ...]]:
     return structure, tuple(rename[l] for l in term.flabels)
 
 
+def _numpy_factor(term: Term, dtype: "torch.dtype") -> np.ndarray:
+    return term.factor.detach().to(dtype).resolve_conj().resolve_neg().numpy()
+
+
 def materialise(
     terms: Sequence[Term],
     out_shape: Sequence[int],
@@ -496,31 +557,118 @@ def materialise(
 
     Each term's pattern and values are written directly (:mod:`sparsejac.formats`); several terms
     are summed as coordinates so that the stored entries are the union of their structural
-    nonzeros (a sum that happens to be zero stays stored, as elsewhere in the package)."""
+    nonzeros (a sum that happens to be zero stays stored, as elsewhere in the package).
+    :func:`materialise_nbytes` predicts what this allocates: keep the two in step."""
     shape = (math.prod(out_shape), math.prod(inp_shape))
     import torch
 
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    parts = []
-    for term in terms:
-        structure, fl = _structure(term, labels)
+    structures = [_structure(term, labels) for term in terms]
+    if not terms:
+        return scipy.sparse.csr_array(shape, dtype=np_dtype)
+    if len(terms) == 1:
+        (structure, fl), = structures
         pattern = formats.csr_pattern(structure)
         data = np.empty(structure.nnz, dtype=np_dtype)
-        factor = term.factor.detach().to(dtype).resolve_conj().resolve_neg().numpy()
-        formats.fill_values(structure, factor, fl, data)
+        formats.fill_values(structure, _numpy_factor(terms[0], dtype), fl, data)
         matrix = scipy.sparse.csr_array((data, pattern.indices, pattern.indptr), shape=shape)
         matrix.has_sorted_indices = True
         matrix.has_canonical_format = True
-        parts.append(matrix)
-    if not parts:
-        return scipy.sparse.csr_array(shape, dtype=np_dtype)
-    if len(parts) == 1:
-        return parts[0]
-    coos = [p.tocoo() for p in parts]
-    idx = np.int64 if max(shape + (sum(p.nnz for p in parts),)) > formats.INT32_MAX else np.int32
-    rows = np.concatenate([c.coords[0].astype(idx, copy=False) for c in coos])
-    cols = np.concatenate([c.coords[1].astype(idx, copy=False) for c in coos])
-    data = np.concatenate([c.data for c in coos])
-    total = scipy.sparse.coo_array((data, (rows, cols)), shape=shape).tocsr()
-    total.sum_duplicates()
-    return total
+        return matrix
+    # Several terms: every term's coordinates and values go straight into one COO array of all
+    # their entries, one term's pattern alive at a time; scipy sums the duplicates.
+    total = sum(structure.nnz for structure, _ in structures)
+    idx = formats.index_dtype(0, shape)  # scipy narrows wider coordinates (a copy): match it
+    rows, cols = np.empty(total, idx), np.empty(total, idx)
+    data = np.empty(total, np_dtype)
+    start = 0
+    for term, (structure, fl) in zip(terms, structures):
+        stop = start + structure.nnz
+        pattern = formats.csr_pattern(structure)
+        cols[start:stop] = pattern.indices
+        rows[start:stop] = np.repeat(np.arange(shape[0], dtype=idx), np.diff(pattern.indptr))
+        del pattern
+        formats.fill_values(structure, _numpy_factor(term, dtype), fl, data[start:stop])
+        start = stop
+    coo = scipy.sparse.coo_array((data, (rows, cols)), shape=shape)
+    del rows, cols, data
+    result = coo.tocsr()  # sums duplicates, keeping sums that are zero
+    result.sum_duplicates()
+    return result
+
+
+def _pattern_nbytes(structure: Structure, shape: tuple[int, int]) -> tuple[int, int]:
+    """``(peak, kept)`` bytes of :func:`formats.csr_pattern`: ``indices`` and ``indptr``, and
+    before them the two index tables it broadcasts, then ``indptr``'s temporaries (see there)."""
+    nnz = structure.nnz
+    idx = formats.index_dtype(nnz, shape).itemsize
+    tables = 0
+    if nnz:  # as csr_pattern: the tables only for a nonempty pattern
+        head, tail = formats._split_tail(
+            formats._digits(structure, structure.cols, structure.free), formats.INNER
+        )
+        tables = 2 * (math.prod(n for n, _ in head) + math.prod(n for n, _ in tail)) * idx
+    rows = distinct(structure.rows)
+    hit = 0  # a diagonal on the row side: the int64 indices of the rows it hits
+    if len(rows) < len(structure.rows):
+        hit = 2 * math.prod(structure.sizes[l] for l in rows) * 8
+    indptr = (shape[0] + 1) * idx
+    return nnz * idx + max(tables, 2 * indptr + hit), nnz * idx + indptr
+
+
+def _copy_nbytes(term: Term, structure: Structure, fl: Sequence[int], dtype: "torch.dtype") -> int:
+    """Bytes of the copies of a factor that writing its values makes: the cast to ``dtype``,
+    and :meth:`Structure.spread`'s contiguous layout in ``V`` order (when it is not already)."""
+    factor = term.factor
+    itemsize = factor.new_empty((), dtype=dtype).element_size()
+    size = factor.numel() * itemsize
+    cast = size if factor.dtype != dtype else 0
+    if factor.dim() == 0:
+        return cast
+    free = structure.free
+    order = sorted(range(len(fl)), key=lambda axis: free.index(fl[axis]))
+    laid_out = factor.permute(order).is_contiguous()
+    small = factor.numel() * 16 <= max(structure.nnz, 1) or factor.numel() <= 1 << 23
+    return cast + (size if small and not laid_out else 0)
+
+
+def materialise_nbytes(
+    terms: Sequence[Term],
+    out_shape: Sequence[int],
+    inp_shape: Sequence[int],
+    labels: Labels,
+    dtype: "torch.dtype",
+) -> tuple[int, int]:
+    """``(peak, kept)``: the bytes :func:`materialise` holds at its peak, and those its result
+    keeps. Exact for one term (up to small Python objects); for several, an upper bound that
+    takes no two terms to share an entry."""
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shape = (math.prod(out_shape), math.prod(inp_shape))
+    nrows, ncols = shape
+    if not terms:
+        return (nrows + 1) * 4, (nrows + 1) * 4
+    structures = [_structure(term, labels) for term in terms]
+    copies = [_copy_nbytes(t, s, fl, dtype) for t, (s, fl) in zip(terms, structures)]
+    patterns = [_pattern_nbytes(s, shape) for s, _ in structures]
+    if len(terms) == 1:
+        nnz = structures[0][0].nnz
+        (peak, kept), copy = patterns[0], copies[0]
+        return max(peak, kept + nnz * itemsize + copy), kept + nnz * itemsize
+    n = sum(s.nnz for s, _ in structures)
+    idx = formats.index_dtype(0, shape).itemsize
+    coo = n * (2 * idx + itemsize)
+    fill = coo + max(
+        max(peak, kept + nrows * (idx + formats.index_dtype(s.nnz, shape).itemsize)  # arange, diff
+            + s.nnz * idx, copy)  # the repeated row indices; then the factor's copies
+        for (s, _), (peak, kept), copy in zip(structures, patterns, copies)
+    )
+    # tocsr: indices as wide as the entries need (a cast of the coordinates if wider), then
+    # sum_duplicates' pruning copy, which it makes only when under half the entries remain:
+    # never where one term alone has half of them (the union holds every term's entries)
+    idx2 = 8 if idx == 8 or max(n, ncols) > formats.INT32_MAX else 4
+    cast = 2 * n * idx2 if idx2 != idx else 0
+    csr = n * (idx2 + itemsize) + (nrows + 1) * idx2
+    prune = 0 if max(s.nnz for s, _ in structures) >= n // 2 else n // 2 * (idx2 + itemsize)
+    return max(fill, coo + csr + max(cast, prune)), csr
