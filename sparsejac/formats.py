@@ -97,6 +97,12 @@ def _split_tail(digits: Digits, inner: int) -> tuple[Digits, Digits]:
     return [], tail
 
 
+def index_tables(structure: Structure) -> tuple[Digits, Digits]:
+    """The two tables :func:`csr_pattern` broadcasts into ``indices`` (as digits: a table has
+    the product of their sizes entries), for callers that predict its memory."""
+    return _split_tail(_digits(structure, structure.cols, structure.free), INNER)
+
+
 class CompressedPattern(NamedTuple):
     """``indices`` and ``indptr`` of CSR (or CSC, as CSR of the transpose)."""
 
@@ -122,7 +128,7 @@ def csr_pattern(structure: Structure, xp=NUMPY) -> CompressedPattern:
         # shortest tail of at least INNER entries: index = (head part) + (tail part), one
         # broadcast add of two small tables (about nnz / INNER and INNER entries, a label cut
         # in two where needed) writes all of it; nothing nnz-sized is formed but the output.
-        head, tail = _split_tail(_digits(structure, structure.cols, free), INNER)
+        head, tail = index_tables(structure)
         head, tail = _ramp(head, dtype, xp), _ramp(tail, dtype, xp)
         xp.add_into(indices.reshape(-1, tail.shape[0]), head[:, None], tail[None, :])
 

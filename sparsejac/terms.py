@@ -604,9 +604,7 @@ def _pattern_nbytes(structure: Structure, shape: tuple[int, int]) -> tuple[int, 
     idx = formats.index_dtype(nnz, shape).itemsize
     tables = 0
     if nnz:  # as csr_pattern: the tables only for a nonempty pattern
-        head, tail = formats._split_tail(
-            formats._digits(structure, structure.cols, structure.free), formats.INNER
-        )
+        head, tail = formats.index_tables(structure)
         tables = 2 * (math.prod(n for n, _ in head) + math.prod(n for n, _ in tail)) * idx
     rows = distinct(structure.rows)
     hit = 0  # a diagonal on the row side: the int64 indices of the rows it hits
