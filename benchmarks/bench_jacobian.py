@@ -40,10 +40,6 @@ class Case:
     shapes: tuple
     wrt: int = 0
 
-    def einsum_size(self) -> int:
-        z = np.einsum(self.subscripts, *[np.empty(s, np.float32) for s in self.shapes], optimize=True)
-        return z.size
-
 
 def matmul(n: int) -> Case:
     return Case(f"ij,jk->ik n={n}", "ij,jk->ik", ((n, n), (n, n)))

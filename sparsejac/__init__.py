@@ -7,8 +7,8 @@
 
 Modules, one idea each: :mod:`~sparsejac.grammar` (einsum subscripts), :mod:`~sparsejac.structure`
 (the closed form), :mod:`~sparsejac.formats` (writing COO/CSR/CSC), :mod:`~sparsejac.embed` (the
-design card's embedding pipeline), :mod:`~sparsejac.plan` (plans, the memory guard, the public
-``jacobian``), :mod:`~sparsejac.errors`.
+design card's embedding pipeline), :mod:`~sparsejac.plan` (plans, the public ``jacobian``), :mod:`~sparsejac.options`
+(option checks, the memory guard), :mod:`~sparsejac.errors`.
 """
 
 from .errors import (
@@ -24,9 +24,17 @@ from .errors import (
 from .plan import Plan, jacobian, plan
 from .spy import spy
 from .programs import jacobian_of
-from .operator import linear_operator
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # linear_operator needs scipy.sparse.linalg, half of the import time: load it on first use.
+    if name == "linear_operator":
+        from .operator import linear_operator
+
+        return linear_operator
+    raise AttributeError(f"module 'sparsejac' has no attribute {name!r}")
 
 __all__ = [
     "jacobian",

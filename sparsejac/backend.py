@@ -47,11 +47,21 @@ def slabs(shape: tuple[int, ...], pieces: int) -> Iterator[tuple]:
                 yield head + (slice(a, b),)
 
 
+def broadcast_base(x: np.ndarray) -> np.ndarray:
+    """``x`` with its broadcast (zero-stride) dimensions cut to length 1: the data it holds,
+    from which ``np.broadcast_to(base, x.shape)`` gives ``x`` back.
+
+    >>> broadcast_base(np.broadcast_to(np.arange(3.0), (1000, 3))).shape
+    (1, 3)
+    """
+    return x[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                   for st, n in zip(x.strides, x.shape))]
+
+
 class NumpyBackend:
     """numpy arrays on the host; large writes split across threads."""
 
     name = "numpy"
-    bool = np.dtype(np.bool_)
 
     def index(self, itemsize: int) -> np.dtype:
         return np.dtype(np.int32 if itemsize == 4 else np.int64)
@@ -123,7 +133,6 @@ class TorchBackend:
 
         self.torch = torch
         self.device = device
-        self.bool = torch.bool
 
     def index(self, itemsize: int):
         return self.torch.int32 if itemsize == 4 else self.torch.int64

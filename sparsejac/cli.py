@@ -3,7 +3,7 @@ plain ``python -m sparsejac``).
 
     sparsejac jacobian SUBSCRIPTS (--operand FILE.npy ... | --shape 512,512 ...) [--wrt K]
               [--format coo|csr|csc] [--chunks SPEC] [--out PATH] [--dtype float32] [--check]
-              [--plot FILE.png]
+              [--plot FILE.png] [--seed N] [--memory-limit 8G] [--overwrite]
 
 Errors (bad subscripts, missing files, a Jacobian over the memory limit, ...) print one line on
 stderr and exit with status 1 (2 for a malformed command line), never a traceback.
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      f"Jacobian has at most {CHECK_LIMIT:,} elements")
     jac.add_argument("--seed", type=int, default=0, help="seed of the random operands (default 0)")
     jac.add_argument("--memory-limit", metavar="BYTES",
-                     help="refuse an in-memory build over this many bytes (e.g. 8G; default: the "
-                     "memory available)")
+                     help="refuse a build (in memory, or the factor R of a --chunks build) over "
+                     "this many bytes (e.g. 8G; default: the memory available)")
     jac.add_argument("--plot", metavar="FILE.png",
                      help="draw the sparsity pattern (sparsejac.spy) to an image; needs matplotlib")
     jac.add_argument("--overwrite", action="store_true",
@@ -280,12 +280,13 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
         import dask  # noqa: F401
     except ImportError:
         raise CommandError("--chunks needs dask: pip install 'einsum-sparsejac[dask]'") from None
-    import numpy as np
     from dask.diagnostics import ProgressBar
 
     from . import dask as sjd
 
-    J = sjd.jacobian(args.subscripts, *arrays, wrt=plan.wrt, chunks=parse_chunks(args.chunks))
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    J = sjd.jacobian(args.subscripts, *arrays, wrt=plan.wrt, chunks=parse_chunks(args.chunks),
+                     memory_limit=limit)
     largest = tuple(max(c, default=0) for c in J.chunks)
     print_(f"  {math.prod(J.numblocks):,} blocks of at most {largest}, built and "
            f"{'written' if args.out else 'counted'} one at a time", flush=True)

@@ -40,6 +40,7 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from . import formats, options
+from .backend import broadcast_base
 from .errors import ArgumentError, ArgumentTypeError, context
 from .operands import as_arrays, result_dtype
 from .plan import Plan
@@ -138,10 +139,9 @@ def restricted_block(
     nnz = sub.nnz
     if nnz == 0:
         return _empty_coo(block_shape, dtype)
-    coords = formats.coo_coords(sub)  # relative to the intersections' starts, sorted
-    wanted = formats.index_dtype(nnz, block_shape)
-    if coords.dtype.itemsize < wanted.itemsize:
-        coords = coords.astype(wanted)
+    # Relative to the intersections' starts, sorted; wide enough for the block's own indices.
+    wanted = formats.index_dtype(nnz, block_shape).itemsize
+    coords = formats.coo_coords(sub, itemsize=max(wanted, formats.coo_index_itemsize("coo", sub)))
     for d, label in enumerate(axes):
         offset = lo[label] - int(starts[d])
         if offset:
@@ -160,11 +160,7 @@ class JacobianBlocks:
         self.structure = structure
         # Keep broadcast (zero-stride) axes of the factor at length 1: the graph then carries
         # (and a cluster pickles) only the factor's own data, never its broadcast size.
-        base = factor[tuple(
-            slice(0, 1) if stride == 0 and n > 1 else slice(None)
-            for stride, n in zip(factor.strides, factor.shape)
-        )]
-        self._factor_base = np.array(base, order="C")
+        self._factor_base = np.array(broadcast_base(factor), order="C")
         self._factor_shape = factor.shape
         self.dtype = np.dtype(dtype)
         self.shape = structure.shape

@@ -20,7 +20,7 @@ import numpy as np
 import sparse
 
 from .errors import ShapeError, context
-from .formats import coo_coords, index_dtype
+from .formats import coo_coords, fill_values, index_dtype
 from .grammar import Einsum
 from .structure import Structure, distinct, einsum_structure, labelled_einsum
 
@@ -50,7 +50,7 @@ def embed_coo(einsum: Einsum, wrt: int, arrays, dtype: np.dtype) -> sparse.COO:
     others = [i for i in range(len(arrays)) if i != wrt]
     product = labelled_einsum(einsum, others, arrays, dtype, structure.factor_labels)
     data = np.empty(structure.nnz, dtype=dtype)
-    np.copyto(data.reshape(structure.free_shape), structure.spread(product))
+    fill_values(structure, product, structure.factor_labels, data)
     embedded = sparse.COO(
         coo_coords(structure), data, shape=structure.shape, sorted=True, has_duplicates=False
     )

@@ -167,23 +167,63 @@ def fill_values(structure: Structure, factor, labels: Sequence[int], out, xp=NUM
     return out
 
 
+def flat_index(coords: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """C-order flat indices of the N-D ``coords`` (one row per axis) in ``shape``."""
+    if not len(shape):
+        return np.zeros(coords.shape[1], dtype=np.int64)
+    return np.ravel_multi_index(tuple(coords), tuple(shape))
+
+
+def container(fmt: str, pattern, data, out_shape: Sequence[int], inp_shape: Sequence[int]):
+    """The container ``fmt`` names around index arrays and values, copying neither.
+
+    ``pattern``: the coordinates (COO layouts) or anything with ``indices`` and ``indptr``
+    (CSR/CSC layouts); numpy arrays or torch tensors. They must be sorted and free of
+    duplicates (the writers' output is), and the container is told so: no scan, no sort.
+    """
+    shape = tuple(out_shape) + tuple(inp_shape)
+    matrix_shape = (math.prod(out_shape), math.prod(inp_shape))
+    if fmt == "coo":
+        import sparse
+
+        return sparse.COO(pattern, data, shape=shape, sorted=True, has_duplicates=False)
+    if fmt in ("csr", "csc"):
+        import scipy.sparse
+
+        cls = scipy.sparse.csr_array if fmt == "csr" else scipy.sparse.csc_array
+        matrix = cls((data, pattern.indices, pattern.indptr), shape=matrix_shape)
+        matrix.has_sorted_indices = True
+        matrix.has_canonical_format = True
+        return matrix
+    import warnings
+
+    import torch
+
+    def tensor(a):
+        return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+    if fmt == "torch":
+        # Coalesced by construction (sorted, no duplicates): no coalesce() pass.
+        return torch.sparse_coo_tensor(
+            tensor(pattern), tensor(data), shape, is_coalesced=True, check_invariants=False
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            tensor(pattern.indptr), tensor(pattern.indices), tensor(data), matrix_shape,
+            check_invariants=False,
+        )
+
+
 def from_csr(csr, fmt: str, out_shape: Sequence[int], inp_shape: Sequence[int]):
     """A canonical scipy CSR array of shape ``(prod(out_shape), prod(inp_shape))`` in the
     container ``fmt`` names (for results that are assembled as CSR, e.g. sums of terms)."""
-    import sparse
-
     out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
-    if fmt == "csr":
-        return csr
     if fmt == "csc":
-        return csr.tocsc()
-    if fmt == "torch_csr":
-        import torch
-
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(csr.indptr), torch.from_numpy(csr.indices),
-            torch.from_numpy(csr.data), csr.shape, check_invariants=False,
-        )
+        csc = csr.tocsc()
+        return container(fmt, csc, csc.data, out_shape, inp_shape)
+    if LAYOUT[fmt] == "csr":
+        return container(fmt, csr, csr.data, out_shape, inp_shape)
     rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
     coords = [np.unravel_index(rows, out_shape)] if out_shape else []
     coords += [np.unravel_index(csr.indices, inp_shape)] if inp_shape else []
@@ -191,12 +231,5 @@ def from_csr(csr, fmt: str, out_shape: Sequence[int], inp_shape: Sequence[int]):
     stacked = np.zeros((len(out_shape) + len(inp_shape), csr.nnz), dtype=dtype)
     for d, c in enumerate(c for group in coords for c in group):
         stacked[d] = c
-    if fmt == "torch":
-        import torch
-
-        return torch.sparse_coo_tensor(
-            torch.from_numpy(stacked), torch.from_numpy(csr.data), out_shape + inp_shape,
-            is_coalesced=True, check_invariants=False,
-        )
     # Rows sorted, columns sorted within rows, no duplicates: lexicographic N-D order.
-    return sparse.COO(stacked, csr.data, shape=out_shape + inp_shape, sorted=True, has_duplicates=False)
+    return container(fmt, stacked, csr.data, out_shape, inp_shape)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .backend import broadcast_base
 from .errors import OperandTypeError, context
 
 NUMERIC_KINDS = "iufc"
@@ -90,7 +91,9 @@ def as_tensors(operands: Sequence[Any], device: Any, subscripts: str):
             tensors.append(x.detach().resolve_conj().resolve_neg().to(device))
         else:
             array = as_array(x, i, subscripts)
-            tensors.append(torch.from_numpy(np.array(array, order="C")).to(device))
+            # Only the data a broadcast array holds travels; the device re-broadcasts it.
+            base = torch.from_numpy(np.array(broadcast_base(array), order="C"))
+            tensors.append(base.to(device).expand(array.shape))
             kind = array.dtype
         dtypes.append(kind)
     return tensors, np.result_type(*dtypes)

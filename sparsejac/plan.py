@@ -15,11 +15,11 @@ built. :func:`jacobian` is the one-shot use of a plan.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
 import scipy.sparse
-import sparse
 
 from . import formats, options
 from .backend import NUMPY, TorchBackend, torch_dtype
@@ -31,12 +31,6 @@ from .operands import as_array, as_arrays, as_tensors, cuda_device, is_torch_ten
 from .structure import Structure, einsum_factor, einsum_structure
 
 METHODS = ("direct", "embed")
-
-
-def _flat(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if not shape:
-        return np.zeros(coords.shape[1], dtype=np.int64)
-    return np.ravel_multi_index(tuple(coords), shape)
 
 
 class Plan:
@@ -150,37 +144,8 @@ class Plan:
         return self._container(fmt, self._pattern_arrays(fmt, xp, keep), data)
 
     def _container(self, fmt: str, pattern, data):
-        """The container ``fmt`` names around index arrays and values, copying neither."""
-        if fmt == "coo":
-            return sparse.COO(
-                pattern, data, shape=self.shape, sorted=True, has_duplicates=False
-            )
-        if fmt in ("csr", "csc"):
-            cls = scipy.sparse.csr_array if fmt == "csr" else scipy.sparse.csc_array
-            matrix = cls((data, pattern.indices, pattern.indptr), shape=self.matrix_shape)
-            # Sorted and free of duplicates by construction; saying so spares scipy a scan.
-            matrix.has_sorted_indices = True
-            matrix.has_canonical_format = True
-            return matrix
-        import warnings
-
-        import torch
-
-        def tensor(a):
-            return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
-
-        if fmt == "torch":
-            # Coalesced by construction (sorted, no duplicates): no coalesce() pass.
-            return torch.sparse_coo_tensor(
-                tensor(pattern), tensor(data), self.shape,
-                is_coalesced=True, check_invariants=False,
-            )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                tensor(pattern.indptr), tensor(pattern.indices), tensor(data),
-                self.matrix_shape, check_invariants=False,
-            )
+        n_out = len(self.einsum.output)
+        return formats.container(fmt, pattern, data, self.shape[:n_out], self.shape[n_out:])
 
     def jacobian(
         self,
@@ -228,6 +193,8 @@ class Plan:
         nbytes = self.nnz * dtype.itemsize
         if not self._has_pattern(fmt, xp):
             nbytes = formats.predicted_nbytes(self.structure, fmt, dtype.itemsize)
+        # The dense factor R (at most nnz entries: "i,i->i" has R as large as J) comes first.
+        nbytes += math.prod(self.structure.sizes[l] for l in self.structure.factor_labels) * dtype.itemsize
         self._guard(nbytes, memory_limit, f"the {fmt} Jacobian", device)
         factor = einsum_factor(self.einsum, self.wrt, arrays, value_dtype, xp)
         target = self.structure.transposed() if fmt == "csc" else self.structure
@@ -249,8 +216,8 @@ class Plan:
             return self._container(fmt, result.coords.astype(np.int64), result.data)
         n_out = len(einsum.output)
         out_shape, op_shape = self.shape[:n_out], self.shape[n_out:]
-        rows = _flat(result.coords[:n_out], out_shape)
-        cols = _flat(result.coords[n_out:], op_shape)
+        rows = formats.flat_index(result.coords[:n_out], out_shape)
+        cols = formats.flat_index(result.coords[n_out:], op_shape)
         coo = scipy.sparse.coo_array((result.data, (rows, cols)), shape=self.matrix_shape)
         matrix = coo.tocsc() if fmt == "csc" else coo.tocsr()
         # The same index dtype as method="direct" writes.

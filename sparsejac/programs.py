@@ -484,9 +484,9 @@ def _op_identity(tr, result, name, args, kwargs):
 def _op_permute(tr, result, name, args, kwargs):
     x = args[0]
     n = x.dim()
-    if name in ("T", "t", "numpy_T"):
+    if name in ("T", "t"):
         perm = list(range(n))[::-1]
-    elif name in ("mT", "mH"):
+    elif name == "mT":
         perm = list(range(n - 2)) + [n - 1, n - 2]
     elif name == "permute":
         dims = args[1:] if len(args) > 1 else kwargs["dims"]

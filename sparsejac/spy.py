@@ -20,53 +20,72 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import formats
 from .errors import ArgumentError, ArgumentTypeError
 
 _CHUNK = 1 << 22
 
 
-def _rows_cols(J: Any, out_shape: Sequence[int] | None):
-    """(rows, cols) index arrays (possibly in chunks), the matrix shape and the two N-D shapes."""
+def _compressed_chunks(indptr: np.ndarray, indices: np.ndarray, row_major: bool):
+    """(rows, cols) of a CSR (``row_major``) or CSC matrix, a chunk of entries at a time."""
+    for start in range(0, len(indices), _CHUNK):
+        stop = min(start + _CHUNK, len(indices))
+        major = np.searchsorted(indptr, np.arange(start, stop), side="right") - 1
+        minor = indices[start:stop]
+        yield (major, minor) if row_major else (minor, major)
+
+
+def _coordinate_chunks(coords: np.ndarray, k: int, oshape, ashape):
+    """(rows, cols) of N-D coordinates split after axis ``k``, a chunk of entries at a time."""
+    for start in range(0, coords.shape[1], _CHUNK):
+        piece = coords[:, start : start + _CHUNK]
+        yield formats.flat_index(piece[:k], oshape), formats.flat_index(piece[k:], ashape)
+
+
+def _entries(J: Any, out_shape: Sequence[int] | None):
+    """A generator of (rows, cols) chunks over ``J``'s stored entries (never all at once), the
+    matrix shape, and the output and operand shapes."""
     import scipy.sparse
     import sparse
 
     if type(J).__module__.startswith("torch"):
         import torch
 
-        if J.layout == torch.sparse_csr:
-            J = scipy.sparse.csr_array(
-                (np.ones(J._nnz(), bool), J.col_indices().cpu().numpy(), J.crow_indices().cpu().numpy()),
-                shape=tuple(J.shape),
-            )
-        elif J.layout == torch.sparse_coo:
-            J = sparse.COO(J._indices().cpu().numpy(), np.ones(J._nnz(), bool), shape=tuple(J.shape),
-                           sorted=J.is_coalesced(), has_duplicates=not J.is_coalesced())
-        else:
+        if J.layout in (torch.sparse_csr, torch.sparse_csc):
+            row_major = J.layout == torch.sparse_csr
+            indptr = (J.crow_indices() if row_major else J.ccol_indices()).cpu().numpy()
+            indices = (J.col_indices() if row_major else J.row_indices()).cpu().numpy()
+            shape = tuple(J.shape)
+            oshape = tuple(out_shape) if out_shape is not None else (shape[0],)
+            return _compressed_chunks(indptr, indices, row_major), shape, oshape, (shape[1],)
+        if J.layout != torch.sparse_coo:
             raise ArgumentTypeError(f"spy: a torch tensor with layout {J.layout} is not sparse")
-    if isinstance(J, sparse.COO):
-        k = len(out_shape) if out_shape is not None else J.ndim // 2
-        if tuple(J.shape[:k]) != tuple(out_shape if out_shape is not None else J.shape[:k]):
-            raise ArgumentError(
-                f"spy: out_shape {tuple(out_shape)} is not the leading part of the Jacobian's "
-                f"shape {J.shape}"
-            )
-        oshape, ashape = J.shape[:k], J.shape[k:]
-
-        def flat(coords, shape):
-            return np.ravel_multi_index(tuple(coords), shape) if shape else np.zeros(coords.shape[1], np.int64)
-
-        rows = flat(J.coords[:k], oshape)
-        cols = flat(J.coords[k:], ashape)
-        return rows, cols, (math.prod(oshape), math.prod(ashape)), oshape, ashape
-    if isinstance(J, (scipy.sparse.sparray, scipy.sparse.spmatrix)):
-        coo = J.tocoo()
+        coords, full = J._indices().cpu().numpy(), tuple(J.shape)
+    elif isinstance(J, sparse.COO):
+        coords, full = J.coords, tuple(J.shape)
+    elif isinstance(J, (scipy.sparse.sparray, scipy.sparse.spmatrix)):
         shape = tuple(J.shape)
         oshape = tuple(out_shape) if out_shape is not None else (shape[0],)
-        return coo.row, coo.col, shape, oshape, (shape[1],)
-    raise ArgumentTypeError(
-        f"spy: expected a sparse.COO, a scipy sparse array or a torch sparse tensor, "
-        f"got {type(J).__name__}"
-    )
+        if J.format in ("csr", "csc"):
+            chunks = _compressed_chunks(J.indptr, J.indices, J.format == "csr")
+        else:
+            coo = J.tocoo()
+            chunks = _coordinate_chunks(np.stack([coo.row, coo.col]), 1, (shape[0],), (shape[1],))
+        return chunks, shape, oshape, (shape[1],)
+    else:
+        raise ArgumentTypeError(
+            f"spy: expected a sparse.COO, a scipy sparse array or a torch sparse tensor, "
+            f"got {type(J).__name__}"
+        )
+    k = len(out_shape) if out_shape is not None else len(full) // 2
+    if out_shape is not None and tuple(full[:k]) != tuple(out_shape):
+        raise ArgumentError(
+            f"spy: out_shape {tuple(out_shape)} is not the leading part of the Jacobian's "
+            f"shape {full}"
+        )
+    oshape, ashape = full[:k], full[k:]
+    matrix = (math.prod(oshape), math.prod(ashape))
+    return _coordinate_chunks(coords, k, oshape, ashape), matrix, oshape, ashape
 
 
 def spy(
@@ -86,14 +105,14 @@ def spy(
 
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise ArgumentError(f"spy: max_pixels must be a positive int, got {max_pixels!r}")
-    rows, cols, (m, n), oshape, ashape = _rows_cols(J, out_shape)
+    chunks, (m, n), oshape, ashape = _entries(J, out_shape)
     if operand_shape is not None and len(ashape) == 1:
         ashape = tuple(operand_shape)
     pm, pn = max(1, min(m, max_pixels)), max(1, min(n, max_pixels))
     counts = np.zeros(pm * pn, dtype=np.int64)
-    for start in range(0, len(rows), _CHUNK):  # bounded memory however many nonzeros
-        r = rows[start : start + _CHUNK].astype(np.int64) * pm // max(m, 1)
-        c = cols[start : start + _CHUNK].astype(np.int64) * pn // max(n, 1)
+    for rows, cols in chunks:  # bounded memory however many nonzeros
+        r = rows.astype(np.int64) * pm // max(m, 1)
+        c = cols.astype(np.int64) * pn // max(n, 1)
         counts += np.bincount(r * pn + c, minlength=pm * pn)
     # The number of matrix cells that fall in each pixel, for a density in [0, 1]: index r goes
     # to pixel r * pm // m, so pixel p holds the indices from ceil(p * m / pm) on.

@@ -571,10 +571,7 @@ def materialise(
         pattern = formats.csr_pattern(structure)
         data = np.empty(structure.nnz, dtype=np_dtype)
         formats.fill_values(structure, _numpy_factor(terms[0], dtype), fl, data)
-        matrix = scipy.sparse.csr_array((data, pattern.indices, pattern.indptr), shape=shape)
-        matrix.has_sorted_indices = True
-        matrix.has_canonical_format = True
-        return matrix
+        return formats.container("csr", pattern, data, (shape[0],), (shape[1],))
     # Several terms: every term's coordinates and values go straight into one COO array of all
     # their entries, one term's pattern alive at a time; scipy sums the duplicates.
     total = sum(structure.nnz for structure, _ in structures)
@@ -592,9 +589,7 @@ def materialise(
         start = stop
     coo = scipy.sparse.coo_array((data, (rows, cols)), shape=shape)
     del rows, cols, data
-    result = coo.tocsr()  # sums duplicates, keeping sums that are zero
-    result.sum_duplicates()
-    return result
+    return coo.tocsr()  # canonical: sums duplicates, keeping sums that are zero
 
 
 def _pattern_nbytes(structure: Structure, shape: tuple[int, int]) -> tuple[int, int]:

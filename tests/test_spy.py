@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -78,3 +80,16 @@ def test_spy_density_is_a_fraction_with_uneven_bins():
     assert cells_c.sum() == 600
     assert round(float((density * np.outer(cells_r, cells_c)).sum())) == J.nnz
     plt.close(ax.figure)
+
+
+@pytest.mark.parametrize("fmt", ["coo", "csr", "csc", "torch", "torch_csr"])
+def test_spy_in_small_chunks_draws_the_same(fmt, monkeypatch):
+    spy_module = sys.modules["sparsejac.spy"]  # (sparsejac.spy is the function)
+
+    J = sparsejac.jacobian("bij,bjk->bik", np.ones((2, 3, 4)), np.ones((2, 4, 5)), format=fmt)
+    whole = np.asarray(sparsejac.spy(J, max_pixels=16, out_shape=(2, 3, 5)).get_images()[0].get_array())
+    monkeypatch.setattr(spy_module, "_CHUNK", 7)
+    pieces = np.asarray(sparsejac.spy(J, max_pixels=16, out_shape=(2, 3, 5)).get_images()[0].get_array())
+    np.testing.assert_array_equal(whole, pieces)
+    assert whole.sum() > 0
+    plt.close("all")

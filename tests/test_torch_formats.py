@@ -115,3 +115,19 @@ def test_torch_backend_on_cpu_equals_numpy_backend(problem, seed):
             np.testing.assert_array_equal(C.crow_indices().numpy(), csr.indptr)
             np.testing.assert_array_equal(C.col_indices().numpy(), csr.indices)
             np.testing.assert_allclose(C.values().numpy(), csr.data, rtol=1e-12)
+
+
+def test_torch_backend_takes_numpy_broadcast_operands_without_expanding():
+    from unittest import mock
+
+    x = np.broadcast_to(np.arange(4.0), (3, 4))  # zero-stride rows
+    w = np.arange(20.0).reshape(4, 5)
+    expect = sparsejac.jacobian("ij,jk->ik", np.array(x), w, wrt=1)
+    with mock.patch("sparsejac.plan.cuda_device", lambda operands: torch.device("cpu")):
+        got = sparsejac.jacobian("ij,jk->ik", x, torch.from_numpy(w), wrt=1, format="torch")
+    np.testing.assert_array_equal(got._indices().numpy(), expect.coords)
+    np.testing.assert_allclose(got._values().numpy(), expect.data)
+    from sparsejac.operands import as_tensors
+
+    tensors, _ = as_tensors([x, w], torch.device("cpu"), "ij,jk->ik")
+    assert tensors[0].stride()[0] == 0  # still a broadcast, not 3 copies
