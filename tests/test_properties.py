@@ -134,7 +134,10 @@ def test_broadcast_views_equal_materialised(problem, seed):
             assert a.dtype == b.dtype
             got = a.todense() if fmt == "coo" else a.toarray()
             want = b.todense() if fmt == "coo" else b.toarray()
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+            # A broadcast sum is formed as n * value, the materialised one term by term: equal
+            # up to the rounding of the dtype (as the float32 property test allows).
+            tol = 1e-5 if a.dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         ref = onehot_jacobian(subscripts, dense_ops, k)
         got = sparsejac.jacobian(subscripts, *views, wrt=k).todense()
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
