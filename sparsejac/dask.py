@@ -42,6 +42,7 @@ from dask.utils import parse_bytes
 from . import formats, options
 from .backend import broadcast_base
 from .errors import ArgumentError, ArgumentTypeError, context
+from .grammar import require_text
 from .operands import as_arrays, result_dtype
 from .plan import Plan
 from .structure import Structure, einsum_factor
@@ -215,7 +216,7 @@ def jacobian(
     stored entries); only the factor ``R`` is computed up front, here, after checking its size
     against ``memory_limit`` (bytes; default the memory available).
     """
-    label = subscripts if isinstance(subscripts, str) else repr(subscripts)
+    label = require_text(subscripts)
     arrays = as_arrays(operands, label)
     plan = Plan(subscripts, *(a.shape for a in arrays), wrt=wrt)
     structure = plan.structure

@@ -93,17 +93,23 @@ def _term(text: str, where: str, subscripts: str) -> Term:
     return Term(head, tail, ellipsis)
 
 
+def require_text(subscripts: object) -> str:
+    """``subscripts`` if it is a str; an :class:`ArgumentTypeError` otherwise (checked first by
+    every public function, so that later messages can quote it)."""
+    if not isinstance(subscripts, str):
+        raise ArgumentTypeError(
+            f"subscripts must be a str such as 'ij,jk->ik', got {type(subscripts).__name__}"
+        )
+    return subscripts
+
+
 def parse(subscripts: object, n_operands: int) -> Subscripts:
     """Parse ``subscripts`` for ``n_operands`` operands (syntax only, no shapes).
 
     >>> parse("ba,Ab", 2).output   # implicit output: letters used once, in ASCII order
     Term(head='Aa', tail='', ellipsis=False)
     """
-    if not isinstance(subscripts, str):
-        raise ArgumentTypeError(
-            f"subscripts must be a str such as 'ij,jk->ik', got {type(subscripts).__name__}"
-        )
-    text = subscripts.replace(" ", "")
+    text = require_text(subscripts).replace(" ", "")
     for position, char in enumerate(text):
         if char not in LETTERS and char not in ",.->":
             raise SubscriptError(

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from .errors import context
-from .grammar import bind, parse
+from .grammar import bind, parse, require_text
 from .operands import as_arrays, result_dtype
 from . import options
 from .structure import distinct, labelled_product
@@ -43,7 +43,7 @@ class EinsumJacobianOperator(LinearOperator):
     """
 
     def __init__(self, subscripts: str, *operands: Any, wrt: int = 0) -> None:
-        label = subscripts if isinstance(subscripts, str) else repr(subscripts)
+        label = require_text(subscripts)
         arrays = as_arrays(operands, label)
         parsed = parse(subscripts, len(arrays))
         self.subscripts = subscripts

@@ -26,7 +26,7 @@ from .backend import NUMPY, TorchBackend, torch_dtype
 from .embed import embed_coo, embedding_nnz
 from .errors import ArgumentTypeError, ShapeError, context
 from .formats import FORMATS
-from .grammar import Einsum, bind, parse
+from .grammar import Einsum, bind, parse, require_text
 from .operands import as_array, as_arrays, as_tensors, cuda_device, is_torch_tensor, result_dtype
 from .structure import Structure, einsum_factor, einsum_structure
 
@@ -261,7 +261,7 @@ def jacobian(
     >>> float(J[1, 2, 1, 0]), float(J[1, 2, 0, 0])   # d z[1,2] / d x[1,0] = w[0,2]
     (2.0, 0.0)
     """
-    label = subscripts if isinstance(subscripts, str) else repr(subscripts)
+    label = require_text(subscripts)
     # Convert once here (not once per wrt); torch tensors stay tensors, so that a GPU build
     # of the torch formats keeps them on their device.
     arrays = [x if is_torch_tensor(x) else as_array(x, i, label) for i, x in enumerate(operands)]
