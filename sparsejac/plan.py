@@ -100,7 +100,7 @@ class Plan:
     def _pattern_arrays(self, fmt: str, xp=NUMPY, keep: bool = True):
         """The index arrays for ``fmt`` on backend ``xp``: built once and kept for later calls
         (``keep``), read-only then, since every result of the plan shares them."""
-        key = (fmt, xp.name, str(getattr(xp, "device", "")))
+        key = self._key(fmt, xp)
         if key in self._patterns:
             return self._patterns[key]
         layout = formats.LAYOUT[fmt]
@@ -127,7 +127,12 @@ class Plan:
         return pattern
 
     def _has_pattern(self, fmt: str, xp=NUMPY) -> bool:
-        return (fmt, xp.name, str(getattr(xp, "device", ""))) in self._patterns
+        return self._key(fmt, xp) in self._patterns
+
+    @staticmethod
+    def _key(fmt: str, xp) -> tuple:
+        """The cache key of a pattern: its format and where its arrays live."""
+        return (fmt, xp.name, str(getattr(xp, "device", "")))
 
     def pattern(self, format: str = "coo", memory_limit: Any = None):
         """The structure alone: ``True`` at every structural nonzero (bool data).

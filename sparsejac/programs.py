@@ -143,7 +143,7 @@ class _Tracer:
             # The guard's messages name the operation; a handler's derivative values (tangents,
             # 1 / y, a condition as a mask) are each at most the result's size.
             self.labels.prefix = f"{PREFIX}{name!r}: "
-            self.labels.guard(tuple(result.shape), _itemsize(self.dtype), "derivative values")
+            self.labels.guard(tuple(result.shape), self.dtype.itemsize, "derivative values")
             try:
                 self.record(result, handler(self, result, name, args, kwargs))
             except T.TooManyLabelsError as error:
@@ -151,11 +151,6 @@ class _Tracer:
             finally:
                 self.labels.prefix = PREFIX
         return result
-
-
-def _itemsize(dtype: "torch.dtype") -> int:
-    """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _is_method(func: Any, name: str) -> bool:
@@ -250,7 +245,6 @@ def _einsum_terms(tr: _Tracer, inputs, output, sizes, values: Sequence[Any]) -> 
 
 
 def _spec_einsum(tr: _Tracer, result, spec: str, values: Sequence[torch.Tensor]) -> Terms:
-    spec = spec.replace(" ", "")
     einsum = bind(parse(spec, len(values)), [tuple(v.shape) for v in values])
     if einsum.output_shape != tuple(result.shape):
         raise UnsupportedOperationError(
@@ -701,7 +695,7 @@ def jacobian_of(
 
     results = []
     held = 0  # bytes of the results already built: a tuple wrt keeps them all
-    itemsize = _itemsize(dtype)
+    itemsize = dtype.itemsize
     for p in positions:
         terms = out_terms.get(p, [])
         inp_shape = tuple(tensors[p].shape)

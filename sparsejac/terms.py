@@ -35,6 +35,7 @@ import numpy as np
 import scipy.sparse
 
 from . import formats, options
+from .operands import _numpy_dtype
 from .structure import Structure, distinct
 
 if TYPE_CHECKING:  # annotations only
@@ -560,9 +561,8 @@ def materialise(
     nonzeros (a sum that happens to be zero stays stored, as elsewhere in the package).
     :func:`materialise_nbytes` predicts what this allocates: keep the two in step."""
     shape = (math.prod(out_shape), math.prod(inp_shape))
-    import torch
 
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    np_dtype = _numpy_dtype(dtype)
     structures = [_structure(term, labels) for term in terms]
     if not terms:
         return scipy.sparse.csr_array(shape, dtype=np_dtype)
@@ -613,7 +613,7 @@ def _copy_nbytes(term: Term, structure: Structure, fl: Sequence[int], dtype: "to
     """Bytes of the copies of a factor that writing its values makes: the cast to ``dtype``,
     and :meth:`Structure.spread`'s contiguous layout in ``V`` order (when it is not already)."""
     factor = term.factor
-    itemsize = factor.new_empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     size = factor.numel() * itemsize
     cast = size if factor.dtype != dtype else 0
     if factor.dim() == 0:
@@ -635,9 +635,8 @@ def materialise_nbytes(
     """``(peak, kept)``: the bytes :func:`materialise` holds at its peak, and those its result
     keeps. Exact for one term (up to small Python objects); for several, an upper bound that
     takes no two terms to share an entry."""
-    import torch
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     shape = (math.prod(out_shape), math.prod(inp_shape))
     nrows, ncols = shape
     if not terms:
