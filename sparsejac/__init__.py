@@ -18,6 +18,9 @@ from .errors import (
     OperandTypeError,
     ShapeError,
     SparsejacError,
+    StoreError,
+    StoreExistsError,
+    StoreNotFoundError,
     SubscriptError,
     UnsupportedOperationError,
 )
@@ -51,4 +54,7 @@ __all__ = [
     "OperandTypeError",
     "JacobianTooLargeError",
     "UnsupportedOperationError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreNotFoundError",
 ]
