@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import scipy.sparse
 
-from . import formats, options
-from .operands import _numpy_dtype
-from .structure import Structure, distinct
+from .. import formats, options
+from ..operands import _numpy_dtype
+from ..structure import Structure, distinct
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -62,6 +62,10 @@ class Labels:
 
     def __init__(self, limit: float | None = None, prefix: str = "") -> None:
         self.sizes: dict[int, int] = {}
+        # Index maps: a *derived* label's value is ``table[values of over]`` (an int64 tensor
+        # of shape ``shape(over)``), or -1 where the entry does not exist. ``over`` are base
+        # labels. Selections, shifts, padding and convolution windows are derived labels.
+        self.derived: dict[int, tuple["torch.Tensor", tuple[int, ...]]] = {}
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
@@ -71,6 +75,37 @@ class Labels:
         options.guard(
             math.prod(shape) * itemsize, self.limit, self.prefix, f"{what} of shape {tuple(shape)}"
         )
+
+    def derive(self, table: "torch.Tensor", over: Sequence[int], size: int) -> int:
+        """A derived label of ``size`` whose value is ``table`` over the base labels ``over``;
+        a table equal to its one base label (an identity map) is that label itself."""
+        over = tuple(over)
+        # keep only the labels the table depends on (a slice of a batched tensor maps the
+        # batch label to itself, whatever the table was computed over)
+        keep = []
+        for d in range(table.dim()):
+            first = table.narrow(d, 0, 1) if table.shape[d] else table
+            if table.shape[d] > 1 and not bool((table == first).all()):
+                keep.append(d)
+        if len(keep) < table.dim():
+            index = tuple(slice(None) if d in keep else 0 for d in range(table.dim()))
+            if all(table.shape[d] for d in range(table.dim())):
+                table = table[index]
+                over = tuple(over[d] for d in keep)
+        if (len(over) == 1 and self.sizes[over[0]] == size and table.dim() == 1
+                and bool((table == _arange(size, table)).all())):
+            return over[0]
+        label = len(self.sizes)
+        self.sizes[label] = int(size)
+        self.derived[label] = (table, over)
+        return label
+
+    def base(self, atoms: Sequence[int]) -> tuple[int, ...]:
+        """``atoms`` with each derived label replaced by the base labels it is a function of."""
+        out: list[int] = []
+        for a in atoms:
+            out.extend(self.derived[a][1] if a in self.derived else (a,))
+        return distinct(out)
 
     def fresh(self, size: int) -> Atoms:
         """Atoms for a new axis of ``size``: one new label, none for size 1."""
@@ -84,7 +119,17 @@ class Labels:
         """Labels for ``label`` cut into ``parts`` (C order, product = its size)."""
         key = (label, parts)
         if key not in self._splits:
-            self._splits[key] = tuple(a for p in parts for a in self.fresh(p))
+            if label in self.derived:  # digits of the table's values, -1 staying -1
+                table, over = self.derived[label]
+                atoms, stride = [], math.prod(parts)
+                for p in parts:
+                    stride //= p
+                    if p > 1:
+                        digit = (table // stride) % p
+                        atoms.append(self.derive(digit.where(table >= 0, -1), over, p))
+                self._splits[key] = tuple(atoms)
+            else:
+                self._splits[key] = tuple(a for p in parts for a in self.fresh(p))
         return self._splits[key]
 
     def merged(self, run: Atoms) -> int:
@@ -118,14 +163,18 @@ class Term:
     def inp_atoms(self) -> tuple[int, ...]:
         return tuple(a for axis in self.inp for a in axis)
 
-    @property
-    def free(self) -> tuple[int, ...]:
-        """``V``: the labels its nonzeros are enumerated over."""
-        return distinct(self.out_atoms + self.inp_atoms)
+    def free(self, labels: Labels) -> tuple[int, ...]:
+        """``V``: the base labels its entries are enumerated over."""
+        return labels.base(self.out_atoms + self.inp_atoms)
+
+    def mapped(self, labels: Labels) -> bool:
+        """Whether an axis carries an index map (a derived label)."""
+        return any(a in labels.derived for a in self.out_atoms + self.inp_atoms)
 
     def nnz(self, labels: Labels) -> int:
-        """Structural nonzeros: one per assignment of values to ``V``."""
-        return labels.size(self.free)
+        """Entries enumerated: one per assignment of values to ``V`` (the structural nonzeros
+        where no axis is an index map; an upper bound otherwise, as maps may drop or merge)."""
+        return labels.size(self.free(labels))
 
 
 def _einsum(
@@ -218,14 +267,9 @@ def densify(term: Term, shape: Sequence[int], labels: Labels) -> Term:
 
     occ = term.out_atoms
     private = [labels.fresh(labels.sizes[a])[0] for a in occ]
-    for a in occ:
-        labels.guard((labels.sizes[a],) * 2, term.factor.element_size(), "an identity matrix")
-    eyes = [
-        (torch.eye(labels.sizes[a], dtype=term.factor.dtype), (p, a))
-        for p, a in zip(private, occ)
-    ]
-    carried = set(term.flabels) | set(occ)
-    keep_inp = [l for l in distinct(term.inp_atoms) if l in carried]
+    eyes = [onehot(a, p, labels, term.factor) for p, a in zip(private, occ)]
+    carried = set(term.flabels) | {l for _, ls in eyes for l in ls}
+    keep_inp = [l for l in labels.base(term.inp_atoms) if l in carried]
     factor = _einsum([(term.factor, term.flabels)] + eyes, private + keep_inp, labels)
     big = [n for n in shape if n != 1]
     factor = factor.reshape(tuple(big) + tuple(factor.shape[len(private) :]))
@@ -235,6 +279,27 @@ def densify(term: Term, shape: Sequence[int], labels: Labels) -> Term:
         out.append(atoms)
         fl += atoms
     return Term(tuple(out), term.inp, factor, tuple(fl) + tuple(keep_inp))
+
+
+def onehot(atom: int, private: int, labels: Labels, like: "torch.Tensor"):
+    """``(tensor, labels)``: 1 where the fresh label ``private`` equals ``atom``'s value (an
+    identity matrix for a base label, the table's one-hot for a derived one)."""
+    import torch
+
+    n = labels.sizes[atom]
+    if atom not in labels.derived:
+        labels.guard((n, n), like.element_size(), "an identity matrix")
+        return torch.eye(n, dtype=like.dtype, device=like.device), (private, atom)
+    table, over = labels.derived[atom]
+    labels.guard((n,) + tuple(table.shape), like.element_size(), "a one-hot index map")
+    hot = table.to(like.device).unsqueeze(0) == _arange(n, table).reshape((n,) + (1,) * table.dim())
+    return hot.to(like.dtype), (private,) + tuple(over)
+
+
+def _arange(n: int, like: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    return torch.arange(n, dtype=torch.int64, device=like.device)
 
 
 def _partition(term: Term, shape: Sequence[int], labels: Labels):
@@ -281,6 +346,8 @@ def merge_run(term: Term, run: Atoms, labels: Labels) -> Term | None:
     """Replace the consecutive labels ``run`` by one label wherever they occur (the output side
     becomes one pseudo-axis, to be re-cut by :func:`reshape`); None where some label of ``run``
     occurs apart from the others, which no single label can express."""
+    if any(a in labels.derived for a in run):
+        return None
     label = labels.merged(run)
     out = _replace_run(term.out_atoms, run, label)
     inp = _replace_run(term.inp_atoms, run, label)
@@ -383,7 +450,27 @@ def _on_atoms(value: torch.Tensor, axes: Sequence[Atoms], labels: Labels):
             index.append(slice(None))
             shape += labels.shape(atoms)
             ls += atoms
-    return value[tuple(index)].reshape(shape), ls
+    return on_base(value[tuple(index)].reshape(shape), ls, labels)
+
+
+def on_base(value: "torch.Tensor", atoms: Sequence[int], labels: Labels):
+    """``value`` (one axis per atom) read at the base labels: each axis of a derived label is
+    gathered through its table (an entry that does not exist reads index 0: its factor is zero).
+    Returns the tensor and its labels (a label may repeat: einsum takes the diagonal)."""
+    ls: list[int] = []
+    for atom in atoms:
+        if atom not in labels.derived:
+            ls.append(atom)
+            continue
+        table, over = labels.derived[atom]
+        k = len(ls)
+        labels.guard(tuple(value.shape[:k]) + tuple(table.shape) + tuple(value.shape[k + 1 :]),
+                     value.element_size(), "a gathered value")
+        picked = value.index_select(k, table.clamp(min=0).reshape(-1).to(value.device))
+        value = picked.reshape(tuple(value.shape[:k]) + tuple(table.shape)
+                               + tuple(value.shape[k + 1 :]))
+        ls.extend(over)
+    return value, ls
 
 
 def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
@@ -395,7 +482,7 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     axes = term.out[len(term.out) - g.dim() :]
     gv, gl = _on_atoms(g, axes, labels)
     carried = set(term.flabels) | set(gl)
-    fl = tuple(l for l in term.free if l in carried)
+    fl = tuple(l for l in term.free(labels) if l in carried)
     factor = _einsum([(term.factor, term.flabels), (gv, gl)], fl, labels)
     return Term(term.out, term.inp, factor, fl)
 
@@ -416,7 +503,9 @@ def _bind(term: Term, letters: Sequence[int], labels: Labels):
             if e not in amap:
                 amap[e] = atoms
                 continue
-            if labels.shape(amap[e]) != labels.shape(atoms):
+            if labels.shape(amap[e]) != labels.shape(atoms) or any(
+                x in labels.derived for x in amap[e] + atoms if x not in amap[e] or x not in atoms
+            ):
                 break
             a, b = list(amap[e]), list(atoms)
             while a != b:
@@ -463,14 +552,14 @@ def compose(
             continue
         value = value.to(term.factor.dtype)
         shape = [s for e in inputs[j] for s in labels.shape(amap[e])]
-        ops.append((value.reshape(shape), [a for e in inputs[j] for a in amap[e]]))
+        ops.append(on_base(value.reshape(shape), [a for e in inputs[j] for a in amap[e]], labels))
     out = tuple(amap[e] for e in output)
-    free = distinct([a for axis in out for a in axis] + list(term.inp_atoms))
+    free = labels.base([a for axis in out for a in axis] + list(term.inp_atoms))
     carried = {l for _, ls in ops for l in ls}
     fl = tuple(l for l in free if l in carried)
     factor = _einsum(ops, fl, labels)
     term = Term(out, term.inp, factor, fl)
-    uncarried = {a for e in inputs[k] for a in amap[e]} - set(free) - carried
+    uncarried = set(labels.base([a for e in inputs[k] for a in amap[e]])) - set(free) - carried
     if uncarried:
         term = multiply(term, labels.size(sorted(uncarried)), labels)
     return term
@@ -486,7 +575,9 @@ def _aligned(term: Term, union: Sequence[int]) -> torch.Tensor:
 
 def _signature(term: Term, labels: Labels) -> tuple:
     """The term's axes up to a renaming of labels: equal signatures, equal patterns."""
-    order = term.free
+    if term.mapped(labels):  # tables name their labels: only identical terms merge
+        return (term.out, term.inp)
+    order = term.free(labels)
     ids = {l: i for i, l in enumerate(order)}
     return (
         tuple(tuple(ids[a] for a in axis) for axis in term.out),
@@ -510,10 +601,10 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
         if len(group) == 1:
             merged.append(first)
             continue
-        free = first.free
+        free = first.free(labels)
         renamed = []
         for t in group:
-            rename = dict(zip(t.free, free))
+            rename = dict(zip(t.free(labels), free))
             renamed.append(Term(first.out, first.inp, t.factor,
                                 tuple(rename[l] for l in t.flabels)))
         present = {l for t in renamed for l in t.flabels}
@@ -538,7 +629,7 @@ def _structure(term: Term, labels: Labels) -> tuple[Structure, tuple[int, ...]]:
         tuple(rename[a] for a in term.out_atoms),
         tuple(rename[a] for a in term.inp_atoms),
         tuple(labels.sizes[l] for l in used),
-        tuple(rename[l] for l in term.free if l in term.flabels),
+        tuple(rename[l] for l in term.free(labels) if l in term.flabels),
     )
     return structure, tuple(rename[l] for l in term.flabels)
 
@@ -563,9 +654,11 @@ def materialise(
     shape = (math.prod(out_shape), math.prod(inp_shape))
 
     np_dtype = _numpy_dtype(dtype)
-    structures = [_structure(term, labels) for term in terms]
     if not terms:
         return scipy.sparse.csr_array(shape, dtype=np_dtype)
+    if any(t.mapped(labels) for t in terms):
+        return _materialise_mapped(terms, shape, labels, dtype)
+    structures = [_structure(term, labels) for term in terms]
     if len(terms) == 1:
         (structure, fl), = structures
         pattern = formats.csr_pattern(structure)
@@ -590,6 +683,33 @@ def materialise(
     coo = scipy.sparse.coo_array((data, (rows, cols)), shape=shape)
     del rows, cols, data
     return coo.tocsr()  # canonical: sums duplicates, keeping sums that are zero
+
+
+def _materialise_mapped(terms, shape, labels, dtype) -> scipy.sparse.csr_array:
+    """Terms with index maps: every term's entries as coordinates, summed by scipy."""
+    import torch
+
+    parts = []
+    for term in terms:
+        if term.mapped(labels):
+            r, c, v = entries(term, labels, dtype)
+            parts.append((r.cpu().numpy(), c.cpu().numpy(), v.detach().cpu().resolve_conj().numpy()))
+        else:
+            structure, fl = _structure(term, labels)
+            pattern = formats.csr_pattern(structure)
+            cols = np.asarray(pattern.indices, dtype=np.int64)
+            rows = np.repeat(np.arange(shape[0], dtype=np.int64), np.diff(pattern.indptr))
+            data = np.empty(structure.nnz, dtype=_numpy_dtype(dtype))
+            formats.fill_values(structure, _numpy_factor(term, dtype), fl, data)
+            parts.append((rows, cols, data))
+    rows = np.concatenate([p[0] for p in parts])
+    cols = np.concatenate([p[1] for p in parts])
+    data = np.concatenate([p[2] for p in parts])
+    idx = formats.index_dtype(max(len(data), 1), shape)
+    coo = scipy.sparse.coo_array((data, (rows.astype(idx), cols.astype(idx))), shape=shape)
+    csr = coo.tocsr()
+    csr.sort_indices()
+    return csr
 
 
 def _pattern_nbytes(structure: Structure, shape: tuple[int, int]) -> tuple[int, int]:
@@ -641,6 +761,9 @@ def materialise_nbytes(
     nrows, ncols = shape
     if not terms:
         return (nrows + 1) * 4, (nrows + 1) * 4
+    if any(t.mapped(labels) for t in terms):  # an upper bound: coordinates, then the CSR
+        n = sum(t.nnz(labels) for t in terms)
+        return n * (3 * 8 + 3 * (8 + itemsize)) + (nrows + 1) * 8, n * (8 + itemsize) + (nrows + 1) * 8
     structures = [_structure(term, labels) for term in terms]
     copies = [_copy_nbytes(t, s, fl, dtype) for t, (s, fl) in zip(terms, structures)]
     patterns = [_pattern_nbytes(s, shape) for s, _ in structures]
@@ -664,3 +787,242 @@ def materialise_nbytes(
     csr = n * (idx2 + itemsize) + (nrows + 1) * idx2
     prune = 0 if max(s.nnz for s, _ in structures) >= n // 2 else n // 2 * (idx2 + itemsize)
     return max(fill, coo + csr + max(cast, prune)), csr
+
+
+# --- index maps: selections, shifts, windows ------------------------------------------------
+
+
+def _align(tensor: "torch.Tensor", ls: Sequence[int], target: Sequence[int]) -> "torch.Tensor":
+    """``tensor`` (one axis per distinct label of ``ls``) permuted and unsqueezed to ``target``."""
+    order = [ls.index(l) for l in target if l in ls]
+    t = tensor.permute(order) if order else tensor
+    return t.reshape([tensor.shape[ls.index(l)] if l in ls else 1 for l in target])
+
+
+def _diagonal(tensor: "torch.Tensor", ls: Sequence[int]) -> tuple["torch.Tensor", tuple[int, ...]]:
+    """Take the diagonal of every repeated label (any dtype: integer tables too)."""
+    ls = list(ls)
+    while len(set(ls)) < len(ls):
+        seen: dict[int, int] = {}
+        for j, l in enumerate(ls):
+            if l in seen:
+                i = seen[l]
+                tensor = tensor.diagonal(dim1=i, dim2=j)  # the diagonal goes last
+                ls = [x for k, x in enumerate(ls) if k not in (i, j)] + [l]
+                break
+            seen[l] = j
+    return tensor, tuple(ls)
+
+
+def coordinate(atoms: Sequence[int], labels: Labels, like: "torch.Tensor"):
+    """``(index, over)``: an axis' coordinate (mixed radix of its atoms) as an int64 tensor
+    over the base labels ``over``, -1 where an atom's map has no entry."""
+    import torch
+
+    over = labels.base(atoms)
+    total = torch.zeros((1,) * len(over), dtype=torch.int64, device=like.device)
+    bad = torch.zeros((1,) * len(over), dtype=torch.bool, device=like.device)
+    for a in atoms:
+        if a in labels.derived:
+            table, tl = labels.derived[a]
+            v = _align(table.to(like.device), tl, over)
+            bad = bad | (v < 0)
+        else:
+            v = _align(_arange(labels.sizes[a], like), (a,), over)
+        total = total * labels.sizes[a] + v
+    return total.masked_fill(bad, -1), over
+
+
+def mask(term: Term, valid: "torch.Tensor", over: Sequence[int], labels: Labels) -> Term:
+    """Zero the factor where ``valid`` (a boolean tensor over base labels ``over``) is false:
+    entries an index map drops must not add into sums over their axis."""
+    if bool(valid.all()):
+        return term
+    carried = set(term.flabels) | set(over)
+    fl = tuple(l for l in term.free(labels) if l in carried)
+    factor = _einsum([(term.factor, term.flabels), (valid.to(term.factor.dtype), over)], fl, labels)
+    return Term(term.out, term.inp, factor, fl)
+
+
+def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, labels: Labels):
+    """Re-parametrise: each base label ``a`` of ``subs`` becomes a function of the new base
+    labels ``over`` (``subs[a]``, a table over ``over``, -1 for no entry) everywhere it occurs:
+    in atoms, in other index maps' tables (composed), and in the factor (gathered)."""
+
+    def regather(tensor, ls):
+        """``tensor`` over ``ls`` with each substituted label's axis read through its table."""
+        ls = list(ls)
+        bad = None
+        for a, digit in subs.items():
+            if a not in ls:
+                continue
+            k = ls.index(a)
+            labels.guard(tuple(tensor.shape[:k]) + tuple(digit.shape)
+                         + tuple(tensor.shape[k + 1 :]), tensor.element_size(), "a gathered factor")
+            picked = tensor.index_select(k, digit.clamp(min=0).reshape(-1).to(tensor.device))
+            tensor = picked.reshape(tuple(tensor.shape[:k]) + tuple(digit.shape)
+                                    + tuple(tensor.shape[k + 1 :]))
+            ls = ls[:k] + list(over) + ls[k + 1 :]
+            b = digit < 0
+            bad = b if bad is None else bad | b
+        tensor, ls = _diagonal(tensor, ls)
+        return tensor, ls, bad
+
+    new: dict[int, int] = {}
+    for a, digit in subs.items():
+        new[a] = labels.derive(digit, over, labels.sizes[a])
+    for a in set(term.out_atoms + term.inp_atoms):
+        if a in labels.derived and a not in new:
+            table, tl = labels.derived[a]
+            if set(tl) & set(subs):
+                t, ls, bad = regather(table, tl)
+                if bad is not None:
+                    t = t.masked_fill(_align(bad, over, ls), -1)
+                new[a] = labels.derive(t, ls, labels.sizes[a])
+    sub = lambda atoms: tuple(new.get(x, x) for x in atoms)  # noqa: E731
+    factor, fl = term.factor, term.flabels
+    if set(fl) & set(subs):
+        factor, fl, _ = regather(factor, fl)
+        free = labels.base(sub(term.out_atoms) + sub(term.inp_atoms))
+        order = tuple(l for l in free if l in fl)
+        factor = _align(factor, fl, order)
+        fl = order
+    return Term(tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), factor, fl)
+
+
+def resolve(term: Term, axis: int, labels: Labels) -> Term:
+    """Make out axis ``axis`` one fresh base label, tied to its old coordinate by a one-hot
+    factor (the fallback where an axis made of index maps is selected from again)."""
+    atoms = term.out[axis]
+    n = labels.size(atoms)
+    (p,) = labels.fresh(n)
+    index, over = coordinate(atoms, labels, term.factor)
+    hot = (index.unsqueeze(0) == _arange(n, index).reshape((n,) + (1,) * index.dim()))
+    out = term.out[:axis] + ((p,),) + term.out[axis + 1 :]
+    free = labels.base([a for ax in out for a in ax] + list(term.inp_atoms))
+    carried = set(term.flabels) | {p} | set(over)
+    fl = tuple(l for l in free if l in carried)
+    labels.guard((n,) + tuple(index.shape), term.factor.element_size(), "a one-hot index map")
+    factor = _einsum([(term.factor, term.flabels), (hot.to(term.factor.dtype), (p,) + over)],
+                     fl, labels)
+    return Term(out, term.inp, factor, fl)
+
+
+def _injective(atom: int, labels: Labels):
+    """For a derived label that is an injective map of one base label: ``(label, inverse)``
+    (``inverse[value]`` is the label's value, -1 where none); otherwise None."""
+    import torch
+
+    table, over = labels.derived[atom]
+    if len(over) != 1:
+        return None
+    valid = table[table >= 0]
+    if valid.numel() != torch.unique(valid).numel():
+        return None
+    inverse = torch.full((labels.sizes[atom],), -1, dtype=torch.int64, device=table.device)
+    inverse[valid] = torch.arange(table.numel(), device=table.device)[table >= 0]
+    return over[0], inverse
+
+
+def base_axis(term: Term, axis: int, labels: Labels) -> Term:
+    """Tie each atom of out axis ``axis`` that :func:`gather` cannot re-parametrise (a repeated
+    label, a map of several labels or a non-injective one) to a fresh label by a one-hot factor
+    over that atom alone."""
+    for pos in range(len(term.out[axis])):
+        atoms = term.out[axis]
+        a = atoms[pos]
+        if a not in atoms[:pos] and (a not in labels.derived or _injective(a, labels)):
+            continue
+        (p,) = labels.fresh(labels.sizes[a])
+        hot, hl = onehot(a, p, labels, term.factor)
+        new_axis = atoms[:pos] + (p,) + atoms[pos + 1 :]
+        out = term.out[:axis] + (new_axis,) + term.out[axis + 1 :]
+        free = labels.base([x for ax in out for x in ax] + list(term.inp_atoms))
+        carried = set(term.flabels) | set(hl)
+        fl = tuple(l for l in free if l in carried)
+        factor = _einsum([(term.factor, term.flabels), (hot, hl)], fl, labels)
+        term = Term(out, term.inp, factor, fl)
+    return term
+
+
+def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term:
+    """Select along out axis ``axis``: it is replaced by axes of ``index.shape``, entry ``n``
+    being the old entry ``index[n]`` (-1: none, as in padding). An index map, not a factor:
+    the axis' labels become functions of the new ones (:func:`_substitute_maps`); an atom that
+    is itself an injective map of a label re-parametrises that label through its inverse."""
+    term = base_axis(term, axis, labels)
+    atoms = term.out[axis]
+    new_axes = tuple(labels.fresh(n) for n in index.shape)
+    over = tuple(a for ax in new_axes for a in ax)
+    table = index.to(torch_int64(index)).reshape(labels.shape(over))
+    valid = table >= 0
+    subs, stride = {}, labels.size(atoms)
+    for a in atoms:
+        n = labels.sizes[a]
+        stride //= n
+        digit = ((table // stride) % n).masked_fill(~valid, -1)
+        if a in labels.derived:
+            a, inverse = _injective(a, labels)
+            digit = inverse[digit.clamp(min=0)].masked_fill(digit < 0, -1)
+        valid = valid & (digit >= 0)
+        subs[a] = digit
+    subs = {a: d.masked_fill(~valid, -1) for a, d in subs.items()}
+    term = _substitute_maps(term, subs, over, labels)
+    term = mask(term, valid, over, labels)
+    return replace(term, out=term.out[:axis] + new_axes + term.out[axis + 1 :])
+
+
+def remap(term: Term, axes: Sequence[int], table: "torch.Tensor", size: int,
+          labels: Labels) -> Term:
+    """Send out axes ``axes`` (consecutive) to one new axis of ``size``: the entry at their
+    index ``i`` goes to ``table[i]`` (-1: dropped). Placements (``cat``, padding, transposed
+    convolution) are index maps of this kind; several entries may land on one place (summed)."""
+    import torch
+
+    atoms = [a for d in axes for a in term.out[d]]
+    index, over = coordinate(atoms, labels, term.factor)
+    flat = table.reshape(-1).to(index.device)
+    value = flat[index.clamp(min=0)].masked_fill(index < 0, -1)
+    valid = value >= 0
+    if size == 1:
+        new_axis: Atoms = ()
+    else:
+        new_axis = (labels.derive(value, over, size),) if over else (labels.derive(value.reshape(()), (), size),)
+    term = mask(term, valid, over, labels)
+    first = axes[0]
+    out = term.out[:first] + (new_axis,) + term.out[axes[-1] + 1 :]
+    return replace(term, out=out)
+
+
+def torch_int64(like: "torch.Tensor"):
+    import torch
+
+    return torch.int64
+
+
+def entries(term: Term, labels: Labels, dtype: "torch.dtype"):
+    """``(rows, cols, values)`` of a term, flat over ``V``, entries without a place dropped: the
+    general writer for terms with index maps (duplicates are summed by the caller)."""
+    import torch
+
+    free = term.free(labels)
+    like = term.factor
+
+    def side(axes):
+        flat = torch.zeros((1,) * len(free), dtype=torch.int64, device=like.device)
+        bad = torch.zeros((1,) * len(free), dtype=torch.bool, device=like.device)
+        for ax in axes:
+            index, over = coordinate(ax, labels, like)
+            index = _align(index, over, free)
+            bad = bad | (index < 0)
+            flat = flat * labels.size(ax) + index
+        return flat, bad
+
+    rows, bad_r = side(term.out)
+    cols, bad_c = side(term.inp)
+    shape = labels.shape(free)
+    labels.guard((3,) + tuple(shape), 8, "the entries of an index-mapped term")
+    keep = ~(bad_r | bad_c).expand(shape).reshape(-1)
+    values = _align(term.factor.to(dtype), term.flabels, free).expand(shape).reshape(-1)
+    return (rows.expand(shape).reshape(-1)[keep], cols.expand(shape).reshape(-1)[keep],
+            values[keep])

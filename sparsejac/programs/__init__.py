@@ -1,0 +1,41 @@
+"""Sparse Jacobians of whole torch programs: models as people write them.
+
+:func:`jacobian_of` runs ``fn`` once on the real arguments under a ``TorchFunctionMode``
+(:mod:`~sparsejac.programs.tracer`). Every torch call on a traced tensor is looked up in the
+registry of rules (:mod:`~sparsejac.programs.registry`, filled by the modules of
+:mod:`~sparsejac.programs.rules`), and its Jacobian is carried forward in structured form
+(:mod:`~sparsejac.programs.terms`): deltas stay deltas, selections stay index maps, factors are
+composed by einsum, and the sparse result is written once, at the end.
+
+Tracing limits, as ``torch.func``'s: the Jacobian is that of the path the real values took
+(Python control flow on values runs once); in-place operations, ``out=`` and turning a traced
+tensor into a Python number are refused; which entry a relu, a maximum or a max-pool lets
+through is a value, so the pattern does not depend on it.
+
+>>> import torch, sparsejac
+>>> x, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+>>> J = sparsejac.jacobian_of(lambda x, w: torch.tanh(x @ w), x, w, format="csr")
+>>> J.shape, J.nnz          # block-diagonal over the batch: 4 blocks of 5 x 3
+((20, 12), 60)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnsupportedOperationError
+from .api import jacobian_of
+
+
+def __getattr__(name: str) -> Any:
+    # The registry fills when the rules are imported, which imports torch: on first use.
+    if name in ("RULES", "OPERATIONS"):
+        from .api import load
+        from .registry import RULES
+
+        load()
+        return RULES
+    raise AttributeError(f"module 'sparsejac.programs' has no attribute {name!r}")
+
+
+__all__ = ["jacobian_of", "RULES", "UnsupportedOperationError"]

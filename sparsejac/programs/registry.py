@@ -1,0 +1,168 @@
+"""The registry of operation rules: what the tracer looks up, by the name torch reports.
+
+A rule is one small uniform registration (as HIPS autograd's ``defvjp``): the spellings torch
+reports for the operation (``torch.op``, ``Tensor.op`` and ``torch.nn.functional.op`` share a
+``__name__``; ``nn`` modules call the functional form), its parameters in torch's order with
+their defaults, and a function from the traced call to the Jacobian terms of its result. The
+tracer (:mod:`~sparsejac.programs.tracer`) knows no operation by name; it binds the call's
+arguments to the rule's parameters and calls it.
+
+Kinds of registration:
+
+- :func:`rule`: ``jacobian(cx, result, **params) -> Terms`` (or a list of Terms, one per
+  output of a tuple result), built with :mod:`~sparsejac.programs.sums`.
+- :func:`decomposition`: ``value(**params) -> tensor``, the operation written with other
+  registered operations; the tracer follows it, so its Jacobian comes from theirs.
+- :func:`passive`: operations on traced tensors whose results carry no derivative (metadata
+  queries, comparisons, ``*_like`` constructors) or which must be refused (Python values).
+
+>>> from sparsejac.programs import RULES
+>>> RULES["relu"].params[:2]
+(('input', <class 'inspect._empty'>), ('inplace', False))
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+EMPTY = inspect.Parameter.empty
+
+
+def parse_params(spec: str) -> tuple[tuple[str, Any], ...]:
+    """``"input weight bias=None *shape"`` -> ``(("input", EMPTY), ..., ("*shape", ()))``."""
+    params = []
+    for word in spec.split():
+        if word.startswith("**"):
+            params.append((word, {}))
+        elif word.startswith("*"):
+            params.append((word, ()))
+        elif "=" in word:
+            name, default = word.split("=", 1)
+            params.append((name, ast.literal_eval(default)))
+        else:
+            params.append((word, EMPTY))
+    return tuple(params)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One registered operation."""
+
+    names: tuple[str, ...]
+    kind: str  # "rule", "decomposition", "metadata", "constant", "python"
+    params: tuple[tuple[str, Any], ...] = ()
+    method_params: tuple[tuple[str, Any], ...] | None = None  # Tensor method's own order
+    fn: Callable | None = None
+    group: str = ""
+    # names of parameters that may hold traced tensors (others traced are refused by name)
+    traced: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+RULES: dict[str, Rule] = {}
+
+
+def _register(rule: Rule) -> Rule:
+    for n in rule.names:
+        if n in RULES and RULES[n].fn is not rule.fn:
+            raise RuntimeError(f"operation {n!r} registered twice")  # a programming error
+        RULES[n] = rule
+    return rule
+
+
+def _names(names: str | Sequence[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def rule(names: str | Sequence[str], params: str = "input", *, method: str | None = None,
+         traced: str | None = None) -> Callable:
+    """Register ``fn(cx, result, **params)`` giving the Jacobian terms of the result.
+
+    ``traced`` names the parameters that may be traced tensors (default: every parameter
+    without a default, and ``weight``/``bias``-like defaults of ``None``); a traced tensor in
+    any other parameter is refused by name."""
+
+    def decorate(fn: Callable) -> Callable:
+        parsed = parse_params(params)
+        _register(Rule(_names(names), "rule", parsed,
+                       parse_params(method) if method else None, fn, fn.__module__.rsplit(".", 1)[-1],
+                       _traced(parsed, traced)))
+        return fn
+
+    return decorate
+
+
+def decomposition(names: str | Sequence[str], params: str = "input", *,
+                  method: str | None = None, traced: str | None = None) -> Callable:
+    """Register ``fn(**params) -> tensor(s)``: the operation written with registered ones."""
+
+    def decorate(fn: Callable) -> Callable:
+        parsed = parse_params(params)
+        _register(Rule(_names(names), "decomposition", parsed,
+                       parse_params(method) if method else None, fn,
+                       fn.__module__.rsplit(".", 1)[-1], _traced(parsed, traced)))
+        return fn
+
+    return decorate
+
+
+def passive(kind: str, names: Sequence[str]) -> None:
+    """Register operations whose result carries no derivative (``"metadata"``,
+    ``"constant"``) or that turn a traced tensor into a Python value (``"python"``)."""
+    _register(Rule(tuple(names), kind))
+
+
+def _traced(params: tuple[tuple[str, Any], ...], traced: str | None) -> tuple[str, ...]:
+    if traced is not None:
+        return tuple(traced.split())
+    return tuple(n.lstrip("*") for n, d in params if d is EMPTY or d is None or n.startswith("*"))
+
+
+def lookup(name: str) -> Rule | None:
+    return RULES.get(name)
+
+
+def bind(rule: Rule, args: Sequence[Any], kwargs: dict, method: bool) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults filled in. Raises ``TypeError`` naming
+    an unexpected keyword or a missing argument (the tracer turns it into the package's
+    error)."""
+    params = rule.method_params if (method and rule.method_params) else rule.params
+    bound: dict[str, Any] = {}
+    args = list(args)
+    rest_kw = next((n[2:] for n, _ in params if n.startswith("**")), None)
+    params = tuple(p for p in params if not p[0].startswith("**"))
+    for i, (name, default) in enumerate(params):
+        if name.startswith("*"):
+            rest = args[i:]
+            if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+                rest = list(rest[0])
+            key = name[1:]
+            bound[key] = tuple(rest) if rest else kwargs.pop(key, default)
+            args = args[:i]
+            break
+        if i < len(args):
+            bound[name] = args[i]
+        elif name in kwargs:
+            bound[name] = kwargs.pop(name)
+        elif default is not EMPTY:
+            bound[name] = default
+        else:
+            raise TypeError(f"missing argument {name!r}")
+    else:
+        if len(args) > len(params):
+            raise TypeError(f"{len(args)} positional arguments; it takes {len(params)}")
+    for name, default in params:  # keywords named after parameters bound positionally
+        if name in kwargs:
+            raise TypeError(f"argument {name!r} given twice")
+    if rest_kw is not None:
+        bound[rest_kw] = dict(kwargs)
+        kwargs = {}
+    if kwargs:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(kwargs)}")
+    return bound

@@ -1,0 +1,174 @@
+"""Elementwise operations: arithmetic, activations, ``where``.
+
+Arithmetic has its derivative written out. A differentiable elementwise function of one or two
+tensors is registered with :func:`unary`: its derivative in each traced argument is torch's
+own forward-mode tangent of a tangent of ones, so every activation shares one rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import UnsupportedOperationError
+from .. import sums as S
+from ..registry import decomposition, rule
+from ..tracer import PREFIX
+
+# --- arithmetic -----------------------------------------------------------------------------
+
+
+def _sum(cx, result, x, y, alpha):
+    shape, fresh = tuple(result.shape), {}
+    return S.add(cx, S.broadcast(cx, x, shape, fresh),
+                 S.times(cx, S.broadcast(cx, y, shape, fresh), alpha))
+
+
+@rule(("add", "__add__", "__radd__"), "input other alpha=1")
+def add(cx, result, input, other, alpha):
+    return _sum(cx, result, input, other, alpha)
+
+
+@rule(("sub", "__sub__", "subtract"), "input other alpha=1")
+def sub(cx, result, input, other, alpha):
+    return _sum(cx, result, input, other, -alpha)
+
+
+@rule(("__rsub__", "rsub"), "input other alpha=1")
+def rsub(cx, result, input, other, alpha):  # other - alpha * input
+    return _sum(cx, result, other, input, -alpha)
+
+
+@rule(("mul", "__mul__", "__rmul__", "multiply"), "input other")
+def mul(cx, result, input, other):
+    return S.elementwise(cx, result, [(input, S.value(other, result)),
+                                      (other, S.value(input, result))])
+
+
+def _quotient(cx, result, x, y):
+    yv = S.value(y, result)
+    return S.elementwise(cx, result, [(x, 1 / yv), (y, -result / yv)])
+
+
+@rule(("div", "__truediv__", "true_divide", "divide", "__div__"), "input other rounding_mode=None")
+def div(cx, result, input, other, rounding_mode):
+    if rounding_mode is not None:
+        raise UnsupportedOperationError(
+            f"{PREFIX}'div' with rounding_mode={rounding_mode!r} is piecewise constant; "
+            "detach the input if that is intended")
+    return _quotient(cx, result, input, other)
+
+
+@rule(("__rtruediv__", "__rdiv__"), "input other")
+def rdiv(cx, result, input, other):  # other / input
+    return _quotient(cx, result, other, input)
+
+
+@rule(("neg", "__neg__", "negative"), "input")
+def neg(cx, result, input):
+    return S.times(cx, S.of(cx, input), -1)
+
+
+@rule(("where",), "condition input other", method="input condition other")
+def where(cx, result, condition, input, other):
+    c = condition.to(result.dtype)
+    return S.elementwise(cx, result, [(input, c), (other, 1 - c)])
+
+
+@rule(("masked_fill",), "input mask value")
+def masked_fill(cx, result, input, mask, value):
+    return S.elementwise(cx, result, [(input, (~mask).to(result.dtype)),
+                                      (value, mask.to(result.dtype))])
+
+
+@rule(("lerp",), "input end weight")
+def lerp(cx, result, input, end, weight):
+    w = S.value(weight, result)
+    return S.elementwise(cx, result, [(input, 1 - w), (end, w),
+                                      (weight, S.value(end, result) - S.value(input, result))])
+
+
+# --- functions differentiated by their forward-mode tangent ----------------------------------
+
+
+def unary(names, params: str, call, traced: str = "input"):
+    """Register the elementwise function ``call(**params)``: its derivative in each traced
+    parameter (of ``traced``) is the forward-mode tangent of ones through ``call``."""
+
+    def jacobian(cx, result, **p):
+        derivatives = []
+        for name in traced.split():
+            x = p[name]
+            if cx.terms(x) is None:
+                continue
+            x = x.detach()
+
+            def f(t, name=name):
+                return call(**{**p, name: t})
+
+            # contiguous primal and tangent: torch's forward mode refuses some expanded views
+            _, g = torch.func.jvp(f, (x.contiguous(),), (torch.ones(x.shape, dtype=x.dtype,
+                                                                      device=x.device),))
+            derivatives.append((p[name], g))
+        return S.elementwise(cx, result, derivatives)
+
+    jacobian.__name__ = names if isinstance(names, str) else names[0]
+    jacobian.__module__ = __name__
+    rule(names, params, traced=traced)(jacobian)
+
+
+for _name in ("exp", "log", "tanh", "sigmoid", "sin", "cos", "sqrt", "rsqrt", "square", "abs",
+              "log1p", "expm1", "erf", "erfc", "reciprocal", "tan", "atan", "sinh", "cosh",
+              "asin", "acos", "asinh", "atanh", "log2", "log10", "exp2", "erfinv", "absolute",
+              "arctan", "arcsin", "arccos", "lgamma", "digamma"):
+    unary(_name, "input", getattr(torch, _name))
+
+unary("relu", "input inplace=False", lambda input, inplace: torch.relu(input))
+unary("relu6", "input inplace=False", lambda input, inplace: F.hardtanh(input, 0.0, 6.0))
+unary("gelu", "input approximate='none'", F.gelu)
+unary("silu", "input inplace=False", lambda input, inplace: F.silu(input))
+unary("mish", "input inplace=False", lambda input, inplace: F.mish(input))
+unary("softplus", "input beta=1.0 threshold=20.0", F.softplus)
+unary("elu", "input alpha=1.0 inplace=False",
+      lambda input, alpha, inplace: F.elu(input, alpha))
+unary("selu", "input inplace=False", lambda input, inplace: F.selu(input))
+unary("celu", "input alpha=1.0 inplace=False", lambda input, alpha, inplace: F.celu(input, alpha))
+unary("leaky_relu", "input negative_slope=0.01 inplace=False",
+      lambda input, negative_slope, inplace: F.leaky_relu(input, negative_slope))
+unary("hardtanh", "input min_val=-1.0 max_val=1.0 inplace=False",
+      lambda input, min_val, max_val, inplace: F.hardtanh(input, min_val, max_val))
+unary("hardswish", "input inplace=False", lambda input, inplace: F.hardswish(input))
+unary("hardsigmoid", "input inplace=False", lambda input, inplace: F.hardsigmoid(input))
+unary(("log_sigmoid", "logsigmoid"), "input", F.logsigmoid)
+unary("softsign", "input", lambda input: input / (1 + input.abs()))
+unary("tanhshrink", "input", lambda input: input - torch.tanh(input))
+unary("softshrink", "input lambd=0.5", F.softshrink)
+unary("hardshrink", "input lambd=0.5", F.hardshrink)
+unary("threshold", "input threshold value inplace=False",
+      lambda input, threshold, value, inplace: F.threshold(input, threshold, value))
+unary("logit", "input eps=None", torch.logit)
+unary("xlogy", "input other", torch.xlogy, traced="input other")
+unary(("pow", "__pow__"), "input exponent", torch.pow, traced="input exponent")
+unary("__rpow__", "input other", lambda input, other: torch.pow(other, input),
+      traced="input other")
+unary("float_power", "input exponent", torch.float_power, traced="input exponent")
+unary(("clamp", "clip"), "input min=None max=None", torch.clamp, traced="input min max")
+unary(("maximum", "fmax"), "input other", torch.maximum, traced="input other")
+unary(("minimum", "fmin"), "input other", torch.minimum, traced="input other")
+unary(("atan2", "arctan2"), "input other", torch.atan2, traced="input other")
+unary("hypot", "input other", torch.hypot, traced="input other")
+
+
+@decomposition("glu", "input dim=-1")
+def glu(input, dim):
+    a, b = input.chunk(2, dim)
+    return a * torch.sigmoid(b)
+
+
+@decomposition(("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                "feature_alpha_dropout"), "input p=0.5 training=True inplace=False")
+def dropout(input, p, training, inplace):
+    if training and p > 0:
+        raise UnsupportedOperationError(
+            f"{PREFIX}'dropout' in training mode draws a random mask; call model.eval() (or "
+            "pass training=False) to trace its eval-mode identity")
+    return input + 0.0

@@ -1,0 +1,188 @@
+"""Reductions: sums and means, softmax, maxima, log-sum-exp, moments, norms, products,
+cumulative sums. Which entry wins a maximum is a value (a one-hot weight), not structure, as
+a relu's mask is: the pattern of a reduction is the whole reduced axis."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import UnsupportedOperationError
+from .. import sums as S
+from ..registry import decomposition, rule
+from ..tracer import PREFIX
+
+
+@rule("sum", "input dim=None keepdim=False dtype=None")
+def sum_(cx, result, input, dim, keepdim, dtype):
+    return S.sum_dims(cx, input, S.reduce_dims(input, dim), bool(keepdim))
+
+
+@rule("mean", "input dim=None keepdim=False dtype=None")
+def mean(cx, result, input, dim, keepdim, dtype):
+    dims = S.reduce_dims(input, dim)
+    count = math.prod(input.shape[d] for d in dims)
+    return S.times(cx, S.sum_dims(cx, input, dims, bool(keepdim)), 1 / max(count, 1))
+
+
+def _softmax_dim(input, dim, name):
+    if dim is None:
+        raise UnsupportedOperationError(f"{PREFIX}{name!r} needs an explicit dim")
+    return S.dim(dim, input.dim())
+
+
+def contract_back(cx, x, weights, d):
+    """``sum_j weights[..j..] J_x[..j..]`` broadcast back along axis ``d``."""
+    n = x.dim()
+    shape = tuple(x.shape)
+    inputs = (tuple(range(n)), tuple(range(n)))
+    output = tuple(l for l in range(n) if l != d)
+    summed = S.einsum_terms(cx, inputs, output, shape, (x, weights.detach()))
+    keep = tuple(1 if i == d else s for i, s in enumerate(shape))
+    return S.broadcast(cx, S.stand(cx, S.reshape(cx, summed, keep), keep), shape)
+
+
+@rule("softmax", "input dim=None _stacklevel=3 dtype=None")
+def softmax(cx, result, input, dim, _stacklevel, dtype):
+    d = _softmax_dim(input, dim, "softmax")
+    s = result.detach().to(cx.dtype)
+    return S.add(cx, S.scaled(cx, S.of(cx, input), s),
+                 S.scaled(cx, contract_back(cx, input, s, d), -s))
+
+
+@rule("log_softmax", "input dim=None _stacklevel=3 dtype=None")
+def log_softmax(cx, result, input, dim, _stacklevel, dtype):
+    d = _softmax_dim(input, dim, "log_softmax")
+    s = torch.exp(result.detach().to(cx.dtype))
+    return S.add(cx, S.of(cx, input), S.times(cx, contract_back(cx, input, s, d), -1))
+
+
+def _weighted(cx, input, weights, dims, keepdim):
+    """``sum over dims of weights * input``: the Jacobian of a selection made by values."""
+    shape = tuple(weights.shape)
+    scaled = S.scaled(cx, S.broadcast(cx, input, shape), weights)
+    return S.sum_dims(cx, S.stand(cx, scaled, shape), dims, keepdim)
+
+
+def _onehot(x, index, dim):
+    return torch.zeros_like(x).scatter(dim, index, 1.0)
+
+
+@rule(("max", "min"), "input dim=None keepdim=False", traced="input")
+def max_(cx, result, input, dim, keepdim):
+    if dim is None or isinstance(dim, torch.Tensor):
+        if isinstance(dim, torch.Tensor):  # torch.max(a, b): the elementwise maximum
+            raise UnsupportedOperationError(
+                f"{PREFIX}max/min of two tensors: use torch.maximum / torch.minimum")
+        flat = input.detach().reshape(-1)
+        w = torch.zeros_like(flat)
+        w[(flat == result.detach()).nonzero()[:1]] = 1.0  # the entry torch's gradient picks
+        return _weighted(cx, input, w.reshape(input.shape), tuple(range(input.dim())), False)
+    d = S.dim(dim, input.dim())
+    values, indices = result
+    w = _onehot(input.detach(), indices.unsqueeze(d) if not keepdim else indices, d)
+    return [_weighted(cx, input, w, (d,), bool(keepdim)), None]
+
+
+@rule(("amax", "amin"), "input dim=() keepdim=False")
+def amax(cx, result, input, dim, keepdim):
+    dims = S.reduce_dims(input, dim)
+    r = result.detach()
+    if not keepdim:
+        for d in dims:
+            r = r.unsqueeze(d)
+    hit = (input.detach() == r).to(cx.dtype)
+    w = hit / hit.sum(dims, keepdim=True)  # ties share, as torch's gradient does
+    return _weighted(cx, input, w, dims, bool(keepdim))
+
+
+@rule("logsumexp", "input dim keepdim=False")
+def logsumexp(cx, result, input, dim, keepdim):
+    dims = S.reduce_dims(input, dim)
+    r = result.detach()
+    if not keepdim:
+        for d in dims:
+            r = r.unsqueeze(d)
+    return _weighted(cx, input, torch.exp(input.detach() - r), dims, bool(keepdim))
+
+
+def _correction(name, dim, unbiased, correction):
+    if isinstance(dim, bool):  # var(x, True): the unbiased flag in dim's place
+        dim, unbiased = None, dim
+    if correction is None:
+        correction = 1 if unbiased is None or unbiased else 0
+    return dim, correction
+
+
+@decomposition("var", "input dim=None unbiased=None keepdim=False correction=None")
+def var(input, dim, unbiased, keepdim, correction):
+    dim, correction = _correction("var", dim, unbiased, correction)
+    dims = S.reduce_dims(input, dim)
+    n = math.prod(input.shape[d] for d in dims)
+    centred = input - input.mean(dims, keepdim=True)
+    return (centred * centred).sum(dims, keepdim=bool(keepdim)) / max(n - correction, 0)
+
+
+@decomposition("std", "input dim=None unbiased=None keepdim=False correction=None")
+def std(input, dim, unbiased, keepdim, correction):
+    return torch.sqrt(var(input, dim, unbiased, keepdim, correction))
+
+
+def _norm(input, p, dim, keepdim):
+    dims = S.reduce_dims(input, dim)
+    if p in ("fro", 2, 2.0, None):
+        return torch.sqrt((input * input).sum(dims, keepdim=keepdim))
+    if p in (float("inf"), "inf"):
+        return input.abs().amax(dims, keepdim=keepdim)
+    if p in (float("-inf"), "-inf"):
+        return input.abs().amin(dims, keepdim=keepdim)
+    if p == 1:
+        return input.abs().sum(dims, keepdim=keepdim)
+    if isinstance(p, (int, float)) and p > 0:
+        return torch.pow(torch.pow(input.abs(), p).sum(dims, keepdim=keepdim), 1 / p)
+    raise UnsupportedOperationError(f"{PREFIX}'norm' with p={p!r} is not supported")
+
+
+@decomposition("norm", "input p='fro' dim=None keepdim=False dtype=None")
+def norm(input, p, dim, keepdim, dtype):
+    return _norm(input, p, dim, bool(keepdim))
+
+
+@decomposition("linalg_vector_norm", "x ord=2 dim=None keepdim=False dtype=None")
+def vector_norm(x, ord, dim, keepdim, dtype):
+    return _norm(x, ord, dim, bool(keepdim))
+
+
+@rule("prod", "input dim=None keepdim=False dtype=None")
+def prod(cx, result, input, dim, keepdim, dtype):
+    x = input.detach().to(cx.dtype)
+    if dim is None:
+        flat = x.reshape(-1)
+        g = _others(flat, 0).reshape(x.shape)
+        return _weighted(cx, input, g, tuple(range(x.dim())), False)
+    d = S.dim(dim, x.dim())
+    return _weighted(cx, input, _others(x, d), (d,), bool(keepdim))
+
+
+def _others(x, d):
+    """The product of the other entries along ``d`` (exact with zeros: no division)."""
+    ones = torch.ones_like(x.narrow(d, 0, 1))
+    left = torch.cat([ones, x.narrow(d, 0, x.shape[d] - 1)], d).cumprod(d)
+    flipped = x.flip(d)
+    right = torch.cat([ones, flipped.narrow(d, 0, x.shape[d] - 1)], d).cumprod(d).flip(d)
+    return left * right
+
+
+@rule("cumsum", "input dim dtype=None")
+def cumsum(cx, result, input, dim, dtype):
+    if input.dim() == 0:
+        return S.of(cx, input)
+    d = S.dim(dim, input.dim())
+    n = input.shape[d]
+    i = torch.arange(n)
+    index = i[:, None] - i[None, :]  # y[i] = sum over k of x[i - k], k <= i
+    index = index.masked_fill(index < 0, -1)
+    shape = tuple(input.shape[:d]) + (n, n) + tuple(input.shape[d + 1 :])
+    windows = S.stand(cx, S.gather(cx, S.of(cx, input), d, index), shape)
+    return S.sum_dims(cx, windows, (d + 1,), False)

@@ -1,0 +1,156 @@
+"""The tracer: runs ``fn`` once under a ``TorchFunctionMode`` and carries, for every tensor
+that depends on a differentiated argument, its Jacobian as a sum of structured terms.
+
+It knows no operation by name: each call on a traced tensor is looked up in the registry
+(:mod:`~sparsejac.programs.registry`), its arguments bound to the rule's parameters, and the
+rule applied. What it checks itself is what holds for every operation: in-place forms and
+``out=`` are refused, integer and boolean results are constants, complex results are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+from ..errors import UnsupportedOperationError
+from . import registry
+from . import terms as T
+
+PREFIX = "jacobian_of: "
+Terms = dict  # leaf key -> list[T.Term]: the Jacobian of one tensor w.r.t. each argument leaf
+
+# torch.func's transforms and the tracer's label state are not thread-safe: one trace at a time.
+LOCK = threading.RLock()
+
+
+def name_of(func: Any) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name in ("__get__", "__set__"):  # a property such as .T, .mT, .shape
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    return name
+
+
+def leaves(obj: Any):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from leaves(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from leaves(o)
+    else:
+        yield obj
+
+
+class Tracer:
+    """The state of one trace; :func:`make_tracer` mixes in ``TorchFunctionMode``."""
+
+    def __init__(self, labels: T.Labels, dtype: Any) -> None:
+        super().__init__()
+        self.labels = labels
+        self.dtype = dtype
+        # id -> (tensor, terms); the strong reference keeps ids from being reused mid-trace.
+        self._traced: dict[int, tuple[Any, Terms]] = {}
+
+    def record(self, tensor: Any, terms: Terms | None) -> None:
+        terms = {k: v for k, v in (terms or {}).items() if v}
+        if terms:
+            self._traced[id(tensor)] = (tensor, terms)
+
+    def terms(self, x: Any) -> Terms | None:
+        entry = self._traced.get(id(x))
+        return entry[1] if entry is not None and entry[0] is x else None
+
+    def traced(self, obj: Any) -> bool:
+        return any(self.terms(x) is not None for x in leaves(obj))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import torch
+
+        kwargs = kwargs or {}
+        if not self.traced((args, kwargs)):
+            return func(*args, **kwargs)
+        name = name_of(func)
+        rule = registry.lookup(name)
+        if rule is not None and rule.kind in ("metadata", "constant"):
+            return func(*args, **kwargs)
+        if rule is not None and rule.kind == "python":
+            raise UnsupportedOperationError(
+                f"{PREFIX}{name!r} turns a traced tensor into a Python value, which would drop "
+                "its dependence on the differentiated argument; keep the computation in torch"
+            )
+        inplace = (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+        if inplace or kwargs.get("out") is not None or kwargs.get("inplace"):
+            raise UnsupportedOperationError(
+                f"{PREFIX}in-place operation {name!r} on a traced tensor is not supported; "
+                "write it out of place (y = y + 1, not y += 1, y.add_(1) or inplace=True)"
+            )
+        if rule is None:
+            result = func(*args, **kwargs)
+            if _constant(result):
+                return result
+            raise UnsupportedOperationError(
+                f"{PREFIX}operation {name!r} ({func!r}) on a traced tensor is not supported. "
+                "See sparsejac.programs.RULES (or the docs' operation table) for the supported "
+                "operations; write it with those, or pass the tensor in as a constant"
+            )
+        method = getattr(torch.Tensor, name, None) is func
+        try:
+            params = registry.bind(rule, args, dict(kwargs), method)
+        except TypeError as error:
+            raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
+        for key, value in params.items():
+            if key not in rule.traced and self.traced(value):
+                raise UnsupportedOperationError(
+                    f"{PREFIX}{name!r}: a traced tensor as {key!r} is not supported; "
+                    "its derivative there is not followed (detach it if it is a constant)"
+                )
+        result = func(*args, **kwargs)
+        if _constant(result):
+            return result
+        outputs = [result] if isinstance(result, torch.Tensor) else list(result)
+        for r in outputs:
+            if isinstance(r, torch.Tensor) and r.is_complex():
+                raise UnsupportedOperationError(
+                    f"{PREFIX}{name!r} gives a complex tensor; complex values are not supported"
+                )
+        self.labels.prefix = f"{PREFIX}{name!r}: "
+        try:
+            for r in outputs:
+                if isinstance(r, torch.Tensor):
+                    self.labels.guard(tuple(r.shape), self.dtype.itemsize, "derivative values")
+            if rule.kind == "decomposition":
+                with self:
+                    value = rule.fn(**params)
+                values = [value] if isinstance(value, torch.Tensor) else list(value)
+                parts = [self.terms(v) for v in values]
+            else:
+                got = rule.fn(self, result, **params)
+                parts = [got] if isinstance(result, torch.Tensor) else list(got)
+            for r, t in zip(outputs, parts):
+                if isinstance(r, torch.Tensor) and (r.is_floating_point()):
+                    self.record(r, t)
+        except T.TooManyLabelsError as error:
+            raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
+        finally:
+            self.labels.prefix = PREFIX
+        return result
+
+
+def _constant(result: Any) -> bool:
+    """Integer and boolean results (casts, indices, masks) carry no derivative in torch."""
+    import torch
+
+    return isinstance(result, torch.Tensor) and not (result.is_floating_point() or result.is_complex())
+
+
+@functools.cache
+def _tracer_class() -> type:
+    from torch.overrides import TorchFunctionMode
+
+    return type("Tracer", (Tracer, TorchFunctionMode), {})
+
+
+def make_tracer(labels: T.Labels, dtype: Any) -> Tracer:
+    return _tracer_class()(labels, dtype)
