@@ -1,9 +1,13 @@
 """Operation rules, one module per kind; importing this package fills the registry."""
 
 from . import (  # noqa: F401
+    attention,
+    conv,
     elementwise,
-    linalg,
     layout,
-    reduce,
+    linalg,
+    losses,
+    norm,
     passive,
+    reduce,
 )
