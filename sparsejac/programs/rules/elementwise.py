@@ -143,7 +143,7 @@ unary("softsign", "input", lambda input: input / (1 + input.abs()))
 unary("tanhshrink", "input", lambda input: input - torch.tanh(input))
 unary("softshrink", "input lambd=0.5", F.softshrink)
 unary("hardshrink", "input lambd=0.5", F.hardshrink)
-unary("threshold", "input threshold value inplace=False",
+unary(("threshold", "_threshold"), "input threshold value inplace=False",
       lambda input, threshold, value, inplace: F.threshold(input, threshold, value))
 unary("logit", "input eps=None", torch.logit)
 unary("xlogy", "input other", torch.xlogy, traced="input other")

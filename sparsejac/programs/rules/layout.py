@@ -24,21 +24,21 @@ from ..tracer import PREFIX
 
 @rule(("reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
        "reshape_as", "ravel", "atleast_1d", "atleast_2d", "atleast_3d"),
-      "input *args **kwargs", traced="input")
+      "input *args **kwargs", traced="input args")
 def reshape(cx, result, input, args, kwargs):
     if not isinstance(result, torch.Tensor) or result.dtype != input.dtype:
         raise UnsupportedOperationError(f"{PREFIX}'view' as another dtype is not supported")
     return S.reshape(cx, S.of(cx, input), tuple(result.shape))
 
 
-@rule(("expand", "expand_as", "broadcast_to"), "input *args **kwargs", traced="input")
+@rule(("expand", "expand_as", "broadcast_to"), "input *args **kwargs", traced="input args")
 def expand(cx, result, input, args, kwargs):
     return S.broadcast(cx, input, tuple(result.shape))
 
 
 @rule(("contiguous", "clone", "to", "double", "float", "type_as", "__pos__", "positive",
        "cpu", "cuda", "type", "alias"),
-      "input *args **kwargs", traced="input")
+      "input *args **kwargs", traced="input args")
 def identity(cx, result, input, args, kwargs):
     return S.of(cx, input)
 
@@ -167,7 +167,8 @@ selection(("chunk",), "input chunks dim=0", torch.chunk)
 selection(("split",), "tensor split_size_or_sections dim=0",
           lambda tensor, split_size_or_sections, dim: torch.split(tensor, split_size_or_sections, dim),
           traced="tensor")
-selection(("tensor_split",), "input indices_or_sections dim=0", torch.tensor_split)
+selection(("tensor_split",), "input indices_or_sections dim=0",
+          lambda input, indices_or_sections, dim: torch.tensor_split(input, indices_or_sections, dim))
 selection(("unbind",), "input dim=0", torch.unbind)
 selection(("cat", "concat", "concatenate"), "tensors dim=0", torch.cat, traced="tensors")
 selection(("stack",), "tensors dim=0", torch.stack, traced="tensors")
@@ -193,7 +194,7 @@ selection(("unfold",), "input dimension size step",
           lambda input, dimension, size, step: input.unfold(dimension, size, step))
 selection(("pixel_shuffle",), "input upscale_factor", F.pixel_shuffle)
 selection(("pixel_unshuffle",), "input downscale_factor", F.pixel_unshuffle)
-selection(("channel_shuffle", "native_channel_shuffle"), "input groups", F.channel_shuffle)
+selection(("channel_shuffle",), "input groups", F.channel_shuffle)
 
 
 @rule("pad", "input pad mode='constant' value=None")

@@ -75,10 +75,8 @@ def max_(cx, result, input, dim, keepdim):
         if isinstance(dim, torch.Tensor):  # torch.max(a, b): the elementwise maximum
             raise UnsupportedOperationError(
                 f"{PREFIX}max/min of two tensors: use torch.maximum / torch.minimum")
-        flat = input.detach().reshape(-1)
-        w = torch.zeros_like(flat)
-        w[(flat == result.detach()).nonzero()[:1]] = 1.0  # the entry torch's gradient picks
-        return _weighted(cx, input, w.reshape(input.shape), tuple(range(input.dim())), False)
+        hit = (input.detach() == result.detach()).to(cx.dtype)
+        return _weighted(cx, input, hit / hit.sum(), tuple(range(input.dim())), False)  # ties share
     d = S.dim(dim, input.dim())
     values, indices = result
     w = _onehot(input.detach(), indices.unsqueeze(d) if not keepdim else indices, d)
@@ -124,34 +122,47 @@ def var(input, dim, unbiased, keepdim, correction):
     return (centred * centred).sum(dims, keepdim=bool(keepdim)) / max(n - correction, 0)
 
 
-@decomposition("std", "input dim=None unbiased=None keepdim=False correction=None")
-def std(input, dim, unbiased, keepdim, correction):
-    return torch.sqrt(var(input, dim, unbiased, keepdim, correction))
-
-
-def _norm(input, p, dim, keepdim):
+@rule("std", "input dim=None unbiased=None keepdim=False correction=None")
+def std(cx, result, input, dim, unbiased, keepdim, correction):
+    dim, correction = _correction("std", dim, unbiased, correction)
     dims = S.reduce_dims(input, dim)
+    n = math.prod(input.shape[d] for d in dims)
+    x = input.detach().to(cx.dtype)
+    s = x.std(dims, correction=correction, keepdim=True)
+    # d std / d x = (x - mean) / ((n - correction) std); zero where std is (torch's choice)
+    g = (x - x.mean(dims, keepdim=True)) / (max(n - correction, 0) * s)
+    return _weighted(cx, input, g.masked_fill(s == 0, 0.0), dims, bool(keepdim))
+
+
+def _norm_weights(x, p, dims):
+    """``d ||x||_p / d x`` along ``dims`` (zero where the norm is zero, as torch has it)."""
+    a = x.abs()
     if p in ("fro", 2, 2.0, None):
-        return torch.sqrt((input * input).sum(dims, keepdim=keepdim))
-    if p in (float("inf"), "inf"):
-        return input.abs().amax(dims, keepdim=keepdim)
-    if p in (float("-inf"), "-inf"):
-        return input.abs().amin(dims, keepdim=keepdim)
+        r = torch.sqrt((x * x).sum(dims, keepdim=True))
+        return (x / r).masked_fill(r == 0, 0.0)
+    if p in (float("inf"), "inf", float("-inf"), "-inf"):
+        inf = p in (float("inf"), "inf")
+        r = a.amax(dims, keepdim=True) if inf else a.amin(dims, keepdim=True)
+        hit = (a == r).to(x.dtype)
+        return torch.sign(x) * hit / hit.sum(dims, keepdim=True)
     if p == 1:
-        return input.abs().sum(dims, keepdim=keepdim)
+        return torch.sign(x)
     if isinstance(p, (int, float)) and p > 0:
-        return torch.pow(torch.pow(input.abs(), p).sum(dims, keepdim=keepdim), 1 / p)
+        r = torch.pow(torch.pow(a, p).sum(dims, keepdim=True), 1 / p)
+        return (torch.sign(x) * torch.pow(a, p - 1) / torch.pow(r, p - 1)).masked_fill(r == 0, 0.0)
     raise UnsupportedOperationError(f"{PREFIX}'norm' with p={p!r} is not supported")
 
 
-@decomposition("norm", "input p='fro' dim=None keepdim=False dtype=None")
-def norm(input, p, dim, keepdim, dtype):
-    return _norm(input, p, dim, bool(keepdim))
+@rule("norm", "input p='fro' dim=None keepdim=False dtype=None out=None")
+def norm(cx, result, input, p, dim, keepdim, dtype, out):
+    dims = S.reduce_dims(input, dim)
+    g = _norm_weights(input.detach().to(cx.dtype), p, dims)
+    return _weighted(cx, input, g, dims, bool(keepdim))
 
 
-@decomposition("linalg_vector_norm", "x ord=2 dim=None keepdim=False dtype=None")
-def vector_norm(x, ord, dim, keepdim, dtype):
-    return _norm(x, ord, dim, bool(keepdim))
+@rule("linalg_vector_norm", "x ord=2 dim=None keepdim=False dtype=None out=None")
+def vector_norm(cx, result, x, ord, dim, keepdim, dtype, out):
+    return norm(cx, result, x, ord, dim, keepdim, dtype, out)
 
 
 @rule("prod", "input dim=None keepdim=False dtype=None")
