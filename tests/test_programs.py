@@ -229,7 +229,7 @@ UNARY = [torch.tanh, torch.sigmoid, torch.sin, F.silu, F.softplus, lambda x: x *
 @st.composite
 def programs(draw):
     """A random straight-line program over the supported operations, as a list of steps."""
-    return draw(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 10**6)), min_size=1,
+    return draw(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 10**6)), min_size=1,
                          max_size=7))
 
 
@@ -268,6 +268,28 @@ def run_program(steps, x):
         elif op == 12:
             same = [s for s in seen if tuple(s.shape) == shape]
             x = x * same[seed % len(same)]
+        # selections, padding, concatenation and reductions by value (index maps)
+        elif op == 13 and x.dim() >= 1 and shape[-1] >= 2:
+            x = x[..., 1:] - x[..., :-1] if seed % 2 else x[..., :: 1 + seed % 2].flip(-1)
+        elif op == 14 and x.dim() >= 1:
+            mode = ["constant", "replicate", "circular"][seed % 3]
+            x = F.pad(x.unsqueeze(0), (1, seed % 2), mode=mode).squeeze(0)
+        elif op == 15 and x.dim() >= 1:
+            d = seed % x.dim()
+            x = torch.cat([x, x.narrow(d, 0, 1) * 2], dim=d)
+        elif op == 16 and x.dim() >= 1:
+            d = seed % x.dim()
+            x = x.amax(d) if seed % 2 else torch.logsumexp(x, d)
+        elif op == 17 and x.dim() >= 1:
+            x = torch.roll(x, 1 + seed % 2, dims=-1) if seed % 2 else torch.cumsum(x, -1)
+        elif op == 18 and x.dim() >= 1:
+            index = torch.tensor([seed % shape[0], 0, (seed // 7) % shape[0]])
+            x = x[index]
+        elif op == 19 and x.dim() >= 1:
+            x = torch.stack([x, torch.tanh(x)], dim=seed % (x.dim() + 1))
+        elif op == 20 and x.dim() >= 1:
+            x = x.var(-1, correction=0) if seed % 2 else F.layer_norm(x, shape[-1:]) if "layer_norm" in \
+                sparsejac.programs.RULES else x.std(-1)
         seen.append(x)
     return x
 
@@ -318,8 +340,17 @@ def test_bad_arguments():
         sparsejac.jacobian_of(torch.tanh, "abc")
     with pytest.raises(OperandTypeError, match="floating"):
         sparsejac.jacobian_of(torch.tanh, torch.arange(3))
-    with pytest.raises(ArgumentTypeError, match="one torch tensor"):
-        sparsejac.jacobian_of(lambda x: (x, x), rand(3))
+    with pytest.raises(ArgumentTypeError, match="must return a torch tensor .* got float"):
+        sparsejac.jacobian_of(lambda x: (x, 3.0), rand(3))
+    with pytest.raises(OperandTypeError, match="argument 0 leaf 1 is a str"):
+        sparsejac.jacobian_of(lambda x: x[0], (rand(3), "abc"))
+
+
+def test_inplace_true_is_refused_in_every_spelling():
+    for fn in (torch.nn.ReLU(inplace=True), lambda x: F.relu(x, True),
+               lambda x: F.elu(x, inplace=True)):
+        with pytest.raises(UnsupportedOperationError, match="inplace"):
+            sparsejac.jacobian_of(lambda x: fn(x * 1.0), rand(3))
 
 
 def test_torch_formats_equal_coo():

@@ -100,6 +100,10 @@ class Tracer:
             params = registry.bind(rule, args, dict(kwargs), method)
         except TypeError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
+        if params.get("inplace") is True:
+            raise UnsupportedOperationError(
+                f"{PREFIX}{name!r} with inplace=True on a traced tensor is not supported; pass "
+                "inplace=False (nn modules: construct them with inplace=False)")
         for key, value in params.items():
             if key not in rule.traced and self.traced(value):
                 raise UnsupportedOperationError(

@@ -59,7 +59,12 @@ def permute(cx, result, input, dims):
     return S.permute(cx, S.of(cx, input), [S.dim(d, input.dim()) for d in dims])
 
 
-@rule(("transpose", "swapaxes", "swapdims"), "input dim0 dim1")
+@rule("swapaxes", "input axis0 axis1")
+def swapaxes(cx, result, input, axis0, axis1):
+    return transpose(cx, result, input, axis0, axis1)
+
+
+@rule(("transpose", "swapdims"), "input dim0 dim1")
 def transpose(cx, result, input, dim0, dim1):
     n = input.dim()
     perm = list(range(n))
