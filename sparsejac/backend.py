@@ -81,6 +81,14 @@ class NumpyBackend:
     def cumsum(self, x: np.ndarray, dtype) -> np.ndarray:
         return np.cumsum(x, dtype=dtype)
 
+    def cumsum_(self, x: np.ndarray) -> np.ndarray:
+        """The running sum of ``x``, written over ``x`` (no temporary)."""
+        return np.cumsum(x, out=x)
+
+    def scale_(self, x: np.ndarray, k: int) -> np.ndarray:
+        """``x * k``, written over ``x`` (no temporary)."""
+        return np.multiply(x, k, out=x)
+
     def permute(self, x: np.ndarray, order: Sequence[int]) -> np.ndarray:
         return np.transpose(x, order)
 
@@ -151,6 +159,12 @@ class TorchBackend:
 
     def cumsum(self, x, dtype):
         return self.torch.cumsum(x, 0, dtype=dtype)
+
+    def cumsum_(self, x):
+        return x.cumsum_(0)
+
+    def scale_(self, x, k: int):
+        return x.mul_(k)
 
     def permute(self, x, order: Sequence[int]):
         return x.permute(*order) if x.dim() else x

@@ -6,15 +6,20 @@ plain ``python -m sparsejac``).
               [--plot FILE.png] [--seed N] [--memory-limit 8G] [--overwrite]
 
 Errors (bad subscripts, missing files, a Jacobian over the memory limit, ...) print one line on
-stderr and exit with status 1 (2 for a malformed command line), never a traceback.
+stderr and exit with status 1 (2 for a malformed command line, 130 for Ctrl-C), never a
+traceback. ``--out FILE.npz`` is written to a temporary file beside it and renamed into place, so
+the final name never holds a truncated file and an old file stays intact until the new one is
+complete. The progress bar of ``--chunks`` runs is drawn only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Sequence
 
@@ -125,6 +130,9 @@ def parse_bytes(text: str) -> int:
         value = float(number) * units[body[len(number):]]
     except (ValueError, KeyError):
         raise CommandError(f"--memory-limit {text!r} is not a size such as 8G or 500M") from None
+    if not math.isfinite(value) or value < 0 or value >= 2.0**63:
+        raise CommandError(f"--memory-limit {text!r} is not a finite, non-negative size such as "
+                           "8G or 500M")
     return int(value)
 
 
@@ -150,16 +158,23 @@ def _random(shape, dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
 
 
 def load_operands(args) -> list[np.ndarray]:
+    """The operands the command line names: ``--operand`` files, or seeded random arrays."""
+    if args.seed < 0:
+        raise CommandError(f"--seed {args.seed} must be a non-negative integer")
     dtype = _dtype(args.dtype)
     if args.operand:
         operands = []
         for path in args.operand:
             if not os.path.exists(path):
                 raise CommandError(f"operand file {path!r} does not exist")
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                raise CommandError(f"operand file {path!r} is empty, not an .npy array")
             try:
                 x = np.load(path, allow_pickle=False)
-            except (ValueError, OSError) as error:
-                raise CommandError(f"cannot read operand file {path!r} as .npy: {error}") from None
+            except Exception as error:  # numpy raises ValueError, EOFError, OSError, zip errors
+                raise CommandError(
+                    f"cannot read operand file {path!r} as .npy: {type(error).__name__}: {error}"
+                ) from None
             if not isinstance(x, np.ndarray):
                 raise CommandError(f"operand file {path!r} is an .npz archive, not one array")
             operands.append(x if dtype is None else x.astype(dtype, copy=False))
@@ -200,9 +215,76 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
+def _check_plot_path(path: str) -> None:
+    """Refuse, before any work, a --plot file whose format matplotlib cannot write."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise CommandError("--plot needs matplotlib: pip install 'einsum-sparsejac[plot]'") from None
+    extension = os.path.splitext(path)[1][1:].lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if extension not in supported:
+        raise CommandError(
+            f"--plot {path!r}: cannot draw to {'.' + extension if extension else 'a file without an extension'}; "
+            f"use one of {', '.join('.' + e for e in sorted(supported))}"
+        )
+
+
+def _torch_can_check(dtype: np.dtype) -> bool:
+    """Whether torch has ``dtype`` (float128 and friends it has not)."""
+    try:
+        from .backend import torch_dtype
+
+        torch_dtype(dtype)
+    except ImportError:
+        return True  # compare_with_torch reports the missing torch itself
+    except Exception:
+        return False
+    return True
+
+
+def write_npz_atomically(out: str, write, overwrite: bool = True) -> None:
+    """Call ``write(temporary_path)`` for a sibling temporary ``.npz``, then rename it to
+    ``out``: the final name never holds a partial file (without ``overwrite``, a file that
+    appeared at ``out`` meanwhile is kept and the new one refused)."""
+    directory = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp.npz",
+                               dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # atomic, and never replaces
+            except FileExistsError:
+                raise CommandError(f"{out} appeared while this run wrote it; pass --overwrite "
+                                   "to replace it") from None
+            os.remove(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def run_jacobian(args, print_=print) -> int:
     from .plan import Plan
 
+    if args.memory_limit:
+        parse_bytes(args.memory_limit)  # refuse a bad size before any work
+    if args.plot:
+        _check_plot_path(args.plot)
+    if args.out and args.chunks is None:
+        out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+        if os.path.exists(out) and not args.overwrite:
+            raise CommandError(f"{out} exists; pass --overwrite to replace it")
+        if os.path.isdir(out):
+            raise CommandError(f"{out} is a directory, not an .npz file")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise CommandError(f"--out {args.out!r}: its directory does not exist")
     operands = load_operands(args)
     plan = Plan(args.subscripts, *(x.shape for x in operands), wrt=args.wrt)
     from .operands import as_arrays, result_dtype
@@ -215,6 +297,9 @@ def run_jacobian(args, print_=print) -> int:
     if args.check and not want_check:
         print_(f"  check skipped: the dense Jacobian has {math.prod(plan.shape):,} elements, "
                f"over the {CHECK_LIMIT:,} that torch is asked to build")
+    elif want_check and not _torch_can_check(dtype):
+        want_check = False
+        print_(f"  check skipped: torch has no {dtype} to compare with")
 
     if args.chunks is not None:
         if args.plot:
@@ -237,7 +322,10 @@ def run_jacobian(args, print_=print) -> int:
     ok = True
     if want_check:
         got = J.todense() if fmt == "coo" else J.toarray().reshape(plan.shape)
-        ok = compare_with_torch(print_, args.subscripts, arrays, plan.wrt, np.asarray(got))
+        # float16 operands give float32 scipy arrays (sparsejac.jacobian's policy): compare
+        # with torch on the operands in that dtype, which is what was computed.
+        check = arrays if J.dtype == dtype else [a.astype(J.dtype) for a in arrays]
+        ok = compare_with_torch(print_, args.subscripts, check, plan.wrt, np.asarray(got))
     if args.plot:
         _plot(print_, J, plan, args.plot)
     if args.out:
@@ -248,11 +336,13 @@ def run_jacobian(args, print_=print) -> int:
         if fmt == "coo":
             import sparse
 
-            sparse.save_npz(out, J, compressed=False)
+            write_npz_atomically(out, lambda tmp: sparse.save_npz(tmp, J, compressed=False),
+                                 args.overwrite)
         else:
             import scipy.sparse
 
-            scipy.sparse.save_npz(out, J, compressed=False)
+            write_npz_atomically(out, lambda tmp: scipy.sparse.save_npz(tmp, J, compressed=False),
+                                 args.overwrite)
         print_(f"  saved to {out} ({human_bytes(os.path.getsize(out))}) in "
                f"{time.perf_counter() - start:.3f} s")
     return 0 if ok else 1
@@ -270,8 +360,12 @@ def _plot(print_, J, plan, path: str) -> None:
 
     ax = spy(J, out_shape=plan.einsum.output_shape, operand_shape=plan.shapes[plan.wrt])
     ax.figure.suptitle(f"einsum {plan.subscripts!r}, d z / d operand {plan.wrt}", fontsize=10)
-    ax.figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(ax.figure)
+    try:
+        ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+    except (ValueError, OSError) as error:
+        raise CommandError(f"--plot {path!r}: {error}") from None
+    finally:
+        plt.close(ax.figure)
     print_(f"  pattern drawn to {path}")
 
 
@@ -280,8 +374,6 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
         import dask  # noqa: F401
     except ImportError:
         raise CommandError("--chunks needs dask: pip install 'einsum-sparsejac[dask]'") from None
-    from dask.diagnostics import ProgressBar
-
     from . import dask as sjd
 
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
@@ -291,8 +383,15 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
     print_(f"  {math.prod(J.numblocks):,} blocks of at most {largest}, built and "
            f"{'written' if args.out else 'counted'} one at a time", flush=True)
     start = time.perf_counter()
-    # A bar redrawn 10 times a second on a terminal; one line every 10 s into a log file.
-    with ProgressBar(minimum=1.0, dt=0.1 if sys.stderr.isatty() else 10.0, out=sys.stderr):
+    # A bar redrawn 10 times a second on a terminal; none into a log file or a pipe (its timer
+    # thread would hold up the end of the run and Ctrl-C until its next tick).
+    if sys.stderr.isatty():
+        from dask.diagnostics import ProgressBar
+
+        bar = ProgressBar(minimum=1.0, dt=0.1, out=sys.stderr)
+    else:
+        bar = contextlib.nullcontext()
+    with bar:
         if args.out:
             if os.path.exists(args.out) and not os.path.isdir(args.out):
                 raise CommandError(f"{args.out} exists and is not a directory")
@@ -327,6 +426,12 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
     return 0 if ok else 1
 
 
+def _error_line(message: str) -> None:
+    """One line on stderr, whatever the message holds."""
+    line = " ".join(str(message).split())
+    print(f"sparsejac jacobian: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "demo"):
@@ -339,15 +444,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run_jacobian(args)
         except (CommandError, SparsejacError, OSError) as error:
-            print(f"sparsejac jacobian: error: {error}", file=sys.stderr)
+            _error_line(f"error: {error}")
             return 1
         except MemoryError as error:
-            print(f"sparsejac jacobian: error: out of memory ({error or 'allocation failed'}); "
-                  "try --chunks", file=sys.stderr)
+            _error_line(f"error: out of memory ({error or 'allocation failed'}); try --chunks")
             return 1
         except KeyboardInterrupt:
-            print("sparsejac jacobian: interrupted", file=sys.stderr)
+            _error_line("interrupted")
             return 130
+        except Exception as error:  # never a traceback: one line naming what failed
+            _error_line(f"error: {type(error).__name__}: {error}")
+            return 1
     return 2
 
 

@@ -24,6 +24,7 @@ FORMATS = ("coo", "csr", "csc", "torch", "torch_csr")
 LAYOUT = {"coo": "coo", "torch": "coo", "csr": "csr", "torch_csr": "csr", "csc": "csc"}
 INT32_MAX = np.iinfo(np.int32).max
 INNER = 4096  # entries of the innermost table that csr_pattern broadcasts (see there)
+SPREAD_COPY_LIMIT = 1 << 23  # factors up to this many elements are laid out before spreading
 
 
 def index_dtype(nnz: int, shape: tuple[int, ...]) -> np.dtype:
@@ -50,6 +51,60 @@ def predicted_nbytes(structure: Structure, fmt: str, itemsize: int) -> int:
         nrows, ncols = ncols, nrows
     idx = index_dtype(nnz, (nrows, ncols)).itemsize
     return nnz * (itemsize + idx) + (nrows + 1) * idx
+
+
+def _ramp_nbytes(digits: "Digits", itemsize: int) -> int:
+    """About the peak bytes :func:`_ramp` allocates: its table and the flat copy."""
+    full = math.prod(size for size, _ in digits)
+    table = math.prod(size for size, coef in digits if coef)
+    return (full + table) * itemsize
+
+
+def pattern_peak_nbytes(structure: Structure, fmt: str) -> int:
+    """The peak bytes of building the pattern (index arrays) of ``fmt``: the arrays themselves
+    and the temporaries the writer allocates alongside them (ramps, diagonal row hits)."""
+    nnz = structure.nnz
+    if LAYOUT[fmt] == "coo":
+        idx = coo_index_itemsize(fmt, structure)
+        ramp = max((structure.sizes[l] for l in structure.free), default=0) * idx
+        return nnz * len(structure.shape) * idx + (ramp if nnz else 0)
+    target = structure.transposed() if fmt == "csc" else structure
+    nrows, ncols = target.matrix_shape
+    idx = index_dtype(nnz, (nrows, ncols)).itemsize
+    ramps = 0
+    if nnz:
+        head, tail = index_tables(target)
+        ramps = _ramp_nbytes(head, idx) + _ramp_nbytes(tail, idx)
+    hit = 0
+    row_free = distinct(target.rows)
+    if len(row_free) != len(target.rows):
+        hit = _ramp_nbytes(_digits(target, target.rows, target.free[: len(row_free)]), 8)
+    return nnz * idx + max(ramps, (nrows + 1) * idx + hit)
+
+
+def spread_copies(structure: Structure, factor_size: int) -> bool:
+    """Whether :meth:`Structure.spread` lays a non-contiguous factor of ``factor_size``
+    elements out contiguously first (a copy of the factor)."""
+    return factor_size * 16 <= max(structure.nnz, 1) or factor_size <= SPREAD_COPY_LIMIT
+
+
+def predicted_peak(
+    structure: Structure,
+    fmt: str,
+    itemsize: int,
+    factor_nbytes: int,
+    factor_owned: bool = True,
+    factor_contiguous: bool = True,
+    pattern: bool = True,
+) -> int:
+    """The peak bytes of one build of ``fmt``: the factor ``R`` (``factor_nbytes``, counted
+    when the build allocates it: ``factor_owned``), the values, the laid-out copy of a
+    non-contiguous factor, and the pattern with its temporaries (``pattern``: not yet built)."""
+    size = factor_nbytes // max(itemsize, 1)
+    copy = factor_nbytes if not factor_contiguous and spread_copies(structure, size) else 0
+    patterns = pattern_peak_nbytes(structure, fmt) if pattern else 0
+    owned = factor_nbytes if factor_owned else 0
+    return owned + structure.nnz * itemsize + max(copy, patterns)
 
 
 Digits = list  # [(size, coefficient)]: an index as a mixed-radix sum, one digit per V label
@@ -132,15 +187,17 @@ def csr_pattern(structure: Structure, xp=NUMPY) -> CompressedPattern:
         head, tail = _ramp(head, dtype, xp), _ramp(tail, dtype, xp)
         xp.add_into(indices.reshape(-1, tail.shape[0]), head[:, None], tail[None, :])
 
+    # Both branches write indptr in place: no second (nrows + 1)-sized array.
     if len(row_free) == len(structure.rows):
         # Every row is hit once, in order: indptr is an arithmetic progression.
-        indptr = xp.arange(nrows + 1, dtype) * per_row
+        indptr = xp.scale_(xp.arange(nrows + 1, dtype), per_row)
     else:
         # A label repeated on the row side hits only the rows on its diagonal.
         hit = _ramp(_digits(structure, structure.rows, row_free), xp.index(8), xp)
-        counts = xp.zeros(nrows + 1, dtype)
-        counts[hit + 1] = per_row
-        indptr = xp.cumsum(counts, dtype)
+        indptr = xp.zeros(nrows + 1, dtype)
+        indptr[1:][hit] = per_row
+        del hit
+        indptr = xp.cumsum_(indptr)
     return CompressedPattern(indices, indptr, (nrows, ncols))
 
 
@@ -158,6 +215,7 @@ def coo_coords(structure: Structure, xp=NUMPY, itemsize: int | None = None):
             [structure.sizes[label] if p == position else 1 for p in range(len(free))]
         )
         xp.copy_into(coords[d].reshape(free_shape), ramp)
+        del ramp  # one ramp alive at a time
     return coords
 
 

@@ -28,9 +28,20 @@ from .errors import ArgumentTypeError, ShapeError, context
 from .formats import FORMATS
 from .grammar import Einsum, bind, parse, require_text
 from .operands import as_array, as_arrays, as_tensors, cuda_device, is_torch_tensor, result_dtype
-from .structure import Structure, einsum_factor, einsum_structure
+from .structure import Structure, einsum_factor, einsum_structure, factor_is_view
 
 METHODS = ("direct", "embed")
+SCIPY_FORMATS = ("csr", "csc")
+
+
+def value_dtype_for(fmt: str, dtype: np.dtype) -> np.dtype:
+    """The dtype of the stored values of ``fmt`` for operands whose result dtype is ``dtype``:
+    the same, except float16 for the scipy formats, which scipy cannot use (its sparse
+    routines refuse float16): those are computed and stored in float32, a lossless upcast."""
+    dtype = np.dtype(dtype)
+    if fmt in SCIPY_FORMATS and dtype == np.float16:
+        return np.dtype(np.float32)
+    return dtype
 
 
 class Plan:
@@ -83,7 +94,50 @@ class Plan:
                 raise ArgumentTypeError(
                     f"{context(self.subscripts)}dtype {dtype!r} is not a numpy or torch dtype"
                 ) from None
+            itemsize = value_dtype_for(fmt, np.dtype(dtype)).itemsize
         return formats.predicted_nbytes(self.structure, fmt, itemsize)
+
+    def peak_nbytes(self, format: str = "coo", dtype: Any = np.float64) -> int:
+        """The peak bytes a fresh ``method="direct"`` build of ``format`` allocates for C-ordered
+        operands of ``dtype``: the result, the factor ``R`` and every temporary of the writers
+        (what the memory guard checks)."""
+        fmt = options.choice(format, "format", FORMATS, context(self.subscripts))
+        value = value_dtype_for(fmt, np.dtype(dtype))
+        return self._peak(fmt, value, None, pattern=True)
+
+    def _factor_labels(self, fmt: str) -> tuple[int, ...]:
+        """The axes ``R`` is computed with for ``fmt``: the V order of the structure written
+        (CSC writes ``J.T``), so that spreading it never transposes."""
+        target = self.structure.transposed() if fmt == "csc" else self.structure
+        return target.factor_labels
+
+    def _peak(self, fmt: str, value: np.dtype, arrays, pattern: bool) -> int:
+        """Peak bytes of a build: ``arrays`` (None: C-ordered operands of ``value``) decide
+        whether ``R`` is a view of an operand or a cast copy of it."""
+        labels = self._factor_labels(fmt)
+        itemsize = value.itemsize
+        factor_nbytes = math.prod(self.structure.sizes[l] for l in labels) * itemsize
+        others = [i for i in range(len(self.shapes)) if i != self.wrt]
+        casts = 0
+        if arrays is not None:
+            casts = sum(math.prod(self.shapes[i]) * itemsize for i in others
+                        if np.dtype(arrays[i].dtype) != value)
+        view, same = factor_is_view(self.einsum, self.wrt, labels)
+        owned, contiguous = True, True
+        if view:
+            operand = None if arrays is None else arrays[others[0]]
+            if operand is not None and np.dtype(operand.dtype) != value:
+                factor_nbytes = casts  # R is a view of the operand's cast copy
+                contiguous = same
+            else:
+                owned = False
+                contiguous = same and (operand is None or operand.flags.c_contiguous)
+        writers = formats.predicted_peak(self.structure, fmt, itemsize, factor_nbytes, owned,
+                                         contiguous, pattern)
+        if view:
+            return writers
+        # Computing R: the operands' cast copies alongside it.
+        return max(writers + casts, casts + factor_nbytes)
 
     def _guard(self, nbytes: int, memory_limit: Any, what: str, device: Any = None) -> None:
         if memory_limit is None and device is not None and device.type == "cuda":
@@ -168,7 +222,9 @@ class Plan:
         formats are built on their GPU. The pattern built by an earlier call is reused; only the
         values are written, and every result shares the plan's (read-only) index arrays.
         ``memory_limit`` in bytes (default: the memory available, on the GPU for a GPU build)
-        guards every nnz-sized allocation.
+        guards the build's peak memory (the result, the factor ``R`` and the writers'
+        temporaries). float16 operands give float32 values in the scipy formats ``"csr"`` and
+        ``"csc"`` (scipy cannot use float16; the upcast is exact), for both methods.
         """
         return self._jacobian(operands, format, method, memory_limit, keep=True)
 
@@ -183,7 +239,7 @@ class Plan:
         else:
             xp = NUMPY
             arrays = as_arrays(operands, self.subscripts)
-            dtype = value_dtype = result_dtype(arrays)
+            dtype = value_dtype = value_dtype_for(fmt, result_dtype(arrays))
             if fmt in ("torch", "torch_csr"):
                 torch_dtype(dtype, context(self.subscripts))  # refuse what torch cannot hold
         shapes = tuple(tuple(a.shape) for a in arrays)
@@ -195,16 +251,25 @@ class Plan:
         if how == "embed":
             return self._embed(arrays, dtype, fmt, memory_limit)
 
-        nbytes = self.nnz * dtype.itemsize
-        if not self._has_pattern(fmt, xp):
-            nbytes = formats.predicted_nbytes(self.structure, fmt, dtype.itemsize)
-        # The dense factor R (at most nnz entries: "i,i->i" has R as large as J) comes first.
-        nbytes += math.prod(self.structure.sizes[l] for l in self.structure.factor_labels) * dtype.itemsize
+        if xp is NUMPY:
+            # The peak: R (unless a view), the values, the pattern and the writers' temporaries.
+            nbytes = self._peak(fmt, np.dtype(dtype), arrays, not self._has_pattern(fmt, xp))
+        else:
+            nbytes = self.nnz * dtype.itemsize
+            if not self._has_pattern(fmt, xp):
+                nbytes = max(formats.predicted_nbytes(self.structure, fmt, dtype.itemsize),
+                             formats.pattern_peak_nbytes(self.structure, fmt)
+                             + self.nnz * dtype.itemsize)
+            # The dense factor R (at most nnz entries: "i,i->i" has R as large as J).
+            nbytes += math.prod(self.structure.sizes[l] for l in self.structure.factor_labels) \
+                * dtype.itemsize
         self._guard(nbytes, memory_limit, f"the {fmt} Jacobian", device)
-        factor = einsum_factor(self.einsum, self.wrt, arrays, value_dtype, xp)
+        labels = self._factor_labels(fmt)
+        factor = einsum_factor(self.einsum, self.wrt, arrays, value_dtype, xp, labels)
         target = self.structure.transposed() if fmt == "csc" else self.structure
         data = xp.empty(self.nnz, value_dtype)
-        formats.fill_values(target, factor, self.structure.factor_labels, data, xp)
+        formats.fill_values(target, factor, labels, data, xp)
+        del factor
         return self._assemble(fmt, data, xp, keep)
 
     def _embed(self, arrays, dtype: np.dtype, fmt: str, memory_limit: Any):
@@ -257,6 +322,13 @@ def jacobian(
     ``csc_array`` of shape ``(z.size, operands[k].size)``, both sides flattened in C order. A
     tuple ``wrt`` gives a tuple of Jacobians. The stored entries are exactly the structural
     nonzeros, which depend on the subscripts and shapes only (zeros in the operands stay stored).
+
+    float16 policy: scipy's sparse arrays cannot hold float16 (their routines refuse it), so
+    with float16 operands ``format="csr"``/``"csc"`` computes and stores the values in float32
+    (exactly the float16 products, upcast), for ``method="direct"`` and ``method="embed"``
+    alike; ``"coo"`` and the torch formats keep float16. Any number of operands works (products
+    of many operands are contracted pairwise). ``memory_limit`` (bytes; default the memory
+    available) is checked against the build's predicted peak before anything is allocated.
 
     >>> import numpy as np, sparsejac
     >>> x, w = np.ones((2, 3)), np.arange(12.0).reshape(3, 4)

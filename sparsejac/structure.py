@@ -83,7 +83,7 @@ class Structure:
         order = sorted(range(len(labels)), key=lambda axis: free.index(labels[axis]))
         factor = xp.permute(factor, order)
         size = math.prod(factor.shape)
-        if size * 16 <= max(self.nnz, 1) or size <= 1 << 23:
+        if size * 16 <= max(self.nnz, 1) or size <= 1 << 23:  # formats.spread_copies
             # A small factor is worth laying out in V order once: the broadcast copy that
             # spreads it over the nonzeros then reads contiguous memory.
             factor = xp.contiguous(factor)
@@ -100,16 +100,30 @@ def einsum_structure(einsum: Einsum, wrt: int) -> Structure:
     return Structure(einsum.output, cols, einsum.sizes, factor_labels)
 
 
-def einsum_factor(einsum: Einsum, wrt: int, operands: Sequence, dtype, xp=NUMPY):
-    """The dense factor ``R`` (axes: ``einsum_structure(einsum, wrt).factor_labels``).
+def einsum_factor(einsum: Einsum, wrt: int, operands: Sequence, dtype, xp=NUMPY,
+                  labels: Sequence[int] | None = None):
+    """The dense factor ``R`` (axes: ``labels``, default
+    ``einsum_structure(einsum, wrt).factor_labels``).
 
     Operands are cast to ``dtype`` first, so products are formed at the result's precision.
     With no other operand, ``R`` is the scalar 1.
     """
     others = [i for i in range(len(operands)) if i != wrt]
-    return labelled_einsum(
-        einsum, others, operands, dtype, einsum_structure(einsum, wrt).factor_labels, xp
-    )
+    if labels is None:
+        labels = einsum_structure(einsum, wrt).factor_labels
+    return labelled_einsum(einsum, others, operands, dtype, labels, xp)
+
+
+def factor_is_view(einsum: Einsum, wrt: int, labels: Sequence[int]) -> tuple[bool, bool]:
+    """Whether ``R`` over ``labels`` is a view of the one other operand (einsum allocates
+    nothing: only a diagonal or a transpose is taken), and whether that view is the operand
+    itself (contiguous when the operand is). Assumes the operand needs no cast."""
+    others = [term for i, term in enumerate(einsum.inputs) if i != wrt]
+    if len(others) != 1:
+        return False, False
+    term = others[0]
+    view = set(term) == set(labels) and len(distinct(labels)) == len(labels)
+    return view, view and tuple(term) == tuple(labels)
 
 
 def labelled_einsum(
@@ -121,6 +135,36 @@ def labelled_einsum(
         return xp.ones((), dtype)
     pairs = [(operands[i], einsum.inputs[i]) for i in which]
     return labelled_product(einsum.subscripts, pairs, out, xp, dtype=dtype)
+
+
+MAX_EINSUM_OPERANDS = 32  # more at once are contracted pairwise first (numpy stops at 64)
+
+
+def _contract_pair(terms: list, out: Sequence[int], xp) -> list:
+    """One greedy step: contract the two terms whose product keeps the fewest elements (labels
+    that no other term and not ``out`` carries are summed), preferring pairs that share a
+    label. Any number of operands then works, and intermediates stay small."""
+    sizes: dict[int, int] = {}
+    for array, labels in terms:
+        for label, n in zip(labels, array.shape):
+            sizes[label] = max(sizes.get(label, 1), n)
+    best = None
+    for i in range(len(terms)):
+        for j in range(i + 1, len(terms)):
+            elsewhere = set(out)
+            for k, (_, labels) in enumerate(terms):
+                if k != i and k != j:
+                    elsewhere.update(labels)
+            a, b = terms[i][1], terms[j][1]
+            kept = [l for l in dict.fromkeys(a + b) if l in elsewhere]
+            size = math.prod(sizes[l] for l in kept)
+            key = (not set(a) & set(b), size - math.prod(terms[i][0].shape)
+                   - math.prod(terms[j][0].shape))
+            if best is None or key < best[0]:
+                best = (key, i, j, kept)
+    _, i, j, kept = best
+    product = xp.einsum(terms[i][0], terms[i][1], terms[j][0], terms[j][1], kept)
+    return [t for k, t in enumerate(terms) if k not in (i, j)] + [(product, kept)]
 
 
 def _compact(array, labels: Sequence[int], xp):
@@ -162,10 +206,14 @@ def labelled_product(
             "'...' dimensions and any batch of vectors); einsum handles at most 52"
         )
     rename = {label: k for k, label in enumerate(used)}
+    terms = [(array, [rename[l] for l in labels]) for array, labels in compacted]
+    target = [rename[l] for l in out]
+    while len(terms) > MAX_EINSUM_OPERANDS:
+        terms = _contract_pair(terms, target, xp)
     args: list = []
-    for array, labels in compacted:
-        args += [array, [rename[l] for l in labels]]
-    result = xp.einsum(*args, [rename[l] for l in out])
+    for array, labels in terms:
+        args += [array, labels]
+    result = xp.einsum(*args, target)
     scale = math.prod(n for l, n in lost.items() if l not in out)
     if scale != 1:
         result = result * scale  # a sum over n equal terms
