@@ -26,7 +26,7 @@ from .errors import (
 )
 from .plan import Plan, jacobian, plan
 from .spy import spy
-from .programs import jacobian_of
+from .programs import ProgramPlan, jacobian_of, plan_of
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,8 @@ def __getattr__(name: str):
 __all__ = [
     "jacobian",
     "jacobian_of",
+    "plan_of",
+    "ProgramPlan",
     "plan",
     "Plan",
     "linear_operator",

@@ -173,3 +173,294 @@ def jacobian_of(
                 per_wrt.append(pytree.tree_unflatten(blocks, specs[p]))
             per_out.append(tuple(per_wrt) if isinstance(wrt, (tuple, list)) else per_wrt[0])
         return pytree.tree_unflatten(per_out, out_spec)
+
+
+# --- traced plans ----------------------------------------------------------------------------
+
+
+def _values(term, labels, dtype, keep=None):
+    """A term's values, flat over ``V`` in the order of :func:`terms.entries` (``keep``: the
+    entries that have a place)."""
+    free = term.free(labels)
+    shape = labels.shape(free)
+    values = T._align(term.factor.to(dtype), term.flabels, free).expand(shape).reshape(-1)
+    return values if keep is None else values[keep]
+
+
+class _Block:
+    """One Jacobian of a plan: its CSR pattern, and how each traced value lands in it."""
+
+    def __init__(self, terms, out_shape, inp_shape, labels, dtype) -> None:
+        import torch
+
+        self.out_shape, self.inp_shape = tuple(out_shape), tuple(inp_shape)
+        shape = (math.prod(out_shape), math.prod(inp_shape))
+        self.direct = len(terms) == 1 and not terms[0].mapped(labels)
+        self.cache: dict[str, Any] = {}
+        if self.direct or not terms:
+            csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
+            self.slot = None
+        else:  # several terms or index maps: coordinates once, then each value's slot
+            rows, cols, keeps = [], [], []
+            for term in terms:
+                if term.mapped(labels):
+                    r, c, _ = T.entries(term, labels, dtype)
+                    keeps.append(self._keep(term, labels))
+                else:
+                    s, _ = T._structure(term, labels)
+                    pattern = formats.csr_pattern(s)
+                    c = torch.from_numpy(np.asarray(pattern.indices, dtype=np.int64))
+                    r = torch.from_numpy(np.repeat(np.arange(shape[0], dtype=np.int64),
+                                                   np.diff(pattern.indptr)))
+                    keeps.append(None)
+                rows.append(r.cpu().numpy())
+                cols.append(c.cpu().numpy())
+            key = np.concatenate(rows) * shape[1] + np.concatenate(cols)
+            unique, self.slot = np.unique(key, return_inverse=True)
+            self.keeps = keeps
+            idx = formats.index_dtype(max(len(unique), 1), shape)
+            indptr = np.zeros(shape[0] + 1, dtype=idx)
+            np.cumsum(np.bincount(unique // shape[1], minlength=shape[0]), out=indptr[1:])
+            import scipy.sparse
+
+            csr = scipy.sparse.csr_array(
+                (np.zeros(len(unique), dtype=_np_dtype(dtype)), (unique % shape[1]).astype(idx),
+                 indptr), shape=shape)
+        for a in (csr.indices, csr.indptr):
+            a.flags.writeable = False  # shared by every refill: read-only
+        self.csr = csr
+        self.nnz = csr.nnz
+
+    @staticmethod
+    def _keep(term, labels):
+        import torch
+
+        free = term.free(labels)
+        bad = torch.zeros((1,) * len(free), dtype=torch.bool)
+        for ax in term.out + term.inp:
+            index, over = T.coordinate(ax, labels, term.factor)
+            bad = bad | (T._align(index, over, free) < 0).cpu()
+        return ~bad.expand(labels.shape(free)).reshape(-1)
+
+    def data(self, terms, labels, dtype) -> np.ndarray:
+        np_dtype = _np_dtype(dtype)
+        if self.direct:
+            s, fl = T._structure(terms[0], labels)
+            data = np.empty(self.nnz, dtype=np_dtype)
+            formats.fill_values(s, T._numpy_factor(terms[0], dtype), fl, data)
+            return data
+        if not terms:
+            return np.zeros(0, dtype=np_dtype)
+        parts = []
+        for term, keep in zip(terms, self.keeps):
+            if keep is None:
+                s, fl = T._structure(term, labels)
+                d = np.empty(s.nnz, dtype=np_dtype)
+                formats.fill_values(s, T._numpy_factor(term, dtype), fl, d)
+                parts.append(d)
+            else:
+                parts.append(_values(term, labels, dtype, keep.to(term.factor.device))
+                              .detach().cpu().numpy())
+        return np.bincount(self.slot, weights=np.concatenate(parts),
+                           minlength=self.nnz).astype(np_dtype)
+
+    def result(self, data: np.ndarray, fmt: str):
+        import scipy.sparse
+
+        if fmt in ("csr", "torch_csr"):  # the kept arrays themselves, no copy
+            return formats.container(fmt, self.csr, data, self.out_shape, self.inp_shape)
+        if fmt not in self.cache:  # the format's pattern, and where each CSR value goes in it
+            order = scipy.sparse.csr_array(
+                (np.arange(self.nnz, dtype=np.int64), self.csr.indices, self.csr.indptr),
+                shape=self.csr.shape)
+            converted = formats.from_csr(order, fmt, self.out_shape, self.inp_shape)
+            self.cache[fmt] = converted
+        template = self.cache[fmt]
+        if fmt == "coo":
+            import sparse
+
+            return sparse.COO(template.coords, data, shape=template.shape, sorted=True,
+                              has_duplicates=False)
+        if fmt == "csc":
+            perm = template.data
+            return formats.container("csc", template, data[perm], self.out_shape, self.inp_shape)
+        coords = template.indices()  # torch COO: the kept coordinates
+        return formats.container(fmt, coords, torch_values(data), self.out_shape, self.inp_shape)
+
+
+def torch_values(data):
+    import torch
+
+    return torch.from_numpy(data)
+
+
+def _np_dtype(dtype):
+    from ..operands import _numpy_dtype
+
+    return _numpy_dtype(dtype)
+
+
+class ProgramPlan:
+    """A traced program's Jacobian structure, kept: :meth:`jacobian` re-runs ``fn`` on new
+    arguments of the same shapes and dtypes, recomputes the dense factors and writes values
+    into the kept index arrays (read-only, shared by every result).
+
+    Value-dependent paths: which entries a relu, max or clamp passes are values, so the
+    structure holds for any arguments. Where the path itself depends on values (Python control
+    flow on values, boolean-mask indexing whose result size changes), the new trace's structure
+    differs; the plan then rebuilds its pattern from that trace and counts it in
+    :attr:`rebuilds`, so the result is always the Jacobian of the path taken.
+    """
+
+    def __init__(self, fn, args, wrt, memory_limit) -> None:
+        self.fn, self.wrt, self.memory_limit = fn, wrt, memory_limit
+        self.rebuilds = 0
+        self._build(args)
+
+    def _signature(self, args):
+        return tuple((tuple(t.shape), t.dtype) for a in args for t in _leaves_of(a))
+
+    def _build(self, args) -> None:
+        with LOCK:
+            traced = _trace(self.fn, args, self.wrt, self.memory_limit)
+            self._structure = _structure_key(traced)
+            self._blocks = self._make_blocks(traced)
+        self._args_key = self._signature(args)
+
+    def _make_blocks(self, traced):
+        (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
+         limit) = traced
+        self.dtype, self._out_spec, self._specs, self._positions = dtype, out_spec, specs, positions
+        blocks = []
+        for o in out_leaves:
+            out_terms = tracer.terms(o) or {}
+            for p in positions:
+                for j, t in enumerate(flat_args[p]):
+                    blocks.append(_Block(out_terms.get((p, j), []), tuple(o.shape),
+                                         tuple(t.shape), labels, dtype))
+        return blocks
+
+    @property
+    def nnz(self) -> int:
+        return sum(b.nnz for b in self._blocks)
+
+    @property
+    def shape(self):
+        """``out.shape + arg.shape`` of the first Jacobian (each block: :attr:`shapes`)."""
+        b = self._blocks[0]
+        return b.out_shape + b.inp_shape
+
+    @property
+    def matrix_shape(self):
+        return self._blocks[0].csr.shape
+
+    def nbytes(self, format: str = "csr", dtype: Any = None) -> int:
+        """Bytes of the result's arrays in ``format`` (values in ``dtype``, default the
+        plan's)."""
+        options.choice(format, "format", FORMATS, PREFIX)
+        itemsize = np.dtype(_np_dtype(dtype or self.dtype)).itemsize
+        total = 0
+        for b in self._blocks:
+            idx = b.csr.indices.itemsize
+            if format in ("csr", "torch_csr"):
+                total += b.nnz * (idx + itemsize) + (b.csr.shape[0] + 1) * idx
+            elif format == "csc":
+                total += b.nnz * (idx + itemsize) + (b.csr.shape[1] + 1) * idx
+            else:
+                ndim = len(b.out_shape) + len(b.inp_shape)
+                width = 8 if format == "torch" else formats.index_dtype(
+                    b.nnz, b.out_shape + b.inp_shape).itemsize
+                total += b.nnz * (ndim * width + itemsize)
+        return total
+
+    def pattern(self, format: str = "csr"):
+        """The first Jacobian's pattern: a boolean array in ``format`` (ones where stored)."""
+        b = self._blocks[0]
+        return b.result(np.ones(b.nnz, dtype=bool), format)
+
+    def jacobian(self, *args: Any, format: str = "coo", memory_limit: float | None = None):
+        """The Jacobian at ``args`` (same shapes and dtypes as the plan's), nested as
+        :func:`jacobian_of` nests it."""
+        options.choice(format, "format", FORMATS, PREFIX)
+        from torch.utils import _pytree as pytree
+
+        key = self._signature(args)
+        if key != self._args_key:
+            from ..errors import ShapeError
+
+            raise ShapeError(
+                f"{PREFIX}plan traced for arguments of shapes and dtypes {self._args_key}; got "
+                f"{key}: make a new plan with sparsejac.plan_of for these")
+        limit = self.memory_limit if memory_limit is None else memory_limit
+        with LOCK:
+            traced = _trace(self.fn, args, self.wrt, limit)
+            if _structure_key(traced) != self._structure:  # the path changed with the values
+                self.rebuilds += 1
+                self._structure = _structure_key(traced)
+                self._blocks = self._make_blocks(traced)
+            (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
+             _) = traced
+            options.guard(self.nbytes(format), options.memory_limit(limit, PREFIX), PREFIX,
+                          f"the Jacobian(s) in format {format!r}")
+            results, k = [], 0
+            for o in out_leaves:
+                out_terms = tracer.terms(o) or {}
+                per_wrt = []
+                for p in positions:
+                    leaves = []
+                    for j, t in enumerate(flat_args[p]):
+                        block = self._blocks[k]
+                        k += 1
+                        terms = out_terms.get((p, j), [])
+                        leaves.append(block.result(block.data(terms, labels, dtype), format))
+                    per_wrt.append(pytree.tree_unflatten(leaves, specs[p]))
+                results.append(tuple(per_wrt) if isinstance(self.wrt, (tuple, list))
+                               else per_wrt[0])
+            return pytree.tree_unflatten(results, out_spec)
+
+
+def _leaves_of(a):
+    from torch.utils import _pytree as pytree
+
+    import torch
+
+    return [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)] + [
+        _FakeMeta(x) for x in pytree.tree_leaves(a) if not isinstance(x, torch.Tensor)]
+
+
+class _FakeMeta:
+    def __init__(self, x):
+        arr = np.asarray(x)
+        self.shape, self.dtype = arr.shape, arr.dtype
+
+
+def _structure_key(traced) -> tuple:
+    """What a plan's pattern depends on: every term's axes and sizes, and its index maps."""
+    (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype, _) = traced
+    parts = [str(out_spec), tuple(tuple(o.shape) for o in out_leaves)]
+    for o in out_leaves:
+        for key, terms in sorted((tracer.terms(o) or {}).items()):
+            for t in terms:
+                used = labels.base(t.out_atoms + t.inp_atoms) + tuple(
+                    a for a in t.out_atoms + t.inp_atoms if a in labels.derived)
+                tables = tuple(
+                    (labels.derived[a][1], labels.derived[a][0].cpu().numpy().tobytes())
+                    for a in t.out_atoms + t.inp_atoms if a in labels.derived)
+                parts.append((key, t.out, t.inp, tuple(labels.sizes[l] for l in used), tables))
+    return tuple(parts)
+
+
+def plan_of(fn: Callable[..., Any], *args: Any, wrt: int | Sequence[int] = 0,
+            memory_limit: float | None = None) -> ProgramPlan:
+    """Trace ``fn(*args)`` once and keep its Jacobian's structure: a :class:`ProgramPlan`
+    whose ``.jacobian(*new_args, format=...)`` writes only values into the kept pattern.
+
+    >>> import torch, sparsejac
+    >>> w = torch.randn(4, 3, dtype=torch.float64)
+    >>> p = sparsejac.plan_of(lambda x: torch.relu(x @ w), torch.randn(8, 4, dtype=torch.float64))
+    >>> p.nnz, p.jacobian(torch.randn(8, 4, dtype=torch.float64), format="csr").shape
+    (96, (24, 32))
+    """
+    if not callable(fn):
+        raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
+    return ProgramPlan(fn, args, wrt, memory_limit)

@@ -1,0 +1,76 @@
+"""The operation table of the docs, generated from the registry so it cannot go stale.
+
+``python -m sparsejac.programs.table > docs/operations.md`` writes it; a test checks the file
+equals what this prints.
+"""
+
+from __future__ import annotations
+
+from .api import load
+from .registry import EMPTY, RULES
+
+GROUPS = {
+    "linalg": "Linear algebra",
+    "elementwise": "Elementwise: arithmetic and activations",
+    "reduce": "Reductions",
+    "layout": "Layout and selection (index maps)",
+    "conv": "Convolution and pooling",
+    "norm": "Normalisation",
+    "losses": "Losses",
+    "attention": "Attention",
+}
+
+HEADER = """# Operations `jacobian_of` follows
+
+Generated from the registry by `python -m sparsejac.programs.table`; do not edit by hand.
+Each row is one rule; *spellings* are the names torch reports for it (`torch.op`, `Tensor.op`,
+`torch.nn.functional.op` and the `nn` module that calls it share one). Keyword arguments are
+accepted as in torch; `inplace=True` and `out=` are refused. *Kind*: `rule` (its own Jacobian
+rule) or `decomposition` (written with other rules, which the tracer follows).
+
+## Tracing limits
+
+- The Jacobian is that of the path the real values took, as with `torch.func`: Python control
+  flow on values runs once.
+- Which entry a relu, a maximum, a max-pool or a clamp lets through is a value, not structure:
+  the pattern covers every entry that could pass.
+- Refused, with a message naming the operation: in-place operations and `out=`; turning a traced
+  tensor into a Python value (`item`, `tolist`, `numpy`); complex results; dropout in training
+  mode; any operation not listed here (write it with listed ones, or pass the tensor as a
+  constant).
+- Integer and boolean results (indices, masks, comparisons) and tensors made `*_like` a traced
+  one are constants.
+"""
+
+
+def _params(rule) -> str:
+    parts = []
+    for name, default in rule.params:
+        parts.append(name if default is EMPTY or name.startswith("*") else f"{name}={default!r}")
+    return " ".join(parts)
+
+
+def table() -> str:
+    load()
+    seen, rows = set(), {}
+    for rule in RULES.values():
+        if rule.kind not in ("rule", "decomposition") or id(rule) in seen:
+            continue
+        seen.add(id(rule))
+        rows.setdefault(rule.group, []).append(rule)
+    lines = [HEADER]
+    for group, title in GROUPS.items():
+        if group not in rows:
+            continue
+        lines += [f"## {title}", "", "| spellings | parameters | kind |", "|---|---|---|"]
+        for rule in sorted(rows[group], key=lambda r: r.name):
+            names = ", ".join(f"`{n}`" for n in rule.names)
+            lines.append(f"| {names} | `{_params(rule)}` | {rule.kind} |")
+        lines.append("")
+    passive = sorted(n for n, r in RULES.items() if r.kind in ("metadata", "constant"))
+    lines += ["## Passed through (no derivative)", "", ", ".join(f"`{n}`" for n in passive), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(), end="")

@@ -1,0 +1,131 @@
+"""Traced plans (sparsejac.plan_of): refills equal one-shot Jacobians and jacrev; the kept
+pattern is read-only and shared; shapes are checked; value-dependent paths rebuild; threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsejac
+from sparsejac.errors import ShapeError
+
+D = torch.float64
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, dtype=D, generator=torch.Generator().manual_seed(seed))
+
+
+W1, W2 = rand(5, 7, seed=1), rand(7, 3, seed=2)
+
+
+def mlp(x):
+    return torch.relu(x @ W1) @ W2
+
+
+def stencil(u):
+    return F.pad(u[2:] - 2 * u[1:-1] + u[:-2], (1, 1)) + torch.cat([u[:1], u[1:] * 0.5])
+
+
+def attention(x):
+    s = torch.softmax(x @ x.transpose(-1, -2) / 2.0, dim=-1)
+    return s @ x
+
+
+@pytest.mark.parametrize("fn,shape", [(mlp, (6, 5)), (stencil, (12,)), (attention, (2, 4, 3))])
+@pytest.mark.parametrize("fmt", ["coo", "csr", "csc", "torch", "torch_csr"])
+def test_refill_equals_jacrev_on_new_values(fn, shape, fmt):
+    plan = sparsejac.plan_of(fn, rand(*shape))
+    for seed in (3, 4):
+        x = rand(*shape, seed=seed)
+        J = plan.jacobian(x, format=fmt)
+        ref = torch.func.jacrev(fn)(x).numpy()
+        if fmt == "coo":
+            dense = J.todense()
+        elif fmt.startswith("torch"):
+            dense = J.to_dense().numpy().reshape(ref.shape)
+        else:
+            dense = J.toarray().reshape(ref.shape)
+        np.testing.assert_allclose(dense, ref, rtol=1e-10, atol=1e-12)
+        one_shot = sparsejac.jacobian_of(fn, x, format="csr")
+        assert plan.nnz == one_shot.nnz
+    assert plan.rebuilds == 0
+
+
+def test_refills_share_a_read_only_pattern():
+    def fn(u):
+        return torch.tanh(stencil(u))
+
+    plan = sparsejac.plan_of(fn, rand(10))
+    a, b = plan.jacobian(rand(10, seed=1), format="csr"), plan.jacobian(rand(10, seed=2),
+                                                                       format="csr")
+    assert a.indices is b.indices or np.shares_memory(a.indices, b.indices)
+    with pytest.raises(ValueError):
+        a.indices[0] = 1
+    assert not np.array_equal(a.data, b.data)
+
+
+def test_relu_masks_are_values_not_structure():
+    plan = sparsejac.plan_of(mlp, rand(6, 5))
+    plan.jacobian(-rand(6, 5, seed=9))  # every relu mask flips
+    assert plan.rebuilds == 0
+
+
+def test_a_value_dependent_path_rebuilds_and_stays_exact():
+    def fn(x):
+        return x[x > 0] * 2  # the result's size depends on the values
+
+    plan = sparsejac.plan_of(fn, rand(8))
+    x = rand(8, seed=5)
+    J = plan.jacobian(x, format="csr")
+    assert plan.rebuilds == 1
+    np.testing.assert_allclose(J.toarray(), torch.func.jacrev(fn)(x).numpy())
+
+
+def test_other_shapes_or_dtypes_are_refused():
+    plan = sparsejac.plan_of(mlp, rand(6, 5))
+    with pytest.raises(ShapeError, match="plan traced for"):
+        plan.jacobian(rand(7, 5))
+    with pytest.raises(ShapeError, match="float32"):
+        plan.jacobian(rand(6, 5).float())
+
+
+def test_plan_properties():
+    plan = sparsejac.plan_of(mlp, rand(6, 5))
+    assert plan.shape == (6, 3, 6, 5) and plan.matrix_shape == (18, 30)
+    assert plan.nnz == 6 * 3 * 5
+    J = plan.jacobian(rand(6, 5, seed=1), format="csr")
+    assert plan.nbytes("csr") == J.data.nbytes + J.indices.nbytes + J.indptr.nbytes
+    assert plan.pattern("csr").nnz == plan.nnz
+
+
+def test_threads_give_exact_results():
+    """jacobian_of and plans from 8 threads at once: each result equals jacrev's."""
+    xs = [rand(6, 5, seed=s) for s in range(16)]
+    refs = [torch.func.jacrev(mlp)(x).numpy() for x in xs]
+    plan = sparsejac.plan_of(mlp, xs[0])
+    errors, results = [], {}
+
+    def work(i):
+        try:
+            for k in range(i, len(xs), 8):
+                a = sparsejac.jacobian_of(mlp, xs[k]).todense()
+                b = plan.jacobian(xs[k]).todense()
+                results[k] = (a, b)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(results) == list(range(len(xs)))
+    for k, (a, b) in results.items():
+        np.testing.assert_allclose(a, refs[k], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(b, refs[k], rtol=1e-10, atol=1e-12)
