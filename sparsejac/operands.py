@@ -1,7 +1,9 @@
 """Turning what users pass as operands into numpy arrays, and choosing the result dtype.
 
 Accepted: numpy arrays (read-only and zero-stride views too, never copied), anything
-``numpy.asarray`` accepts, and torch tensors (detached; a GPU tensor is copied to the host).
+``numpy.asarray`` accepts, and torch tensors (detached; a GPU tensor is copied to the host;
+torch dtypes numpy lacks are upcast exactly: bfloat16 and the float8 kinds to float32, complex32
+to complex64; a meta tensor, which holds no data, is refused).
 Numeric means integer, floating or complex; booleans, strings and objects are refused.
 """
 
@@ -33,10 +35,24 @@ def as_array(x: Any, index: int, subscripts: str) -> np.ndarray:
                 f"{context(subscripts)}operand {index} is a torch tensor with layout "
                 f"{t.layout}; pass a dense (strided) tensor"
             )
+        if t.device.type == "meta":
+            raise OperandTypeError(
+                f"{context(subscripts)}operand {index} is a torch tensor on the meta device, "
+                "which holds no values; pass a tensor with data"
+            )
         if t.device.type != "cpu":
             t = t.cpu()
-        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-            t = t.to(torch.float32)  # numpy has no such dtype; float32 holds it exactly
+        if _numpy_dtype(t.dtype) is None:
+            # numpy has no such dtype (bfloat16, float8 kinds, complex32): upcast exactly.
+            if t.is_complex():
+                t = t.to(torch.complex64)
+            elif t.is_floating_point():
+                t = t.to(torch.float32)
+            else:
+                raise OperandTypeError(
+                    f"{context(subscripts)}operand {index} has torch dtype {t.dtype}, which has "
+                    "no numeric numpy equivalent"
+                )
         t = t.resolve_conj().resolve_neg()
         x = t.numpy()
     module = type(x).__module__
@@ -104,5 +120,5 @@ def _numpy_dtype(torch_dtype) -> np.dtype | None:
 
     try:
         return torch.empty(0, dtype=torch_dtype).numpy().dtype
-    except TypeError:  # bfloat16 and friends: no numpy twin
+    except (TypeError, RuntimeError):  # bfloat16, float8, complex32...: no numpy twin
         return None

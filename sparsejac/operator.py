@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from .errors import context
+from .errors import ShapeError, context
 from .grammar import bind, parse, require_text
 from .operands import as_arrays, result_dtype
 from . import options
@@ -64,6 +64,32 @@ class EinsumJacobianOperator(LinearOperator):
             f"<{self.shape[0]}x{self.shape[1]} Jacobian operator of einsum {self.subscripts!r} "
             f"with respect to operand {self.wrt}, dtype {self.dtype}>"
         )
+
+    # -- checked entry points: the package's error, naming the length expected ------------------
+    def _check(self, x: Any, n: int, what: str) -> None:
+        """Refuse a vector (``matvec``) or block of vectors (``matmat``) of the wrong length."""
+        shape = np.shape(x)
+        block = what.endswith("mat")
+        if shape in ((n,), (n, 1)) or (block and len(shape) == 2 and shape[0] == n):
+            return
+        expected = f"a block of shape ({n}, k)" if block else f"a vector of length {n}"
+        raise ShapeError(f"{context(self.subscripts)}{what} needs {expected}, got shape {shape}")
+
+    def matvec(self, x):
+        self._check(x, self.shape[1], "matvec")
+        return LinearOperator.matvec(self, x)
+
+    def rmatvec(self, x):
+        self._check(x, self.shape[0], "rmatvec")
+        return LinearOperator.rmatvec(self, x)
+
+    def matmat(self, X):
+        self._check(X, self.shape[1], "matmat")
+        return LinearOperator.matmat(self, X)
+
+    def rmatmat(self, X):
+        self._check(X, self.shape[0], "rmatmat")
+        return LinearOperator.rmatmat(self, X)
 
     # -- forward: J @ V --------------------------------------------------------------------
     def _jvp(self, v: np.ndarray, batch: bool) -> np.ndarray:
@@ -145,7 +171,14 @@ class _Adjoint(LinearOperator):
 
     def __init__(self, op: EinsumJacobianOperator) -> None:
         self.op = op
+        self.subscripts = op.subscripts
         super().__init__(op.dtype, (op.shape[1], op.shape[0]))
+
+    _check = EinsumJacobianOperator._check
+    matvec = EinsumJacobianOperator.matvec
+    rmatvec = EinsumJacobianOperator.rmatvec
+    matmat = EinsumJacobianOperator.matmat
+    rmatmat = EinsumJacobianOperator.rmatmat
 
     def _matvec(self, x):
         return self.op._rmatvec(x)

@@ -111,3 +111,75 @@ def test_sparse_operands_and_torchless_dtypes_are_refused():
         sparsejac.jacobian("ij,jk->ik", A23, scipy.sparse.csr_array(A34))
     with pytest.raises(OperandTypeError, match=r"float128 has no torch equivalent"):
         sparsejac.jacobian("ij,jk->ik", A23.astype(np.longdouble), A34, format="torch")
+
+
+# -- torch tensors numpy cannot take, float16 with scipy formats, many operands ----------------
+
+
+def test_meta_tensors_are_operand_type_errors():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(OperandTypeError, match=r"'i,i->i': operand 0 .* meta device"):
+        sparsejac.jacobian("i,i->i", torch.ones(3, device="meta"), np.ones(3))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("complex32", np.complex64), ("float8_e4m3fn", np.float32), ("float8_e5m2", np.float32),
+    ("float8_e4m3fnuz", np.float32), ("float8_e5m2fnuz", np.float32), ("bfloat16", np.float32),
+])
+def test_torch_dtypes_numpy_lacks_are_upcast_exactly(name, expected):
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, name):
+        pytest.skip(f"this torch has no {name}")
+    t = torch.tensor([1.0, -2.0, 0.5]).to(getattr(torch, name))
+    J = sparsejac.jacobian("i,i->i", np.ones(3, dtype=np.float32), t, format="csr")
+    assert J.dtype == np.result_type(np.float32, expected)
+    np.testing.assert_array_equal(J.diagonal().real, [1.0, -2.0, 0.5])
+
+
+@pytest.mark.parametrize("method", ["direct", "embed"])
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_float16_scipy_formats_are_float32(fmt, method):
+    """The documented policy: scipy cannot use float16, so csr/csc hold float32 (exact)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4)).astype(np.float16)
+    w = rng.standard_normal((4, 5)).astype(np.float16)
+    J = sparsejac.jacobian("ij,jk->ik", x, w, format=fmt, method=method)
+    assert J.dtype == np.float32
+    ref = sparsejac.jacobian("ij,jk->ik", x.astype(np.float32), w.astype(np.float32), format=fmt)
+    np.testing.assert_array_equal(J.toarray(), ref.toarray())  # scipy can use it
+    assert sparsejac.plan("ij,jk->ik", x.shape, w.shape).nbytes(fmt, np.float16) == \
+        sparsejac.plan("ij,jk->ik", x.shape, w.shape).nbytes(fmt, np.float32)
+    coo = sparsejac.jacobian("ij,jk->ik", x, w, format="coo", method=method)
+    assert coo.dtype == np.float16  # pydata sparse holds float16: kept
+
+
+@pytest.mark.parametrize("wrt", [0, 64])
+def test_65_operands(wrt):
+    """numpy's einsum stops at 64 operands; the factor is contracted pairwise past 32."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    terms = [letters[i % 52] for i in range(65)]  # 65 vectors over 52 letters
+    subscripts = ",".join(terms) + "->a"
+    rng = np.random.default_rng(3)
+    x = [rng.uniform(0.5, 1.5, size=2) for _ in terms]
+    J = sparsejac.jacobian(subscripts, *x, wrt=wrt, format="coo")
+    assert J.shape == (2, 2)
+
+    # z[a] = prod_{k: term a} x_k[a] * prod_{letters M != a} sum_v prod_{k: term M} x_k[v].
+    def product(letter, skip=None):
+        vals = np.ones(2)
+        for k, t in enumerate(terms):
+            if t == letter and k != skip:
+                vals = vals * x[k]
+        return vals
+
+    L = terms[wrt]
+    rest = np.prod([product(M).sum() for M in sorted(set(terms)) if M not in ("a", L)])
+    if L == "a":
+        expected = np.diag(product("a", skip=wrt)) * rest
+    else:
+        expected = np.outer(product("a"), product(L, skip=wrt)) * rest
+    np.testing.assert_allclose(J.todense(), expected, rtol=1e-12)
+    # The operator's products take every operand at once (J @ v puts v in the slot): 65 too.
+    A = sparsejac.linear_operator(subscripts, *x, wrt=wrt)
+    np.testing.assert_allclose(A @ np.ones(2), expected @ np.ones(2), rtol=1e-12)
+    np.testing.assert_allclose(A.rmatvec(np.ones(2)), expected.T @ np.ones(2), rtol=1e-12)

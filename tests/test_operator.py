@@ -162,3 +162,24 @@ def test_operands_are_not_copied():
     w = np.ones((60, 70))
     A = sparsejac.linear_operator("ij,jk->ik", x, w)
     assert np.shares_memory(A.operands[0], x) and np.shares_memory(A.operands[1], w)
+
+
+@pytest.mark.parametrize(
+    "call, arg, words",
+    [
+        (lambda A: A.matvec, np.ones(5), r"matvec needs a vector of length 6, got shape \(5,\)"),
+        (lambda A: A.matvec, np.ones((6, 2, 2)), r"matvec needs a vector of length 6"),
+        (lambda A: A.rmatvec, np.ones(3), r"rmatvec needs a vector of length 8"),
+        (lambda A: A.__matmul__, np.ones(7), r"matvec needs a vector of length 6"),
+        (lambda A: A.matmat, np.ones((5, 2)), r"matmat needs a block of shape \(6, k\)"),
+        (lambda A: A.H.matvec, np.ones(6), r"matvec needs a vector of length 8"),
+        (lambda A: A.H.rmatmat, np.ones((8, 2)), r"rmatmat needs a block of shape \(6, k\)"),
+    ],
+)
+def test_wrong_vector_lengths_are_shape_errors(call, arg, words):
+    A = sparsejac.linear_operator("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)))
+    with pytest.raises(sparsejac.ShapeError, match=r"'ij,jk->ik': " + words):
+        call(A)(arg)
+    # The right lengths still work, through every entry point.
+    assert A.matvec(np.ones(6)).shape == (8,) and (A @ np.ones((6, 2))).shape == (8, 2)
+    assert A.H.matvec(np.ones(8)).shape == (6,) and A.rmatmat(np.ones((8, 3))).shape == (6, 3)
