@@ -225,9 +225,32 @@ def identity(shape: Sequence[int], labels: Labels, dtype: torch.dtype) -> Term:
     return Term(axes, axes, torch.ones((), dtype=dtype), ())
 
 
+def _retable(term: Term, labels: Labels, change) -> Term:
+    """The term with each index map whose table ``change(table, over)`` rewrites (it returns
+    ``(table, over)``, or None where the map is untouched) replaced by the rewritten map."""
+    new: dict[int, int] = {}
+    for a in distinct(term.out_atoms + term.inp_atoms):
+        if a in labels.derived:
+            table, over = labels.derived[a]
+            changed = change(table, over)
+            if changed is not None:
+                new[a] = labels.derive(changed[0], changed[1], labels.sizes[a])
+    if not new:
+        return term
+    sub = lambda atoms: tuple(new.get(x, x) for x in atoms)  # noqa: E731
+    return replace(term, out=tuple(sub(a) for a in term.out), inp=tuple(sub(a) for a in term.inp))
+
+
 def _substitute(term: Term, old: int, new: int, labels: Labels) -> Term:
     """Identify label ``old`` with ``new`` (a diagonal): rename it, taking the factor's
-    diagonal if it carries both."""
+    diagonal if it carries both (index maps over ``old`` too)."""
+
+    def rename(table, over):
+        if old not in over:
+            return None
+        return _diagonal(table, [new if l == old else l for l in over])
+
+    term = _retable(term, labels, rename)
     sub = lambda atoms: tuple(new if a == old else a for a in atoms)  # noqa: E731
     fl = sub(term.flabels)
     factor = term.factor
@@ -246,6 +269,16 @@ def split_label(term: Term, label: int, parts: Atoms, labels: Labels) -> Term:
     def sub(atoms: Atoms) -> Atoms:
         return tuple(p for a in atoms for p in (parts if a == label else (a,)))
 
+    def split(table, over):
+        if label not in over:
+            return None
+        k = over.index(label)
+        shape = tuple(table.shape)
+        return (table.reshape(shape[:k] + labels.shape(parts) + shape[k + 1 :]),
+                over[:k] + tuple(parts) + over[k + 1 :])
+
+    if label not in labels.derived:
+        term = _retable(term, labels, split)
     factor, fl = term.factor, term.flabels
     if label in fl:
         pos = fl.index(label)
@@ -346,8 +379,9 @@ def merge_run(term: Term, run: Atoms, labels: Labels) -> Term | None:
     """Replace the consecutive labels ``run`` by one label wherever they occur (the output side
     becomes one pseudo-axis, to be re-cut by :func:`reshape`); None where some label of ``run``
     occurs apart from the others, which no single label can express."""
-    if any(a in labels.derived for a in run):
-        return None
+    if any(a in run or set(run) & set(labels.derived[a][1])
+           for a in term.out_atoms + term.inp_atoms if a in labels.derived):
+        return None  # an index map on (or over) these labels: no single label can say it
     label = labels.merged(run)
     out = _replace_run(term.out_atoms, run, label)
     inp = _replace_run(term.inp_atoms, run, label)
@@ -850,21 +884,24 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
     in atoms, in other index maps' tables (composed), and in the factor (gathered)."""
 
     def regather(tensor, ls):
-        """``tensor`` over ``ls`` with each substituted label's axis read through its table."""
+        """``tensor`` over ``ls`` with each substituted label's axis read through its table:
+        all of them in one advanced index over ``over`` (read one by one, each would add the
+        whole of ``over``'s shape before the diagonal: a product of them at the peak)."""
         ls = list(ls)
-        bad = None
-        for a, digit in subs.items():
-            if a not in ls:
-                continue
-            k = ls.index(a)
-            labels.guard(tuple(tensor.shape[:k]) + tuple(digit.shape)
-                         + tuple(tensor.shape[k + 1 :]), tensor.element_size(), "a gathered factor")
-            picked = tensor.index_select(k, digit.clamp(min=0).reshape(-1).to(tensor.device))
-            tensor = picked.reshape(tuple(tensor.shape[:k]) + tuple(digit.shape)
-                                    + tuple(tensor.shape[k + 1 :]))
-            ls = ls[:k] + list(over) + ls[k + 1 :]
-            b = digit < 0
-            bad = b if bad is None else bad | b
+        hit = [a for a in subs if a in ls]
+        if not hit:
+            return tensor, ls, None
+        ks = [ls.index(a) for a in hit]
+        rest = [i for i in range(len(ls)) if i not in ks]
+        shape = labels.shape(over)
+        labels.guard(tuple(shape) + tuple(tensor.shape[i] for i in rest),
+                     tensor.element_size(), "a gathered factor")
+        index = tuple(subs[a].clamp(min=0).reshape(shape).to(tensor.device) for a in hit)
+        tensor = tensor.permute(ks + rest)[index]
+        ls = list(over) + [ls[i] for i in rest]
+        bad = subs[hit[0]] < 0
+        for a in hit[1:]:
+            bad = bad | (subs[a] < 0)
         tensor, ls = _diagonal(tensor, ls)
         return tensor, ls, bad
 
