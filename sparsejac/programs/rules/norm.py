@@ -174,6 +174,10 @@ def local_response_norm(input, size, alpha, beta, k):
     after = list(sq.shape)
     after[1] = (size - 1) // 2
     padded = torch.cat([sq.new_zeros(before), sq, sq.new_zeros(after)], 1)
-    # windows of `size` channels (torch's avg_pool counts the zero padding)
-    div = padded.unfold(1, size, 1).sum(-1) / size
+    # windows of `size` channels (torch's avg_pool counts the zero padding): a sum of shifts
+    channels = input.shape[1]
+    div = padded.narrow(1, 0, channels)
+    for j in range(1, size):
+        div = div + padded.narrow(1, j, channels)
+    div = div / size
     return input / torch.pow(div * alpha + k, beta)
