@@ -37,29 +37,58 @@ def scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_cau
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
     if is_causal:
         attn_mask = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-    # which entries take part (a constant): rows with none give zeros, as torch has it
+    add = None
     if attn_mask is None:
         keep = None
     elif attn_mask.dtype == torch.bool:
         keep = attn_mask
-        scores = scores.masked_fill(~attn_mask, -math.inf)
     else:
-        keep = attn_mask.detach() > -math.inf
-        scores = scores + attn_mask
-    empty = None
-    if keep is not None:
-        empty = ~keep.any(-1, keepdim=True)
-        if not bool(empty.any()):
-            empty = None
-        else:
-            scores = scores.masked_fill(empty, 0.0)
-    weights = torch.softmax(scores, -1)
-    if empty is not None:
-        weights = weights.masked_fill(empty, 0.0)
-    return torch.matmul(weights, value)
+        keep, add = attn_mask.detach() > -math.inf, attn_mask
+    if keep is not None and not bool(keep.all()):
+        return _masked_attention(query, key, value, keep, add, scale)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if add is not None:
+        scores = scores + add
+    return torch.matmul(torch.softmax(scores, -1), value)
+
+
+def _masked_attention(query, key, value, keep, add, scale):
+    """Attention where ``keep`` (a constant, broadcast to ``(*batch, L, S)``) leaves some keys
+    out: each query row gathers the keys and values it attends to (an index map), so that the
+    Jacobian holds only the couplings that exist (a causal mask halves it). Rows are padded to
+    the longest with a key and value of zeros (a constant, so no coupling), weighted zero; a
+    row that keeps none gives zeros, as torch has it."""
+    L, S = query.shape[-2], key.shape[-2]
+    shapes = [query.shape[:-2], key.shape[:-2], value.shape[:-2], keep.shape[:-2]]
+    if add is not None:
+        shapes.append(add.shape[:-2])
+    batch = tuple(torch.broadcast_shapes(*shapes))
+    keep = keep.expand(batch + (L, S))
+    count = keep.sum(-1, keepdim=True)
+    K = max(int(count.max()), 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :K]
+    valid = torch.arange(K, device=keep.device) < count  # (*batch, L, K)
+    index = torch.where(valid, order, S)  # S: the row of zeros appended below
+
+    def padded(t):  # t with a slice of zeros appended along its last axis
+        zeros = torch.zeros(t.shape[:-1] + (1,), dtype=t.dtype, device=t.device)
+        return torch.cat([t, zeros], -1)
+
+    def rows(t):  # t[..., index[..., l, j], :] for each query row l: (*batch, L, K, d)
+        d = t.shape[-1]
+        wide = padded(t.transpose(-2, -1)).transpose(-2, -1).unsqueeze(-3)
+        wide = wide.expand(batch + (L, S + 1, d))
+        return torch.gather(wide, -2, index.unsqueeze(-1).expand(batch + (L, K, d)))
+
+    scores = (query.unsqueeze(-2) * rows(key)).sum(-1) * scale
+    if add is not None:
+        scores = scores + torch.gather(padded(add.expand(batch + (L, S))), -1, index)
+    empty = count == 0
+    scores = scores.masked_fill(~valid | empty, -math.inf).masked_fill(empty, 0.0)
+    weights = torch.softmax(scores, -1).masked_fill(empty, 0.0)
+    return (weights.unsqueeze(-1) * rows(value)).sum(-2)
 
 
 def _canonical(mask, dtype):
@@ -74,6 +103,14 @@ def _pad_last(mask):
         return None
     return torch.cat([mask, torch.zeros(mask.shape[:-1] + (1,), dtype=mask.dtype,
                                         device=mask.device)], -1)
+
+
+def _thirds(t):
+    """``t.chunk(3)`` as whole slices of ``t.reshape(3, ...)`` (the query, key and value parts
+    of a packed projection)."""
+    if t is None:
+        return None, None, None
+    return t.reshape((3, t.shape[0] // 3) + tuple(t.shape[1:])).unbind(0)
 
 
 def _linear(x, w, b):
@@ -116,17 +153,13 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check, num_head
     attn_mask = None if causal_sdpa else _canonical(attn_mask, dtype)
 
     if use_separate_proj_weight:
-        b_q = b_k = b_v = None
-        if in_proj_bias is not None:
-            b_q, b_k, b_v = in_proj_bias.chunk(3)
+        b_q, b_k, b_v = _thirds(in_proj_bias)
         q = _linear(query, q_proj_weight, b_q)
         k = _linear(key, k_proj_weight, b_k)
         v = _linear(value, v_proj_weight, b_v)
     else:
-        w_q, w_k, w_v = in_proj_weight.chunk(3)
-        b_q = b_k = b_v = None
-        if in_proj_bias is not None:
-            b_q, b_k, b_v = in_proj_bias.chunk(3)
+        w_q, w_k, w_v = _thirds(in_proj_weight)
+        b_q, b_k, b_v = _thirds(in_proj_bias)
         q, k, v = _linear(query, w_q, b_q), _linear(key, w_k, b_k), _linear(value, w_v, b_v)
 
     if attn_mask is not None and attn_mask.dim() == 2:
