@@ -26,7 +26,7 @@ from .errors import (
 )
 from .plan import Plan, jacobian, plan
 from .spy import spy
-from .programs import ProgramPlan, jacobian_of, plan_of
+from .programs import ProgramPlan, hessian_of, jacobian_of, plan_of
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "jacobian",
     "jacobian_of",
     "plan_of",
+    "hessian_of",
     "ProgramPlan",
     "plan",
     "Plan",

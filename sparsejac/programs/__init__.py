@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UnsupportedOperationError
-from .api import ProgramPlan, jacobian_of, plan_of
+from .api import ProgramPlan, hessian_of, jacobian_of, plan_of
 
 
 def __getattr__(name: str) -> Any:
@@ -38,4 +38,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'sparsejac.programs' has no attribute {name!r}")
 
 
-__all__ = ["jacobian_of", "plan_of", "ProgramPlan", "RULES", "UnsupportedOperationError"]
+__all__ = ["jacobian_of", "hessian_of", "plan_of", "ProgramPlan", "RULES", "UnsupportedOperationError"]

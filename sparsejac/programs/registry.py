@@ -59,6 +59,12 @@ class Rule:
     group: str = ""
     # names of parameters that may hold traced tensors (others traced are refused by name)
     traced: tuple[str, ...] = field(default=())
+    # Second order (:func:`sparsejac.hessian_of`): "linear" (no curvature: sums, layouts,
+    # selections, piecewise-linear maxima), or ``fn(hx, result, ybar, **params)`` giving the
+    # Hessian terms of the step, or None where ``expand`` (a decomposition used for the
+    # second order only) or nothing provides it (then refused by name).
+    second: Any = None
+    expand: Callable | None = None
 
     @property
     def name(self) -> str:
@@ -81,7 +87,8 @@ def _names(names: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def rule(names: str | Sequence[str], params: str = "input", *, method: str | None = None,
-         traced: str | None = None) -> Callable:
+         traced: str | None = None, second: Any = None, expand: Callable | None = None
+         ) -> Callable:
     """Register ``fn(cx, result, **params)`` giving the Jacobian terms of the result.
 
     ``traced`` names the parameters that may be traced tensors (default: every parameter
@@ -92,7 +99,7 @@ def rule(names: str | Sequence[str], params: str = "input", *, method: str | Non
         parsed = parse_params(params)
         _register(Rule(_names(names), "rule", parsed,
                        parse_params(method) if method else None, fn, fn.__module__.rsplit(".", 1)[-1],
-                       _traced(parsed, traced)))
+                       _traced(parsed, traced), second, expand))
         return fn
 
     return decorate

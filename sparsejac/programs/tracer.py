@@ -52,6 +52,9 @@ class Tracer:
         self.dtype = dtype
         # id -> (tensor, terms); the strong reference keeps ids from being reused mid-trace.
         self._traced: dict[int, tuple[Any, Terms]] = {}
+        # For the second order: the steps taken, (rule, params, result), in order; None when
+        # only first derivatives are wanted.
+        self.tape: list | None = None
 
     def record(self, tensor: Any, terms: Terms | None) -> None:
         terms = {k: v for k, v in (terms or {}).items() if v}
@@ -120,13 +123,21 @@ class Tracer:
                     f"{PREFIX}{name!r} gives a complex tensor; complex values are not supported"
                 )
         self.labels.prefix = f"{PREFIX}{name!r}: "
+        second = self.tape is not None
+        expand = rule.expand if second and rule.kind == "rule" and rule.second is None else None
+        if second and rule.kind == "rule" and rule.second is None and expand is None:
+            raise UnsupportedOperationError(
+                f"{PREFIX}{name!r} has no second-order rule, so hessian_of cannot follow it; "
+                "write it with operations that have one (see the docs' operation table)")
         try:
             for r in outputs:
                 if isinstance(r, torch.Tensor):
                     self.labels.guard(tuple(r.shape), self.dtype.itemsize, "derivative values")
-            if rule.kind == "decomposition":
+            if rule.kind == "decomposition" or expand is not None:
                 with self:
-                    value = rule.fn(**params)
+                    value = (expand or rule.fn)(**params)
+                if second:  # the adjoints must flow through the steps that were traced
+                    return value
                 values = [value] if isinstance(value, torch.Tensor) else list(value)
                 parts = [self.terms(v) for v in values]
             else:
@@ -135,6 +146,8 @@ class Tracer:
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
+            if second and rule.second != "linear":
+                self.tape.append((rule, params, result))
         except T.TooManyLabelsError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
         finally:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ...errors import UnsupportedOperationError
 from .. import sums as S
 from ..registry import decomposition, rule
+from ..second import elementwise as second_elementwise
 from ..tracer import PREFIX
 
 # --- arithmetic -----------------------------------------------------------------------------
@@ -23,33 +24,36 @@ def _sum(cx, result, x, y, alpha):
                  S.times(cx, S.broadcast(cx, y, shape, fresh), alpha))
 
 
-@rule(("add", "__add__", "__radd__"), "input other alpha=1")
+@rule(("add", "__add__", "__radd__"), "input other alpha=1", second="linear")
 def add(cx, result, input, other, alpha):
     return _sum(cx, result, input, other, alpha)
 
 
-@rule(("sub", "__sub__", "subtract"), "input other alpha=1")
+@rule(("sub", "__sub__", "subtract"), "input other alpha=1", second="linear")
 def sub(cx, result, input, other, alpha):
     return _sum(cx, result, input, other, -alpha)
 
 
-@rule(("__rsub__", "rsub"), "input other alpha=1")
+@rule(("__rsub__", "rsub"), "input other alpha=1", second="linear")
 def rsub(cx, result, input, other, alpha):  # other - alpha * input
     return _sum(cx, result, other, input, -alpha)
 
 
-@rule(("mul", "__mul__", "__rmul__", "multiply"), "input other")
+@rule(("mul", "__mul__", "__rmul__", "multiply"), "input other",
+      second=second_elementwise(torch.mul, ("input", "other")))
 def mul(cx, result, input, other):
     return S.elementwise(cx, result, [(input, S.value(other, result)),
                                       (other, S.value(input, result))])
 
 
 def _quotient(cx, result, x, y):
-    yv = S.value(y, result)
+    yv = S.value(y, result).to(result.dtype)  # an integer divisor: its derivative in floats
     return S.elementwise(cx, result, [(x, 1 / yv), (y, -result / yv)])
 
 
-@rule(("div", "__truediv__", "true_divide", "divide", "__div__"), "input other rounding_mode=None")
+@rule(("div", "__truediv__", "true_divide", "divide", "__div__"), "input other rounding_mode=None",
+      second=second_elementwise(lambda input, other, rounding_mode: input / other,
+                                ("input", "other")))
 def div(cx, result, input, other, rounding_mode):
     if rounding_mode is not None:
         raise UnsupportedOperationError(
@@ -58,29 +62,31 @@ def div(cx, result, input, other, rounding_mode):
     return _quotient(cx, result, input, other)
 
 
-@rule(("__rtruediv__", "__rdiv__"), "input other")
+@rule(("__rtruediv__", "__rdiv__"), "input other",
+      second=second_elementwise(lambda input, other: other / input, ("input", "other")))
 def rdiv(cx, result, input, other):  # other / input
     return _quotient(cx, result, other, input)
 
 
-@rule(("neg", "__neg__", "negative"), "input")
+@rule(("neg", "__neg__", "negative"), "input", second="linear")
 def neg(cx, result, input):
     return S.times(cx, S.of(cx, input), -1)
 
 
-@rule(("where",), "condition input other", method="input condition other")
+@rule(("where",), "condition input other", method="input condition other", second="linear")
 def where(cx, result, condition, input, other):
     c = condition.to(result.dtype)
     return S.elementwise(cx, result, [(input, c), (other, 1 - c)])
 
 
-@rule(("masked_fill",), "input mask value")
+@rule(("masked_fill",), "input mask value", second="linear")
 def masked_fill(cx, result, input, mask, value):
     return S.elementwise(cx, result, [(input, (~mask).to(result.dtype)),
                                       (value, mask.to(result.dtype))])
 
 
-@rule(("lerp",), "input end weight")
+@rule(("lerp",), "input end weight",
+      second=second_elementwise(torch.lerp, ("input", "end", "weight")))
 def lerp(cx, result, input, end, weight):
     w = S.value(weight, result)
     return S.elementwise(cx, result, [(input, 1 - w), (end, w),
@@ -90,9 +96,10 @@ def lerp(cx, result, input, end, weight):
 # --- functions differentiated by their forward-mode tangent ----------------------------------
 
 
-def unary(names, params: str, call, traced: str = "input"):
+def unary(names, params: str, call, traced: str = "input", piecewise_linear: bool = False):
     """Register the elementwise function ``call(**params)``: its derivative in each traced
-    parameter (of ``traced``) is the forward-mode tangent of ones through ``call``."""
+    parameter (of ``traced``) is the forward-mode tangent of ones through ``call``, its second
+    derivative the tangent of that (none for a piecewise-linear function)."""
 
     def jacobian(cx, result, **p):
         derivatives = []
@@ -108,22 +115,28 @@ def unary(names, params: str, call, traced: str = "input"):
             # contiguous primal and tangent: torch's forward mode refuses some expanded views
             _, g = torch.func.jvp(f, (x.contiguous(),), (torch.ones(x.shape, dtype=x.dtype,
                                                                       device=x.device),))
+            if torch._is_zerotensor(g):  # constant in this argument
+                continue
             derivatives.append((p[name], g))
         return S.elementwise(cx, result, derivatives)
 
     jacobian.__name__ = names if isinstance(names, str) else names[0]
     jacobian.__module__ = __name__
-    rule(names, params, traced=traced)(jacobian)
+    second = "linear" if piecewise_linear else second_elementwise(call, traced.split())
+    rule(names, params, traced=traced, second=second)(jacobian)
 
 
-for _name in ("exp", "log", "tanh", "sigmoid", "sin", "cos", "sqrt", "rsqrt", "square", "abs",
+unary(("abs", "absolute"), "input", torch.abs, piecewise_linear=True)
+for _name in ("exp", "log", "tanh", "sigmoid", "sin", "cos", "sqrt", "rsqrt", "square",
               "log1p", "expm1", "erf", "erfc", "reciprocal", "tan", "atan", "sinh", "cosh",
-              "asin", "acos", "asinh", "atanh", "log2", "log10", "exp2", "erfinv", "absolute",
+              "asin", "acos", "asinh", "atanh", "log2", "log10", "exp2", "erfinv",
               "arctan", "arcsin", "arccos", "lgamma", "digamma"):
     unary(_name, "input", getattr(torch, _name))
 
-unary("relu", "input inplace=False", lambda input, inplace: torch.relu(input))
-unary("relu6", "input inplace=False", lambda input, inplace: F.hardtanh(input, 0.0, 6.0))
+unary("relu", "input inplace=False", lambda input, inplace: torch.relu(input),
+      piecewise_linear=True)
+unary("relu6", "input inplace=False", lambda input, inplace: F.hardtanh(input, 0.0, 6.0),
+      piecewise_linear=True)
 unary("gelu", "input approximate='none'", F.gelu)
 unary("silu", "input inplace=False", lambda input, inplace: F.silu(input))
 unary("mish", "input inplace=False", lambda input, inplace: F.mish(input))
@@ -133,27 +146,33 @@ unary("elu", "input alpha=1.0 inplace=False",
 unary("selu", "input inplace=False", lambda input, inplace: F.selu(input))
 unary("celu", "input alpha=1.0 inplace=False", lambda input, alpha, inplace: F.celu(input, alpha))
 unary("leaky_relu", "input negative_slope=0.01 inplace=False",
-      lambda input, negative_slope, inplace: F.leaky_relu(input, negative_slope))
+      lambda input, negative_slope, inplace: F.leaky_relu(input, negative_slope),
+      piecewise_linear=True)
 unary("hardtanh", "input min_val=-1.0 max_val=1.0 inplace=False",
-      lambda input, min_val, max_val, inplace: F.hardtanh(input, min_val, max_val))
+      lambda input, min_val, max_val, inplace: F.hardtanh(input, min_val, max_val),
+      piecewise_linear=True)
 unary("hardswish", "input inplace=False", lambda input, inplace: F.hardswish(input))
 unary("hardsigmoid", "input inplace=False", lambda input, inplace: F.hardsigmoid(input))
 unary(("log_sigmoid", "logsigmoid"), "input", F.logsigmoid)
 unary("softsign", "input", lambda input: input / (1 + input.abs()))
 unary("tanhshrink", "input", lambda input: input - torch.tanh(input))
-unary("softshrink", "input lambd=0.5", F.softshrink)
-unary("hardshrink", "input lambd=0.5", F.hardshrink)
+unary("softshrink", "input lambd=0.5", F.softshrink, piecewise_linear=True)
+unary("hardshrink", "input lambd=0.5", F.hardshrink, piecewise_linear=True)
 unary(("threshold", "_threshold"), "input threshold value inplace=False",
-      lambda input, threshold, value, inplace: F.threshold(input, threshold, value))
+      lambda input, threshold, value, inplace: F.threshold(input, threshold, value),
+      piecewise_linear=True)
 unary("logit", "input eps=None", torch.logit)
 unary("xlogy", "input other", torch.xlogy, traced="input other")
 unary(("pow", "__pow__"), "input exponent", torch.pow, traced="input exponent")
 unary("__rpow__", "input other", lambda input, other: torch.pow(other, input),
       traced="input other")
 unary("float_power", "input exponent", torch.float_power, traced="input exponent")
-unary(("clamp", "clip"), "input min=None max=None", torch.clamp, traced="input min max")
-unary(("maximum", "fmax"), "input other", torch.maximum, traced="input other")
-unary(("minimum", "fmin"), "input other", torch.minimum, traced="input other")
+unary(("clamp", "clip"), "input min=None max=None", torch.clamp, traced="input min max",
+      piecewise_linear=True)
+unary(("maximum", "fmax"), "input other", torch.maximum, traced="input other",
+      piecewise_linear=True)
+unary(("minimum", "fmin"), "input other", torch.minimum, traced="input other",
+      piecewise_linear=True)
 unary(("atan2", "arctan2"), "input other", torch.atan2, traced="input other")
 unary("hypot", "input other", torch.hypot, traced="input other")
 

@@ -24,47 +24,48 @@ from ..tracer import PREFIX
 
 @rule(("reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
        "reshape_as", "ravel", "atleast_1d", "atleast_2d", "atleast_3d"),
-      "input *args **kwargs", traced="input args")
+      "input *args **kwargs", traced="input args", second="linear")
 def reshape(cx, result, input, args, kwargs):
     if not isinstance(result, torch.Tensor) or result.dtype != input.dtype:
         raise UnsupportedOperationError(f"{PREFIX}'view' as another dtype is not supported")
     return S.reshape(cx, S.of(cx, input), tuple(result.shape))
 
 
-@rule(("expand", "expand_as", "broadcast_to"), "input *args **kwargs", traced="input args")
+@rule(("expand", "expand_as", "broadcast_to"), "input *args **kwargs", traced="input args",
+      second="linear")
 def expand(cx, result, input, args, kwargs):
     return S.broadcast(cx, input, tuple(result.shape))
 
 
 @rule(("contiguous", "clone", "to", "double", "float", "type_as", "__pos__", "positive",
        "cpu", "cuda", "type", "alias"),
-      "input *args **kwargs", traced="input args")
+      "input *args **kwargs", traced="input args", second="linear")
 def identity(cx, result, input, args, kwargs):
     return S.of(cx, input)
 
 
-@rule(("t", "T"), "input")
+@rule(("t", "T"), "input", second="linear")
 def reverse_axes(cx, result, input):
     return S.permute(cx, S.of(cx, input), list(range(input.dim()))[::-1])
 
 
-@rule(("mT", "mH", "H", "adjoint"), "input")
+@rule(("mT", "mH", "H", "adjoint"), "input", second="linear")
 def swap_last(cx, result, input):
     n = input.dim()
     return S.permute(cx, S.of(cx, input), list(range(n - 2)) + [n - 1, n - 2])
 
 
-@rule("permute", "input *dims")
+@rule("permute", "input *dims", second="linear")
 def permute(cx, result, input, dims):
     return S.permute(cx, S.of(cx, input), [S.dim(d, input.dim()) for d in dims])
 
 
-@rule("swapaxes", "input axis0 axis1")
+@rule("swapaxes", "input axis0 axis1", second="linear")
 def swapaxes(cx, result, input, axis0, axis1):
     return transpose(cx, result, input, axis0, axis1)
 
 
-@rule(("transpose", "swapdims"), "input dim0 dim1")
+@rule(("transpose", "swapdims"), "input dim0 dim1", second="linear")
 def transpose(cx, result, input, dim0, dim1):
     n = input.dim()
     perm = list(range(n))
@@ -73,7 +74,7 @@ def transpose(cx, result, input, dim0, dim1):
     return S.permute(cx, S.of(cx, input), perm)
 
 
-@rule(("movedim", "moveaxis"), "input source destination")
+@rule(("movedim", "moveaxis"), "input source destination", second="linear")
 def movedim(cx, result, input, source, destination):
     n = input.dim()
     src = [S.dim(d, n) for d in (source if isinstance(source, (list, tuple)) else [source])]
@@ -156,7 +157,7 @@ def selection(names, params: str, call, traced: str = "input", method: str | Non
 
     jacobian.__name__ = names if isinstance(names, str) else names[0]
     jacobian.__module__ = __name__
-    rule(names, params, traced=traced, method=method)(jacobian)
+    rule(names, params, traced=traced, method=method, second="linear")(jacobian)
 
 
 selection("__getitem__", "input index", lambda input, index: input[index])
@@ -195,14 +196,12 @@ selection(("diag",), "input diagonal=0", torch.diag)
 selection(("diag_embed",), "input offset=0 dim1=-2 dim2=-1", torch.diag_embed)
 selection(("tril",), "input diagonal=0", torch.tril)
 selection(("triu",), "input diagonal=0", torch.triu)
-selection(("unfold",), "input dimension size step",
-          lambda input, dimension, size, step: input.unfold(dimension, size, step))
 selection(("pixel_shuffle",), "input upscale_factor", F.pixel_shuffle)
 selection(("pixel_unshuffle",), "input downscale_factor", F.pixel_unshuffle)
 selection(("channel_shuffle",), "input groups", F.channel_shuffle)
 
 
-@rule("pad", "input pad mode='constant' value=None")
+@rule("pad", "input pad mode='constant' value=None", second="linear")
 def pad(cx, result, input, pad, mode, value):
     if mode not in ("constant", "reflect", "replicate", "circular"):
         raise UnsupportedOperationError(f"{PREFIX}'pad' with mode={mode!r} is not supported")
@@ -210,7 +209,7 @@ def pad(cx, result, input, pad, mode, value):
 
 
 @rule("embedding", "input weight padding_idx=None max_norm=None norm_type=2.0 "
-      "scale_grad_by_freq=False sparse=False", traced="weight")
+      "scale_grad_by_freq=False sparse=False", traced="weight", second="linear")
 def embedding(cx, result, input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
               sparse):
     if max_norm is not None:

@@ -14,12 +14,12 @@ from ..registry import decomposition, rule
 from ..tracer import PREFIX
 
 
-@rule("sum", "input dim=None keepdim=False dtype=None")
+@rule("sum", "input dim=None keepdim=False dtype=None", second="linear")
 def sum_(cx, result, input, dim, keepdim, dtype):
     return S.sum_dims(cx, input, S.reduce_dims(input, dim), bool(keepdim))
 
 
-@rule("mean", "input dim=None keepdim=False dtype=None")
+@rule("mean", "input dim=None keepdim=False dtype=None", second="linear")
 def mean(cx, result, input, dim, keepdim, dtype):
     dims = S.reduce_dims(input, dim)
     count = math.prod(input.shape[d] for d in dims)
@@ -43,7 +43,21 @@ def contract_back(cx, x, weights, d):
     return S.broadcast(cx, S.stand(cx, S.reshape(cx, summed, keep), keep), shape)
 
 
-@rule("softmax", "input dim=None _stacklevel=3 dtype=None")
+def _softmax_expand(input, dim, _stacklevel, dtype):
+    e = torch.exp(input - input.amax(dim, keepdim=True).detach())
+    return e / e.sum(dim, keepdim=True)
+
+
+def _logsumexp_expand(input, dim, keepdim):
+    m = input.amax(dim, keepdim=True).detach()
+    out = torch.log(torch.exp(input - m).sum(dim, keepdim=True)) + m
+    if not keepdim:
+        for d in sorted(S.reduce_dims(input, dim), reverse=True):
+            out = out.squeeze(d)
+    return out
+
+
+@rule("softmax", "input dim=None _stacklevel=3 dtype=None", expand=_softmax_expand)
 def softmax(cx, result, input, dim, _stacklevel, dtype):
     d = _softmax_dim(input, dim, "softmax")
     s = result.detach().to(cx.dtype)
@@ -51,7 +65,8 @@ def softmax(cx, result, input, dim, _stacklevel, dtype):
                  S.scaled(cx, contract_back(cx, input, s, d), -s))
 
 
-@rule("log_softmax", "input dim=None _stacklevel=3 dtype=None")
+@rule("log_softmax", "input dim=None _stacklevel=3 dtype=None",
+      expand=lambda input, dim, _stacklevel, dtype: input - _logsumexp_expand(input, dim, True))
 def log_softmax(cx, result, input, dim, _stacklevel, dtype):
     d = _softmax_dim(input, dim, "log_softmax")
     s = torch.exp(result.detach().to(cx.dtype))
@@ -69,7 +84,7 @@ def _onehot(x, index, dim):
     return torch.zeros_like(x).scatter(dim, index, 1.0)
 
 
-@rule(("max", "min"), "input dim=None keepdim=False", traced="input")
+@rule(("max", "min"), "input dim=None keepdim=False", traced="input", second="linear")
 def max_(cx, result, input, dim, keepdim):
     if dim is None or isinstance(dim, torch.Tensor):
         if isinstance(dim, torch.Tensor):  # torch.max(a, b): the elementwise maximum
@@ -83,7 +98,7 @@ def max_(cx, result, input, dim, keepdim):
     return [_weighted(cx, input, w, (d,), bool(keepdim)), None]
 
 
-@rule(("amax", "amin"), "input dim=() keepdim=False")
+@rule(("amax", "amin"), "input dim=() keepdim=False", second="linear")
 def amax(cx, result, input, dim, keepdim):
     dims = S.reduce_dims(input, dim)
     r = result.detach()
@@ -95,7 +110,7 @@ def amax(cx, result, input, dim, keepdim):
     return _weighted(cx, input, w, dims, bool(keepdim))
 
 
-@rule("logsumexp", "input dim keepdim=False")
+@rule("logsumexp", "input dim keepdim=False", expand=_logsumexp_expand)
 def logsumexp(cx, result, input, dim, keepdim):
     dims = S.reduce_dims(input, dim)
     r = result.detach()
@@ -122,7 +137,9 @@ def var(input, dim, unbiased, keepdim, correction):
     return (centred * centred).sum(dims, keepdim=bool(keepdim)) / max(n - correction, 0)
 
 
-@rule("std", "input dim=None unbiased=None keepdim=False correction=None")
+@rule("std", "input dim=None unbiased=None keepdim=False correction=None",
+      expand=lambda input, dim, unbiased, keepdim, correction: torch.sqrt(
+          var(input, dim, unbiased, keepdim, correction)))
 def std(cx, result, input, dim, unbiased, keepdim, correction):
     dim, correction = _correction("std", dim, unbiased, correction)
     dims = S.reduce_dims(input, dim)
@@ -153,14 +170,26 @@ def _norm_weights(x, p, dims):
     raise UnsupportedOperationError(f"{PREFIX}'norm' with p={p!r} is not supported")
 
 
-@rule("norm", "input p='fro' dim=None keepdim=False dtype=None out=None")
+def _norm_expand(input, p, dim, keepdim, dtype, out):
+    dims = S.reduce_dims(input, dim)
+    if p in ("fro", 2, 2.0, None):
+        return torch.sqrt((input * input).sum(dims, keepdim=bool(keepdim)))
+    if isinstance(p, (int, float)) and 1 < p < float("inf"):
+        return torch.pow(torch.pow(torch.abs(input), p).sum(dims, keepdim=bool(keepdim)), 1 / p)
+    return input.abs().sum(dims, keepdim=bool(keepdim)) if p == 1 else torch.amax(
+        input.abs(), dims, keepdim=bool(keepdim))
+
+
+@rule("norm", "input p='fro' dim=None keepdim=False dtype=None out=None", expand=_norm_expand)
 def norm(cx, result, input, p, dim, keepdim, dtype, out):
     dims = S.reduce_dims(input, dim)
     g = _norm_weights(input.detach().to(cx.dtype), p, dims)
     return _weighted(cx, input, g, dims, bool(keepdim))
 
 
-@rule("linalg_vector_norm", "x ord=2 dim=None keepdim=False dtype=None out=None")
+@rule("linalg_vector_norm", "x ord=2 dim=None keepdim=False dtype=None out=None",
+      expand=lambda x, ord, dim, keepdim, dtype, out: _norm_expand(x, ord, dim, keepdim, dtype,
+                                                                    out))
 def vector_norm(cx, result, x, ord, dim, keepdim, dtype, out):
     return norm(cx, result, x, ord, dim, keepdim, dtype, out)
 
@@ -185,7 +214,7 @@ def _others(x, d):
     return left * right
 
 
-@rule("cumsum", "input dim dtype=None")
+@rule("cumsum", "input dim dtype=None", second="linear")
 def cumsum(cx, result, input, dim, dtype):
     if input.dim() == 0:
         return S.of(cx, input)

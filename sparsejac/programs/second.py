@@ -1,0 +1,152 @@
+"""Second order: exact sparse Hessians of scalar programs, in structured form.
+
+For ``f = h(y)`` with ``y = g(u_1, ..., u_k)`` a step of the program, the chain rule twice
+gives ``H_f = sum over steps of sum_ij J_ui^T W_ij J_uj``, where ``J_ui`` is the structured
+Jacobian of the step's input ``u_i`` (what the first-order trace carries) and
+``W_ij = sum_o ybar[o] d2 y[o] / du_i du_j`` is the step's second derivative contracted with the
+adjoint ``ybar = df/dy`` that reaches it (torch's reverse mode gives every adjoint at once).
+Linear steps (sums, layouts, selections, an einsum with one traced operand) have ``W = 0``. An
+elementwise step has diagonal ``W`` (``ybar * g''``); an einsum of two traced operands a
+cross term ``W`` made of the other operands and ``ybar`` on the einsum's letters.
+
+Each ``J_ui^T W J_uj`` is one einsum of two terms (:func:`pair`): the second term gets fresh
+labels, the labels of the two that index the same entry of ``u`` are identified (a delta:
+a batch stays block-diagonal), and what neither argument side carries is summed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from . import terms as T
+from .tracer import Tracer
+
+
+def fresh_copy(term: T.Term, labels: T.Labels) -> T.Term:
+    """The term over new labels of the same sizes (index maps re-read on them)."""
+    rename = {l: labels.fresh(labels.sizes[l])[0] for l in term.free(labels)}
+    derived = {}
+    for a in term.out_atoms + term.inp_atoms:
+        if a in labels.derived and a not in derived:
+            table, over = labels.derived[a]
+            derived[a] = labels.derive(table, tuple(rename[o] for o in over), labels.sizes[a])
+    sub = lambda atoms: tuple(derived[a] if a in derived else rename[a] for a in atoms)  # noqa
+    return T.Term(tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), term.factor,
+                  tuple(rename[l] for l in term.flabels))
+
+
+def _plain(atoms: Sequence[int], labels: T.Labels) -> bool:
+    return not any(a in labels.derived for a in atoms)
+
+
+def pair(t1: T.Term, l1: Sequence[int], t2: T.Term, l2: Sequence[int],
+         others: Sequence[tuple[Any, Sequence[int]]], labels: T.Labels) -> T.Term:
+    """``sum over the letters of t1[l1, a] * t2[l2, b] * prod(others)``: the Hessian term with
+    rows ``t1``'s argument axes and columns ``t2``'s (``others``: values on einsum letters)."""
+    t2 = fresh_copy(t2, labels)
+    while True:
+        t1, a1 = T._bind(t1, l1, labels)
+        t2, a2 = T._bind(t2, l2, labels)
+        bad = next((e for e in a1 if e in a2 and not (
+            labels.shape(a1[e]) == labels.shape(a2[e]) and _plain(a1[e] + a2[e], labels))), None)
+        if bad is None:
+            break
+        # different granularity or index maps on a shared letter: one base label each side
+        t1 = T.resolve(t1, list(l1).index(bad), labels)
+        t2 = T.resolve(t2, list(l2).index(bad), labels)
+    for e in a1:
+        if e in a2:
+            for x, y in zip(a1[e], a2[e]):
+                if x != y:
+                    t2 = T._substitute(t2, y, x, labels)
+                    a2 = {k: tuple(x if z == y else z for z in v) for k, v in a2.items()}
+    amap = {**a2, **a1}
+    ops = [(t1.factor, t1.flabels), (t2.factor, t2.flabels)]
+    for value, letters in others:
+        value = value.detach().to(t1.factor.dtype)
+        shape = [s for e in letters for s in labels.shape(amap[e])]
+        ops.append(T.on_base(value.reshape(shape), [a for e in letters for a in amap[e]], labels))
+    free = labels.base(t1.inp_atoms + t2.inp_atoms)
+    carried = {l for _, ls in ops for l in ls}
+    fl = tuple(l for l in free if l in carried)
+    factor = T._einsum(ops, fl, labels)
+    term = T.Term(t1.inp, t2.inp, factor, fl)
+    bound = labels.base([a for atoms in amap.values() for a in atoms])
+    uncarried = set(bound) - set(free) - carried
+    if uncarried:
+        term = T.multiply(term, labels.size(sorted(uncarried)), labels)
+    return term
+
+
+def pairs(hx: Tracer, left, l1, right, l2, others) -> list:
+    """Every ``(key1, key2, term)`` of ``pair`` over the terms of two Jacobians (dicts)."""
+    out = []
+    for k1, ts1 in left.items():
+        for k2, ts2 in right.items():
+            for t1 in ts1:
+                for t2 in ts2:
+                    out.append((k1, k2, pair(t1, l1, t2, l2, others, hx.labels)))
+    return out
+
+
+def elementwise(call, traced: Sequence[str]):
+    """The second order of an elementwise ``call(**params)`` in its traced parameters: the
+    diagonal ``W_ij = ybar * d2 call / dx_i dx_j`` from nested forward-mode tangents."""
+    import torch
+
+    from . import sums as S
+
+    def second(hx, result, ybar, **p):
+        names = [n for n in traced if hx.terms(p.get(n)) is not None]
+        vals = {n: p[n].detach().contiguous() for n in names}
+        shape = tuple(result.shape)
+
+        def d1(i, at):
+            def f(t):
+                return call(**{**p, **at, i: t})
+
+            ones = torch.ones(at[i].shape, dtype=at[i].dtype, device=at[i].device)
+            return torch.func.jvp(f, (at[i],), (ones,))[1]
+
+        letters = tuple(range(len(shape)))
+        out = []
+        for a, i in enumerate(names):
+            for j in names[a:]:
+                def g(s, i=i, j=j):
+                    return d1(i, {**vals, j: s})
+
+                ones = torch.ones(vals[j].shape, dtype=vals[j].dtype, device=vals[j].device)
+                gij = torch.func.jvp(g, (vals[j],), (ones,))[1]
+                if torch._is_zerotensor(gij):  # identically zero (linear in these): no term
+                    continue
+                w = (ybar * gij.broadcast_to(shape)).detach()
+                ti, tj = S.broadcast(hx, p[i], shape), S.broadcast(hx, p[j], shape)
+                out += pairs(hx, ti, letters, tj, letters, [(w, letters)])
+                if i != j:
+                    out += pairs(hx, tj, letters, ti, letters, [(w, letters)])
+        return out
+
+    return second
+
+
+def bilinear(spec_of):
+    """The second order of an einsum whose ``spec_of(**params)`` gives ``(spec, operands)``:
+    a cross term for each ordered pair of traced operands."""
+    from ..grammar import bind, parse
+
+    def second(hx, result, ybar, **p):
+        spec, operands = spec_of(**p)
+        e = bind(parse(spec, len(operands)), [tuple(v.shape) for v in operands])
+        traced = [k for k, v in enumerate(operands) if hx.terms(v) is not None]
+        out = []
+        for k1 in traced:
+            for k2 in traced:
+                if k1 == k2:
+                    continue
+                others = [(operands[j], e.inputs[j]) for j in range(len(operands))
+                          if j not in (k1, k2)] + [(ybar, e.output)]
+                out += pairs(hx, hx.terms(operands[k1]), e.inputs[k1],
+                             hx.terms(operands[k2]), e.inputs[k2], others)
+        return out
+
+    return second

@@ -1,0 +1,160 @@
+"""sparsejac.hessian_of against torch.func.hessian in float64, symmetry, and the stored-entry
+rule: the union over the steps with curvature of each J_u^T W J_u term's structural nonzeros.
+For the programs below (no cancellation with random arguments) that is exactly the set of
+entries torch shows nonzero."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import sparsejac
+from sparsejac.errors import JacobianTooLargeError, ShapeError, UnsupportedOperationError
+
+D = torch.float64
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, dtype=D, generator=torch.Generator().manual_seed(seed))
+
+
+def check(fn, *args, wrt=0, exact_nnz=True):
+    ref = torch.func.hessian(fn, argnums=wrt)(*args).detach().numpy()
+    H = sparsejac.hessian_of(fn, *args, wrt=wrt, format="coo")
+    dense = H.todense()
+    np.testing.assert_allclose(dense, ref, rtol=1e-9, atol=1e-11)
+    n = args[wrt].numel()
+    M = sparsejac.hessian_of(fn, *args, wrt=wrt, format="csr")
+    assert isinstance(M, scipy.sparse.csr_array) and M.shape == (n, n)
+    assert M.has_canonical_format  # sorted, no duplicates
+    assert (M != M.T).nnz == 0  # exactly symmetric
+    pattern = M.copy()
+    pattern.data[:] = 1
+    assert (pattern != pattern.T).nnz == 0  # symmetric pattern
+    if exact_nnz:
+        assert M.nnz == np.count_nonzero(ref)
+    return M
+
+
+x, W = rand(6, 4), rand(4, 3, seed=1)
+
+
+def test_squared_norm_of_a_tanh_mlp_wrt_its_batch_input_is_block_diagonal():
+    M = check(lambda x: (torch.tanh(x @ W) ** 2).sum(), x)
+    assert M.nnz == 6 * 4 * 4  # one dense 4 x 4 block per sample
+
+
+def test_squared_norm_wrt_a_weight():
+    check(lambda w: (torch.tanh(x @ w) ** 2).sum(), W)
+
+
+def test_rosenbrock_written_with_slices_is_tridiagonal():
+    def rosen(z):
+        return (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()
+
+    n = 30
+    M = check(rosen, rand(n, seed=2))
+    assert M.nnz == 3 * n - 2
+
+
+def test_einsum_energy():
+    A = rand(4, 4, seed=3)
+    check(lambda x: torch.einsum("bi,ij,bj->", torch.tanh(x), A, torch.tanh(x)), x)
+
+
+def test_cross_entropy_of_logits():
+    t = torch.tensor([0, 2, 1, 3, 0, 1])
+    M = check(lambda z: F.cross_entropy(z, t), x)
+    assert M.nnz == 6 * 4 * 4  # softmax couples the classes of one sample only
+
+
+def test_log_sum_exp():
+    check(lambda z: torch.logsumexp(z, dim=1).sum(), x)
+
+
+def test_layer_normalised_network():
+    def net(z):
+        h = F.layer_norm(z @ W, (3,))
+        return (torch.tanh(h) ** 2).mean()
+
+    check(net, x)
+
+
+def test_both_arguments_give_the_nested_blocks_of_torch():
+    fn = lambda x, w: (torch.tanh(x @ w) ** 2).sum()  # noqa: E731
+    ref = torch.func.hessian(fn, argnums=(0, 1))(x, W)
+    H = sparsejac.hessian_of(fn, x, W, wrt=(0, 1))
+    for i in range(2):
+        for j in range(2):
+            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].numpy(), rtol=1e-9,
+                                       atol=1e-11)
+
+
+def test_a_dict_argument_gives_nested_dicts():
+    fn = lambda d: (d["a"] * d["b"]).sum() + (d["a"] ** 3).sum()  # noqa: E731
+    d = {"a": rand(3), "b": rand(3, seed=1)}
+    ref = torch.func.hessian(fn)(d)
+    H = sparsejac.hessian_of(fn, d)
+    assert set(H) == {"a", "b"} and set(H["a"]) == {"a", "b"}
+    for i in "ab":
+        for j in "ab":
+            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].numpy(), atol=1e-12)
+
+
+def test_piecewise_linear_steps_add_no_entries():
+    # relu's second derivative is zero: the Hessian is that of the square alone, diagonal; its
+    # mask is a value, so the pattern holds every diagonal entry, including masked ones
+    M = check(lambda z: (torch.relu(z) ** 2).sum(), x, exact_nnz=False)
+    assert M.nnz == x.numel()
+    assert np.count_nonzero(M.data) == int((x > 0).sum())
+
+
+def test_refusals_name_the_operation():
+    with pytest.raises(ShapeError, match="scalar"):
+        sparsejac.hessian_of(lambda z: z * 2, x)
+    with pytest.raises(UnsupportedOperationError, match="'prod'"):
+        sparsejac.hessian_of(lambda z: z.prod(), x)
+
+
+def test_memory_limit_refuses_before_work():
+    with pytest.raises(JacobianTooLargeError):
+        sparsejac.hessian_of(lambda z: (torch.tanh(z @ rand(64, 64)) ** 2).sum(),
+                             rand(64, 64), memory_limit=10_000)
+
+
+UNARY = [torch.tanh, torch.sigmoid, torch.sin, torch.exp, lambda t: t * t, F.softplus,
+         lambda t: t / (1 + t * t), torch.relu]
+
+
+@given(ops=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 10**6)), min_size=1,
+                    max_size=5),
+       rows=st.integers(1, 3), cols=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_random_scalar_programs(ops, rows, cols, seed):
+    z0 = rand(rows, cols, seed=seed) * 0.5
+    consts: dict = {}  # drawn on the first run: torch.func.hessian's vmap allows no random ops
+
+    def const(i, *shape):
+        if i not in consts:
+            g = torch.Generator().manual_seed(ops[i][1])
+            consts[i] = torch.randn(*shape, dtype=D, generator=g) * 0.5
+        return consts[i]
+
+    def fn(z):
+        for i, (op, s) in enumerate(ops):
+            kind = s % 4
+            if kind == 0:
+                z = UNARY[op](z)
+            elif kind == 1:
+                z = z @ const(i, z.shape[-1], 1 + s % 3)
+            elif kind == 2 and z.shape[-1] >= 2:
+                z = z[..., 1:] * z[..., :-1] if op % 2 else torch.softmax(z, -1)
+            else:
+                z = z * const(i, z.shape[-1]) + UNARY[op](z)
+        return (z * z).sum() if ops[0][0] % 2 else torch.logsumexp(z.reshape(-1), 0)
+
+    fn(z0)
+    check(fn, z0, exact_nnz=False)
