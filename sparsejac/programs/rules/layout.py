@@ -110,7 +110,7 @@ def place(cx, result, x, pos: torch.Tensor, part: bool = False):
     flat = S.reshape(cx, terms, (n,))
     valid = index >= 0
     chosen = index[valid]
-    injective = chosen.numel() == torch.unique(chosen).numel()
+    injective = not chosen.numel() or int(torch.bincount(chosen, minlength=n).max()) <= 1
     shape = tuple(result.shape)
     if injective and (chosen.numel() < index.numel() or part):
         # a part of the result (a concatenation, padding): send each entry to its place

@@ -1,0 +1,173 @@
+"""A small CNN against torch.func.jacrev, and the stored-entry rule of convolution and pooling.
+
+The rule (sparsejac/programs/rules/conv.py): a convolution stores one entry per output entry
+and in-bounds entry of its window (padding stores nothing), which for generic values is
+exactly the set jacrev shows nonzero; a maximum pooling stores the whole in-bounds window of
+each output entry (a pattern independent of the values: which entry wins is a value), so
+there the count is the windows', not jacrev's. Through a network, the stored entries are the
+union over paths: the boolean product of the layers' patterns (relu's pattern is its diagonal,
+its zero slopes are values).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsejac
+from sparsejac.programs import terms as T
+from sparsejac.programs.api import load
+from sparsejac.programs.tracer import make_tracer
+
+D = torch.float64
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, dtype=D, generator=torch.Generator().manual_seed(seed))
+
+
+def _csr(J, out_shape, in_shape):
+    coords = np.asarray(J.coords)
+    rows = np.ravel_multi_index(tuple(coords[: len(out_shape)]), out_shape)
+    cols = np.ravel_multi_index(tuple(coords[len(out_shape):]), in_shape)
+    return scipy.sparse.csr_array((np.asarray(J.data), (rows, cols)),
+                                  shape=(int(np.prod(out_shape)), int(np.prod(in_shape))))
+
+
+def _bool(m):
+    m = scipy.sparse.csr_array(m)
+    return scipy.sparse.csr_array((np.ones(m.nnz), m.indices, m.indptr), shape=m.shape)
+
+
+def _same_pattern(a, b):
+    a, b = _bool(a), _bool(b)
+    return a.shape == b.shape and (a != b).nnz == 0
+
+
+def _jacrev(fn, x):
+    r = torch.func.jacrev(fn)(x)
+    out = r.shape[: r.dim() - x.dim()]
+    return r.reshape(int(np.prod(out)), x.numel()).detach().numpy()
+
+
+def _windows(size, k, s, p, d=1, ceil=False):
+    """Per output cell, the in-bounds input cells of its window (a direct loop)."""
+    span = d * (k - 1) + 1
+    n = size + 2 * p - span
+    out = (-(-n // s) if ceil else n // s) + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    return [[o * s + j * d - p for j in range(k) if 0 <= o * s + j * d - p < size]
+            for o in range(out)]
+
+
+# --- the CNN -----------------------------------------------------------------------------------
+
+torch.manual_seed(0)
+CONV = nn.Conv2d(3, 4, 3, padding=1).to(D)
+LIN = nn.Linear(4 * 4 * 4, 5).to(D)
+X = _rand(2, 3, 8, 8, seed=1)
+
+
+def cnn(x, w=CONV.weight):
+    h = F.conv2d(x, w, CONV.bias, padding=1)
+    h = F.max_pool2d(torch.relu(h), 2)
+    return LIN(torch.flatten(h, 1))
+
+
+def test_cnn_against_jacrev_wrt_input_and_weight():
+    J = sparsejac.jacobian_of(cnn, X)
+    np.testing.assert_allclose(J.todense(), torch.func.jacrev(cnn)(X).detach().numpy(), rtol=1e-9,
+                               atol=1e-11)
+    Jw = sparsejac.jacobian_of(cnn, X, CONV.weight.detach(), wrt=1)
+    ref = torch.func.jacrev(cnn, argnums=1)(X, CONV.weight.detach())
+    np.testing.assert_allclose(Jw.todense(), ref.detach().numpy(), rtol=1e-9, atol=1e-11)
+    net = nn.Sequential(CONV, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), LIN)
+    Jm = sparsejac.jacobian_of(net, X)
+    np.testing.assert_allclose(Jm.todense(), J.todense(), rtol=1e-12, atol=1e-13)
+
+
+def test_conv_stores_jacrev_nonzeros_and_the_window_count():
+    w = CONV.weight.detach()
+    fn = lambda x: F.conv2d(x, w, padding=1)  # noqa: E731
+    J = sparsejac.jacobian_of(fn, X)
+    ref = _jacrev(fn, X)
+    got = _csr(J, (2, 4, 8, 8), (2, 3, 8, 8))
+    assert _same_pattern(got, ref != 0)
+    # independently: per output entry, C times the in-bounds window cells
+    win = _windows(8, 3, 1, 1)
+    assert J.nnz == 2 * 4 * 3 * sum(len(a) * len(b) for a in win for b in win)
+    # with respect to the weight: the in-bounds window entries too (zero-padded input values)
+    Jw = sparsejac.jacobian_of(lambda w: F.conv2d(X, w, padding=1), w)
+    refw = _jacrev(lambda w: F.conv2d(X, w, padding=1), w)
+    assert _same_pattern(_csr(Jw, (2, 4, 8, 8), (4, 3, 3, 3)), refw != 0)
+    assert Jw.nnz == J.nnz
+
+
+@pytest.mark.parametrize("k,s,p,d,ceil", [(2, 2, 0, 1, False), (3, 2, 1, 1, True),
+                                          (2, 1, 1, 2, False)])
+def test_max_pool_stores_the_windows(k, s, p, d, ceil):
+    x = _rand(2, 3, 7, 6, seed=2)
+    fn = lambda a: F.max_pool2d(a, k, s, p, d, ceil_mode=ceil)  # noqa: E731
+    J = sparsejac.jacobian_of(fn, x)
+    out = tuple(fn(x).shape)
+    np.testing.assert_allclose(J.todense(), torch.func.jacrev(fn)(x).numpy())
+    rows, cols = _windows(7, k, s, p, d, ceil), _windows(6, k, s, p, d, ceil)
+    assert out[2:] == (len(rows), len(cols))
+    expected = []  # (output cell, input cell) of each window entry, per (batch, channel)
+    for (i, a), (j, b) in itertools.product(enumerate(rows), enumerate(cols)):
+        expected += [(i * len(cols) + j, h * 6 + w) for h in a for w in b]
+    assert J.nnz == 2 * 3 * len(expected)
+    got = _csr(J, out, tuple(x.shape))
+    cells = len(rows) * len(cols)
+    block = scipy.sparse.csr_array((np.ones(len(expected)), tuple(np.array(expected).T)),
+                                   shape=(cells, 42))
+    assert _same_pattern(got, scipy.sparse.block_diag([block] * 6))
+    # jacrev's nonzeros (the arg max of each window) are among them
+    assert (_bool(_jacrev(fn, x) != 0) - _bool(got).minimum(_bool(_jacrev(fn, x) != 0))).nnz == 0
+
+
+def test_cnn_stores_the_product_of_the_layer_patterns():
+    """Through conv -> relu -> max_pool -> linear the stored entries are the boolean product of
+    the layers' patterns: conv's from jacrev, max_pool's windows, linear's dense blocks."""
+    w = CONV.weight.detach()
+    conv = _bool(_jacrev(lambda x: F.conv2d(x, w, padding=1), X) != 0)  # (2*4*64, 2*3*64)
+    h = torch.relu(F.conv2d(X, w, CONV.bias, padding=1))
+    pool = _bool(_csr(sparsejac.jacobian_of(lambda a: F.max_pool2d(a, 2), h),
+                      (2, 4, 4, 4), (2, 4, 8, 8)))
+    assert pool.nnz == 2 * 4 * 16 * 4  # the windows: 4 entries per output entry
+    lin = _bool(np.kron(np.eye(2), np.ones((5, 64))))
+    expected = _bool(lin @ pool @ conv)
+    J = sparsejac.jacobian_of(cnn, X)
+    assert _same_pattern(_csr(J, (2, 5), (2, 3, 8, 8)), expected)
+    assert J.nnz == expected.nnz == 2 * 5 * 3 * 64  # per sample: every input reaches every output
+    convw = _bool(_jacrev(lambda w: F.conv2d(X, w, padding=1), w) != 0)
+    Jw = sparsejac.jacobian_of(cnn, X, w, wrt=1)
+    assert _same_pattern(_csr(Jw, (2, 5), (4, 3, 3, 3)), _bool(lin @ pool @ convw))
+
+
+def _enumerated(fn, *args, wrt=0):
+    """Entries the trace's terms of ``fn(*args)`` enumerate w.r.t. ``args[wrt]``."""
+    load()
+    labels = T.Labels()
+    tracer = make_tracer(labels, D)
+    args = [a.detach() for a in args]
+    tracer.record(args[wrt], {(0, 0): [T.identity(tuple(args[wrt].shape), labels, D)]})
+    with tracer:
+        out = fn(*args)
+    return sum(t.nnz(labels) for t in tracer.terms(out)[(0, 0)])
+
+
+def test_conv_terms_enumerate_batch_out_cells_channels_kernel():
+    x, w = _rand(2, 4, 9, 7, seed=3), _rand(6, 2, 3, 2, seed=4)  # groups=2
+    B, O, L, Cg, K = 2, 6, 0, 2, 6
+    fn = lambda a, b: F.conv2d(a, b, stride=2, padding=1, groups=2)  # noqa: E731
+    L = fn(x, w).shape[2] * fn(x, w).shape[3]
+    assert _enumerated(fn, x, w, wrt=0) <= B * O * L * Cg * K
+    assert _enumerated(fn, x, w, wrt=1) <= B * O * L * Cg * K
