@@ -89,9 +89,10 @@ def pairs(hx: Tracer, left, l1, right, l2, others) -> list:
     return out
 
 
-def elementwise(call, traced: Sequence[str]):
+def elementwise(call, traced: Sequence[str], closed=None):
     """The second order of an elementwise ``call(**params)`` in its traced parameters: the
-    diagonal ``W_ij = ybar * d2 call / dx_i dx_j`` from nested forward-mode tangents."""
+    diagonal ``W_ij = ybar * d2 call / dx_i dx_j`` from nested forward-mode tangents (or from
+    ``closed(**params)``'s second derivative where ``input`` alone is traced)."""
     import torch
 
     from . import sums as S
@@ -110,6 +111,11 @@ def elementwise(call, traced: Sequence[str]):
 
         letters = tuple(range(len(shape)))
         out = []
+        forms = closed(**{**p, "input": vals["input"]}) if closed and names == ["input"] else None
+        if forms is not None:
+            w = (ybar * forms[1].broadcast_to(shape)).detach()
+            t = S.broadcast(hx, p["input"], shape)
+            return pairs(hx, t, letters, t, letters, [(w, letters)])
         for a, i in enumerate(names):
             for j in names[a:]:
                 def g(s, i=i, j=j):

@@ -66,6 +66,7 @@ class Labels:
         # of shape ``shape(over)``), or -1 where the entry does not exist. ``over`` are base
         # labels. Selections, shifts, padding and convolution windows are derived labels.
         self.derived: dict[int, tuple["torch.Tensor", tuple[int, ...]]] = {}
+        self._maps: dict[tuple, list[int]] = {}
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
@@ -95,9 +96,15 @@ class Labels:
         if (len(over) == 1 and self.sizes[over[0]] == size and table.dim() == 1
                 and bool((table == _arange(size, table)).all())):
             return over[0]
+        # the same map gets the same label, so that terms through it merge
+        key = (over, int(size), tuple(table.shape))
+        for label in self._maps.get(key, ()):
+            if torch_equal(self.derived[label][0], table):
+                return label
         label = len(self.sizes)
         self.sizes[label] = int(size)
         self.derived[label] = (table, over)
+        self._maps.setdefault(key, []).append(label)
         return label
 
     def base(self, atoms: Sequence[int]) -> tuple[int, ...]:
@@ -954,7 +961,7 @@ def _injective(atom: int, labels: Labels):
     if len(over) != 1:
         return None
     valid = table[table >= 0]
-    if valid.numel() != torch.unique(valid).numel():
+    if valid.numel() and int(torch.bincount(valid, minlength=labels.sizes[atom]).max()) > 1:
         return None
     inverse = torch.full((labels.sizes[atom],), -1, dtype=torch.int64, device=table.device)
     inverse[valid] = torch.arange(table.numel(), device=table.device)[table >= 0]
@@ -1029,6 +1036,12 @@ def remap(term: Term, axes: Sequence[int], table: "torch.Tensor", size: int,
     first = axes[0]
     out = term.out[:first] + (new_axis,) + term.out[axes[-1] + 1 :]
     return replace(term, out=out)
+
+
+def torch_equal(a: "torch.Tensor", b: "torch.Tensor") -> bool:
+    import torch
+
+    return a.device == b.device and torch.equal(a, b)
 
 
 def torch_int64(like: "torch.Tensor"):

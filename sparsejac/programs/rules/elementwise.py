@@ -96,13 +96,20 @@ def lerp(cx, result, input, end, weight):
 # --- functions differentiated by their forward-mode tangent ----------------------------------
 
 
-def unary(names, params: str, call, traced: str = "input", piecewise_linear: bool = False):
+def unary(names, params: str, call, traced: str = "input", piecewise_linear: bool = False,
+          closed=None):
     """Register the elementwise function ``call(**params)``: its derivative in each traced
     parameter (of ``traced``) is the forward-mode tangent of ones through ``call``, its second
-    derivative the tangent of that (none for a piecewise-linear function)."""
+    derivative the tangent of that (none for a piecewise-linear function). ``closed(**p)``
+    may give both in closed form, ``(first, second)`` in ``input``, or None (then tangents);
+    it is used where ``input`` is the only traced parameter."""
 
     def jacobian(cx, result, **p):
         derivatives = []
+        only_input = [n for n in traced.split() if cx.terms(p[n]) is not None] == ["input"]
+        forms = closed(**{**p, "input": p["input"].detach()}) if closed and only_input else None
+        if forms is not None:
+            return S.elementwise(cx, result, [(p["input"], forms[0])])
         for name in traced.split():
             x = p[name]
             if cx.terms(x) is None:
@@ -122,16 +129,40 @@ def unary(names, params: str, call, traced: str = "input", piecewise_linear: boo
 
     jacobian.__name__ = names if isinstance(names, str) else names[0]
     jacobian.__module__ = __name__
-    second = "linear" if piecewise_linear else second_elementwise(call, traced.split())
+    second = "linear" if piecewise_linear else second_elementwise(call, traced.split(), closed)
     rule(names, params, traced=traced, second=second)(jacobian)
 
 
 unary(("abs", "absolute"), "input", torch.abs, piecewise_linear=True)
+# closed forms of the commonest functions: (first, second) derivatives at the input
+CLOSED = {
+    "exp": lambda x: (torch.exp(x),) * 2,
+    "tanh": lambda x: (1 - torch.tanh(x) ** 2, -2 * torch.tanh(x) * (1 - torch.tanh(x) ** 2)),
+    "sigmoid": lambda x: (torch.sigmoid(x) * (1 - torch.sigmoid(x)),
+                          torch.sigmoid(x) * (1 - torch.sigmoid(x)) * (1 - 2 * torch.sigmoid(x))),
+    "log": lambda x: (1 / x, -1 / (x * x)),
+    "square": lambda x: (2 * x, torch.full_like(x, 2.0)),
+    "sin": lambda x: (torch.cos(x), -torch.sin(x)),
+    "cos": lambda x: (-torch.sin(x), -torch.cos(x)),
+}
+
+
+def _power(input, exponent):
+    """``x ** c`` for a Python number ``c``: ``(c x**(c-1), c (c-1) x**(c-2))``."""
+    if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
+        return None
+    c = exponent
+    if c == 2:
+        return 2 * input, torch.full_like(input, 2.0)
+    return c * input ** (c - 1), c * (c - 1) * input ** (c - 2)
+
+
 for _name in ("exp", "log", "tanh", "sigmoid", "sin", "cos", "sqrt", "rsqrt", "square",
               "log1p", "expm1", "erf", "erfc", "reciprocal", "tan", "atan", "sinh", "cosh",
               "asin", "acos", "asinh", "atanh", "log2", "log10", "exp2", "erfinv",
               "arctan", "arcsin", "arccos", "lgamma", "digamma"):
-    unary(_name, "input", getattr(torch, _name))
+    unary(_name, "input", getattr(torch, _name),
+          closed=(lambda input, f=CLOSED[_name]: f(input)) if _name in CLOSED else None)
 
 unary("relu", "input inplace=False", lambda input, inplace: torch.relu(input),
       piecewise_linear=True)
@@ -163,7 +194,7 @@ unary(("threshold", "_threshold"), "input threshold value inplace=False",
       piecewise_linear=True)
 unary("logit", "input eps=None", torch.logit)
 unary("xlogy", "input other", torch.xlogy, traced="input other")
-unary(("pow", "__pow__"), "input exponent", torch.pow, traced="input exponent")
+unary(("pow", "__pow__"), "input exponent", torch.pow, traced="input exponent", closed=_power)
 unary("__rpow__", "input other", lambda input, other: torch.pow(other, input),
       traced="input other")
 unary("float_power", "input exponent", torch.float_power, traced="input exponent")
