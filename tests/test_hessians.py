@@ -126,8 +126,9 @@ def test_memory_limit_refuses_before_work():
                              rand(64, 64), memory_limit=10_000)
 
 
-UNARY = [torch.tanh, torch.sigmoid, torch.sin, torch.exp, lambda t: t * t, F.softplus,
-         lambda t: t / (1 + t * t), torch.relu]
+# bounded growth, so that compositions stay finite
+UNARY = [torch.tanh, torch.sigmoid, torch.sin, lambda t: torch.exp(-t * t),
+         lambda t: t * torch.tanh(t), F.softplus, lambda t: t / (1 + t * t), torch.relu]
 
 
 @given(ops=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 10**6)), min_size=1,

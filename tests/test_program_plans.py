@@ -129,3 +129,27 @@ def test_threads_give_exact_results():
     for k, (a, b) in results.items():
         np.testing.assert_allclose(a, refs[k], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(b, refs[k], rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_plans_refill_exactly():
+    w = rand(5, 4, seed=7)
+
+    def loss(x, v):
+        return (torch.tanh(x @ w) ** 2).sum() + (x[1:] * v[:-1]).sum() ** 2
+
+    x0, v0 = rand(6, 5), rand(6, 5, seed=1)
+    plan = sparsejac.plan_of(loss, x0, v0, wrt=(0, 1), order=2)
+    for seed in (2, 3):
+        x, v = rand(6, 5, seed=seed), rand(6, 5, seed=seed + 10)
+        H = plan.jacobian(x, v, format="csr")
+        ref = torch.func.hessian(loss, argnums=(0, 1))(x, v)
+        for i in range(2):
+            for j in range(2):
+                np.testing.assert_allclose(H[i][j].toarray(), ref[i][j].reshape(30, 30).numpy(),
+                                           rtol=1e-10, atol=1e-10)
+        assert (H[0][0] != H[0][0].T).nnz == 0 and (H[1][0] != H[0][1].T).nnz == 0
+        one_shot = sparsejac.hessian_of(loss, x, v, wrt=(0, 1), format="csr")
+        assert all(H[i][j].nnz == one_shot[i][j].nnz for i in range(2) for j in range(2))
+    assert plan.rebuilds == 0
+    with pytest.raises(sparsejac.ArgumentError, match="order"):
+        sparsejac.plan_of(loss, x0, v0, order=3)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import formats, options
-from ..errors import ArgumentTypeError, OperandTypeError
+from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
 from ..formats import FORMATS
 from . import terms as T
 from .tracer import LOCK, PREFIX, make_tracer
@@ -115,6 +115,155 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False):
     return tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype, limit
 
 
+class _Collected:
+    """What one trace gives: the terms of each block (one Jacobian or Hessian block), its
+    shapes, and where each block goes in the nested result (``layout``: block index and
+    whether it is transposed, in the order of the result's leaves; ``nest`` rebuilds it)."""
+
+    def __init__(self, blocks, shapes, labels, dtype, limit, layout, nest, what, sym=()):
+        self.blocks, self.shapes, self.labels, self.dtype = blocks, shapes, labels, dtype
+        self.limit, self.layout, self.nest, self.what = limit, layout, nest, what
+        self.symmetric = set(sym)  # blocks that are symmetric (a Hessian's diagonal blocks)
+
+    def structure(self) -> tuple:
+        """What the pattern depends on: every term's axes and sizes, and its index maps."""
+        labels, parts = self.labels, [tuple(self.shapes)]
+        for terms in self.blocks:
+            for t in terms:
+                atoms = t.out_atoms + t.inp_atoms
+                used = labels.base(atoms) + tuple(a for a in atoms if a in labels.derived)
+                tables = tuple((labels.derived[a][1], labels.derived[a][0].cpu().numpy().tobytes())
+                               for a in atoms if a in labels.derived)
+                parts.append((t.out, t.inp, tuple(labels.sizes[l] for l in used), tables))
+        return tuple(parts)
+
+
+def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
+    from torch.utils import _pytree as pytree
+
+    (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
+     limit) = _trace(fn, args, wrt, memory_limit)
+    blocks, shapes = [], []
+    for o in out_leaves:
+        out_terms = tracer.terms(o) or {}
+        for p in positions:
+            for j, t in enumerate(flat_args[p]):
+                blocks.append(out_terms.get((p, j), []))
+                shapes.append((tuple(o.shape), tuple(t.shape)))
+    sizes = [len(flat_args[p]) for p in positions]
+
+    def nest(results):
+        it, per_out = iter(results), []
+        for _ in out_leaves:
+            per_wrt = [pytree.tree_unflatten([next(it) for _ in range(n)], specs[p])
+                       for p, n in zip(positions, sizes)]
+            per_out.append(tuple(per_wrt) if isinstance(wrt, (tuple, list)) else per_wrt[0])
+        return pytree.tree_unflatten(per_out, out_spec)
+
+    layout = [(i, False) for i in range(len(blocks))]
+    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, "the Jacobian")
+
+
+def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
+    """The Hessian's blocks on and above the diagonal (those below are their transposes)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from ..errors import ShapeError
+
+    (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
+     limit) = _trace(fn, args, wrt, memory_limit, second=True)
+    if len(out_leaves) != 1 or out_leaves[0].numel() != 1:
+        raise ShapeError(f"{PREFIX}hessian_of needs fn to return one scalar tensor; got "
+                         f"{[tuple(o.shape) for o in out_leaves]}")
+    out = out_leaves[0]
+    found: dict = {}
+    steps = [(r, p, res if isinstance(res, torch.Tensor) else res[0])
+             for r, p, res in tracer.tape]
+    steps = [st for st in steps if st[2].requires_grad]
+    if out.requires_grad and steps:
+        adjoints = torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
+                                       allow_unused=True)
+        for (rule, params, result), ybar in zip(steps, adjoints):
+            if ybar is None:
+                continue  # the output does not depend on this step
+            labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
+            for k1, k2, term in rule.second(tracer, result.detach(), ybar.detach().to(dtype),
+                                            **params):
+                found.setdefault((k1, k2), []).append(term)
+        labels.prefix = PREFIX
+    keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
+    shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
+    index, blocks, shapes, sym = {}, [], [], []
+    for a, k1 in enumerate(keys):
+        for k2 in keys[a:]:
+            index[(k1, k2)] = len(blocks)
+            if k1 == k2:
+                sym.append(len(blocks))
+            blocks.append(T.merge(found.get((k1, k2), []), labels))
+            shapes.append((shape[k1], shape[k2]))
+    layout = []
+    for p1 in positions:
+        for i in range(len(flat_args[p1])):
+            for p2 in positions:
+                for j in range(len(flat_args[p2])):
+                    k1, k2 = (p1, i), (p2, j)
+                    layout.append((index[(k1, k2)], False) if (k1, k2) in index
+                                  else (index[(k2, k1)], True))
+
+    def nest(results):
+        it = iter(results)
+        rows = []
+        for p1 in positions:
+            per_leaf = []
+            for _ in range(len(flat_args[p1])):
+                per_p2 = [pytree.tree_unflatten([next(it) for _ in flat_args[p2]], specs[p2])
+                          for p2 in positions]
+                per_leaf.append(tuple(per_p2) if isinstance(wrt, (tuple, list)) else per_p2[0])
+            rows.append(pytree.tree_unflatten(per_leaf, specs[p1]))
+        return tuple(rows) if isinstance(wrt, (tuple, list)) else rows[0]
+
+    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, "the Hessian", sym)
+
+
+def _symmetrise(csr):
+    """Average a matrix with its transpose in place, where its pattern is symmetric (the two
+    halves of a Hessian block are summed in other orders, so they differ by rounding)."""
+    t = csr.T.tocsr()
+    t.sort_indices()
+    if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
+        csr.data = (csr.data + t.data) * 0.5
+    return csr
+
+
+def _transposed(csr):
+    t = csr.T.tocsr()
+    t.sort_indices()
+    return t
+
+
+def _build(c: _Collected, fmt: str):
+    """Materialise every block once (guarded), then the nested result in ``fmt``."""
+    held, csrs = 0, []
+    for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
+        nnz = sum(t.nnz(c.labels) for t in terms)
+        peak, csr_bytes = T.materialise_nbytes(terms, s1, s2, c.labels, c.dtype)
+        copies = sum(1 for b, tr in c.layout if b == i)
+        convert, final = _conversion_nbytes(fmt, nnz, s1, s2, c.dtype.itemsize, csr_bytes)
+        options.guard(held + max(peak, csr_bytes + convert), c.limit, PREFIX,
+                      f"{c.what} block {i} ({nnz:,} entries enumerated in {len(terms)} "
+                      f"term(s), format {fmt!r})")
+        csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
+        csrs.append(_symmetrise(csr) if i in c.symmetric else csr)
+        held += final * copies
+    results = []
+    for b, transposed in c.layout:
+        s1, s2 = c.shapes[b]
+        results.append(formats.from_csr(_transposed(csrs[b]), fmt, s2, s1) if transposed
+                       else formats.from_csr(csrs[b], fmt, s1, s2))
+    return c.nest(results)
+
+
 def jacobian_of(
     fn: Callable[..., Any],
     *args: Any,
@@ -149,37 +298,39 @@ def jacobian_of(
         raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
     options.choice(format, "format", FORMATS, PREFIX)
     with LOCK:
-        (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
-         limit) = _trace(fn, args, wrt, memory_limit)
-        from torch.utils import _pytree as pytree
+        return _build(_jacobian_blocks(fn, args, wrt, memory_limit), format)
 
-        held = 0  # bytes of the results already built: all of them are returned together
-        per_out = []
-        for o in out_leaves:
-            out_terms = tracer.terms(o) or {}
-            out_shape = tuple(o.shape)
-            per_wrt = []
-            for p in positions:
-                blocks = []
-                for j, t in enumerate(flat_args[p]):
-                    terms = out_terms.get((p, j), [])
-                    inp_shape = tuple(t.shape)
-                    nnz = sum(x.nnz(labels) for x in terms)
-                    peak, csr_bytes = T.materialise_nbytes(terms, out_shape, inp_shape, labels,
-                                                           dtype)
-                    convert, final = _conversion_nbytes(format, nnz, out_shape, inp_shape,
-                                                        dtype.itemsize, csr_bytes)
-                    options.guard(
-                        held + max(peak, csr_bytes + convert), limit, PREFIX,
-                        f"the Jacobian w.r.t. argument {p} ({nnz:,} structural nonzeros in "
-                        f"{len(terms)} term(s), format {format!r})")
-                    csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
-                    blocks.append(formats.from_csr(csr, format, out_shape, inp_shape))
-                    del csr
-                    held += final
-                per_wrt.append(pytree.tree_unflatten(blocks, specs[p]))
-            per_out.append(tuple(per_wrt) if isinstance(wrt, (tuple, list)) else per_wrt[0])
-        return pytree.tree_unflatten(per_out, out_spec)
+
+def hessian_of(
+    fn: Callable[..., Any],
+    *args: Any,
+    wrt: int | Sequence[int] = 0,
+    format: str = "coo",
+    memory_limit: float | None = None,
+):
+    """The exact sparse Hessian of the scalar ``fn(*args)`` with respect to ``args[wrt]``.
+
+    Computed in structured form (:mod:`sparsejac.programs.second`): the sum, over the
+    program's nonlinear steps, of ``J_u^T W J_u`` with ``J_u`` the structured Jacobian of the
+    step's input and ``W`` its second derivative contracted with the adjoint; never by colouring,
+    never densely. The result is a ``sparse.COO`` of shape ``arg.shape + arg.shape``
+    (``format="coo"``) or a scipy/torch array of shape ``(arg.size, arg.size)``; a tuple ``wrt``
+    or pytree arguments give the nested blocks ``torch.func.hessian`` gives. Stored entries: the
+    union, over the steps with curvature, of each ``J_u^T W J_u`` term's structural nonzeros
+    (symmetric, sorted); piecewise-linear steps (relu, max, clamp) add none. Diagonal blocks
+    are exactly symmetric.
+
+    >>> import torch, sparsejac
+    >>> x = torch.randn(6, 3, dtype=torch.float64)
+    >>> H = sparsejac.hessian_of(lambda x: (torch.tanh(x) ** 2).sum(), x, format="csr")
+    >>> H.shape, H.nnz          # elementwise: diagonal
+    ((18, 18), 18)
+    """
+    if not callable(fn):
+        raise ArgumentTypeError(f"hessian_of: fn must be callable, got {type(fn).__name__}")
+    options.choice(format, "format", FORMATS, PREFIX)
+    with LOCK:
+        return _build(_hessian_blocks(fn, args, wrt, memory_limit), format)
 
 
 # --- traced plans ----------------------------------------------------------------------------
@@ -195,9 +346,9 @@ def _values(term, labels, dtype, keep=None):
 
 
 class _Block:
-    """One Jacobian of a plan: its CSR pattern, and how each traced value lands in it."""
+    """One block of a plan: its CSR pattern, and how each traced value lands in it."""
 
-    def __init__(self, terms, out_shape, inp_shape, labels, dtype) -> None:
+    def __init__(self, terms, out_shape, inp_shape, labels, dtype, symmetric=False) -> None:
         import torch
 
         self.out_shape, self.inp_shape = tuple(out_shape), tuple(inp_shape)
@@ -237,6 +388,22 @@ class _Block:
             a.flags.writeable = False  # shared by every refill: read-only
         self.csr = csr
         self.nnz = csr.nnz
+        self.mirror = None  # for a symmetric block: where each entry's mirror image is
+        if symmetric:
+            t = self._transpose_order()
+            if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
+                self.mirror = t.data
+
+    def _transpose_order(self):
+        """The transposed pattern, its data the position of each entry in this block's."""
+        import scipy.sparse
+
+        order = scipy.sparse.csr_array(
+            (np.arange(self.nnz, dtype=np.int64), self.csr.indices, self.csr.indptr),
+            shape=self.csr.shape)
+        t = order.T.tocsr()
+        t.sort_indices()
+        return t
 
     @staticmethod
     def _keep(term, labels):
@@ -250,6 +417,12 @@ class _Block:
         return ~bad.expand(labels.shape(free)).reshape(-1)
 
     def data(self, terms, labels, dtype) -> np.ndarray:
+        data = self._data(terms, labels, dtype)
+        if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
+            data = (data + data[self.mirror]) * 0.5
+        return data
+
+    def _data(self, terms, labels, dtype) -> np.ndarray:
         np_dtype = _np_dtype(dtype)
         if self.direct:
             s, fl = T._structure(terms[0], labels)
@@ -271,9 +444,23 @@ class _Block:
         return np.bincount(self.slot, weights=np.concatenate(parts),
                            minlength=self.nnz).astype(np_dtype)
 
-    def result(self, data: np.ndarray, fmt: str):
+    def result(self, data: np.ndarray, fmt: str, transposed: bool = False):
         import scipy.sparse
 
+        if transposed:  # a Hessian's block below the diagonal: the mirror of one above
+            if "T" not in self.cache:
+                t = self._transpose_order()
+                perm = t.data
+                t.data = np.zeros(0)
+                self.cache["T"] = _Block.__new__(_Block)
+                mirror = self.cache["T"]
+                mirror.out_shape, mirror.inp_shape = self.inp_shape, self.out_shape
+                mirror.csr = scipy.sparse.csr_array(
+                    (np.zeros(self.nnz, dtype=data.dtype), t.indices, t.indptr),
+                    shape=t.shape)
+                mirror.nnz, mirror.cache, mirror.perm = self.nnz, {}, perm
+            mirror = self.cache["T"]
+            return mirror.result(data[mirror.perm], fmt)
         if fmt in ("csr", "torch_csr"):  # the kept arrays themselves, no copy
             return formats.container(fmt, self.csr, data, self.out_shape, self.inp_shape)
         if fmt not in self.cache:  # the format's pattern, and where each CSR value goes in it
@@ -308,52 +495,41 @@ def _np_dtype(dtype):
 
 
 class ProgramPlan:
-    """A traced program's Jacobian structure, kept: :meth:`jacobian` re-runs ``fn`` on new
-    arguments of the same shapes and dtypes, recomputes the dense factors and writes values
-    into the kept index arrays (read-only, shared by every result).
+    """A traced program's Jacobian (or Hessian) structure, kept: :meth:`jacobian` re-runs
+    ``fn`` on new arguments of the same shapes and dtypes, recomputes the dense factors and
+    writes values into the kept index arrays (read-only, shared by every result).
 
     Value-dependent paths: which entries a relu, max or clamp passes are values, so the
     structure holds for any arguments. Where the path itself depends on values (Python control
     flow on values, boolean-mask indexing whose result size changes), the new trace's structure
     differs; the plan then rebuilds its pattern from that trace and counts it in
-    :attr:`rebuilds`, so the result is always the Jacobian of the path taken.
+    :attr:`rebuilds`, so the result is always the derivative of the path taken.
     """
 
-    def __init__(self, fn, args, wrt, memory_limit) -> None:
-        self.fn, self.wrt, self.memory_limit = fn, wrt, memory_limit
+    def __init__(self, fn, args, wrt, memory_limit, order: int = 1) -> None:
+        self.fn, self.wrt, self.memory_limit, self.order = fn, wrt, memory_limit, order
         self.rebuilds = 0
-        self._build(args)
-
-    def _signature(self, args):
-        return tuple((tuple(t.shape), t.dtype) for a in args for t in _leaves_of(a))
-
-    def _build(self, args) -> None:
         with LOCK:
-            traced = _trace(self.fn, args, self.wrt, self.memory_limit)
-            self._structure = _structure_key(traced)
-            self._blocks = self._make_blocks(traced)
-        self._args_key = self._signature(args)
+            self._adopt(self._collect(args, memory_limit))
+        self._args_key = _signature(args)
 
-    def _make_blocks(self, traced):
-        (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
-         limit) = traced
-        self.dtype, self._out_spec, self._specs, self._positions = dtype, out_spec, specs, positions
-        blocks = []
-        for o in out_leaves:
-            out_terms = tracer.terms(o) or {}
-            for p in positions:
-                for j, t in enumerate(flat_args[p]):
-                    blocks.append(_Block(out_terms.get((p, j), []), tuple(o.shape),
-                                         tuple(t.shape), labels, dtype))
-        return blocks
+    def _collect(self, args, limit) -> _Collected:
+        collect = _hessian_blocks if self.order == 2 else _jacobian_blocks
+        return collect(self.fn, args, self.wrt, limit)
+
+    def _adopt(self, c: _Collected) -> None:
+        self._structure, self.dtype, self._layout = c.structure(), c.dtype, c.layout
+        self._blocks = [_Block(terms, s1, s2, c.labels, c.dtype, i in c.symmetric)
+                        for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes))]
 
     @property
     def nnz(self) -> int:
-        return sum(b.nnz for b in self._blocks)
+        """Stored entries of every block of the result (transposed blocks counted again)."""
+        return sum(self._blocks[b].nnz for b, _ in self._layout)
 
     @property
     def shape(self):
-        """``out.shape + arg.shape`` of the first Jacobian (each block: :attr:`shapes`)."""
+        """``out.shape + arg.shape`` of the first block."""
         b = self._blocks[0]
         return b.out_shape + b.inp_shape
 
@@ -367,12 +543,14 @@ class ProgramPlan:
         options.choice(format, "format", FORMATS, PREFIX)
         itemsize = np.dtype(_np_dtype(dtype or self.dtype)).itemsize
         total = 0
-        for b in self._blocks:
+        for index, transposed in self._layout:
+            b = self._blocks[index]
+            rows, cols = b.csr.shape[::-1] if transposed else b.csr.shape
             idx = b.csr.indices.itemsize
             if format in ("csr", "torch_csr"):
-                total += b.nnz * (idx + itemsize) + (b.csr.shape[0] + 1) * idx
+                total += b.nnz * (idx + itemsize) + (rows + 1) * idx
             elif format == "csc":
-                total += b.nnz * (idx + itemsize) + (b.csr.shape[1] + 1) * idx
+                total += b.nnz * (idx + itemsize) + (cols + 1) * idx
             else:
                 ndim = len(b.out_shape) + len(b.inp_shape)
                 width = 8 if format == "torch" else formats.index_dtype(
@@ -381,17 +559,15 @@ class ProgramPlan:
         return total
 
     def pattern(self, format: str = "csr"):
-        """The first Jacobian's pattern: a boolean array in ``format`` (ones where stored)."""
+        """The first block's pattern: a boolean array in ``format`` (ones where stored)."""
         b = self._blocks[0]
         return b.result(np.ones(b.nnz, dtype=bool), format)
 
     def jacobian(self, *args: Any, format: str = "coo", memory_limit: float | None = None):
-        """The Jacobian at ``args`` (same shapes and dtypes as the plan's), nested as
-        :func:`jacobian_of` nests it."""
+        """The Jacobian (the Hessian, for a plan of ``order=2``) at ``args`` (same shapes and
+        dtypes as the plan's), nested as :func:`jacobian_of` (:func:`hessian_of`) nests it."""
         options.choice(format, "format", FORMATS, PREFIX)
-        from torch.utils import _pytree as pytree
-
-        key = self._signature(args)
+        key = _signature(args)
         if key != self._args_key:
             from ..errors import ShapeError
 
@@ -400,67 +576,33 @@ class ProgramPlan:
                 f"{key}: make a new plan with sparsejac.plan_of for these")
         limit = self.memory_limit if memory_limit is None else memory_limit
         with LOCK:
-            traced = _trace(self.fn, args, self.wrt, limit)
-            if _structure_key(traced) != self._structure:  # the path changed with the values
+            c = self._collect(args, limit)
+            if c.structure() != self._structure:  # the path changed with the values
                 self.rebuilds += 1
-                self._structure = _structure_key(traced)
-                self._blocks = self._make_blocks(traced)
-            (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
-             _) = traced
+                self._adopt(c)
             options.guard(self.nbytes(format), options.memory_limit(limit, PREFIX), PREFIX,
-                          f"the Jacobian(s) in format {format!r}")
-            results, k = [], 0
-            for o in out_leaves:
-                out_terms = tracer.terms(o) or {}
-                per_wrt = []
-                for p in positions:
-                    leaves = []
-                    for j, t in enumerate(flat_args[p]):
-                        block = self._blocks[k]
-                        k += 1
-                        terms = out_terms.get((p, j), [])
-                        leaves.append(block.result(block.data(terms, labels, dtype), format))
-                    per_wrt.append(pytree.tree_unflatten(leaves, specs[p]))
-                results.append(tuple(per_wrt) if isinstance(self.wrt, (tuple, list))
-                               else per_wrt[0])
-            return pytree.tree_unflatten(results, out_spec)
+                          f"the result(s) in format {format!r}")
+            data = [b.data(terms, c.labels, c.dtype) for b, terms in zip(self._blocks, c.blocks)]
+            results = [self._blocks[i].result(data[i], format, transposed)
+                       for i, transposed in self._layout]
+            return c.nest(results)
+
+    hessian = jacobian
 
 
-def _leaves_of(a):
+def _signature(args) -> tuple:
+    """Shapes and dtypes of every leaf of ``args``."""
     from torch.utils import _pytree as pytree
 
-    import torch
-
-    return [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)] + [
-        _FakeMeta(x) for x in pytree.tree_leaves(a) if not isinstance(x, torch.Tensor)]
-
-
-class _FakeMeta:
-    def __init__(self, x):
-        arr = np.asarray(x)
-        self.shape, self.dtype = arr.shape, arr.dtype
-
-
-def _structure_key(traced) -> tuple:
-    """What a plan's pattern depends on: every term's axes and sizes, and its index maps."""
-    (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype, _) = traced
-    parts = [str(out_spec), tuple(tuple(o.shape) for o in out_leaves)]
-    for o in out_leaves:
-        for key, terms in sorted((tracer.terms(o) or {}).items()):
-            for t in terms:
-                used = labels.base(t.out_atoms + t.inp_atoms) + tuple(
-                    a for a in t.out_atoms + t.inp_atoms if a in labels.derived)
-                tables = tuple(
-                    (labels.derived[a][1], labels.derived[a][0].cpu().numpy().tobytes())
-                    for a in t.out_atoms + t.inp_atoms if a in labels.derived)
-                parts.append((key, t.out, t.inp, tuple(labels.sizes[l] for l in used), tables))
-    return tuple(parts)
+    return tuple((tuple(np.shape(x)), getattr(x, "dtype", np.asarray(x).dtype))
+                 for x in pytree.tree_leaves(args))
 
 
 def plan_of(fn: Callable[..., Any], *args: Any, wrt: int | Sequence[int] = 0,
-            memory_limit: float | None = None) -> ProgramPlan:
-    """Trace ``fn(*args)`` once and keep its Jacobian's structure: a :class:`ProgramPlan`
-    whose ``.jacobian(*new_args, format=...)`` writes only values into the kept pattern.
+            memory_limit: float | None = None, order: int = 1) -> ProgramPlan:
+    """Trace ``fn(*args)`` once and keep its Jacobian's structure (``order=2``: its Hessian's,
+    for a scalar ``fn``): a :class:`ProgramPlan` whose ``.jacobian(*new_args, format=...)``
+    writes only values into the kept pattern.
 
     >>> import torch, sparsejac
     >>> w = torch.randn(4, 3, dtype=torch.float64)
@@ -470,108 +612,8 @@ def plan_of(fn: Callable[..., Any], *args: Any, wrt: int | Sequence[int] = 0,
     """
     if not callable(fn):
         raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
-    return ProgramPlan(fn, args, wrt, memory_limit)
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ArgumentError(f"{PREFIX}order={order!r}: 1 (Jacobians) or 2 (Hessians)")
+    return ProgramPlan(fn, args, wrt, memory_limit, order)
 
 
-# --- Hessians --------------------------------------------------------------------------------
-
-
-def hessian_of(
-    fn: Callable[..., Any],
-    *args: Any,
-    wrt: int | Sequence[int] = 0,
-    format: str = "coo",
-    memory_limit: float | None = None,
-):
-    """The exact sparse Hessian of the scalar ``fn(*args)`` with respect to ``args[wrt]``.
-
-    Computed in structured form (:mod:`sparsejac.programs.second`): the sum, over the
-    program's nonlinear steps, of ``J_u^T W J_u`` with ``J_u`` the structured Jacobian of the
-    step's input and ``W`` its second derivative contracted with the adjoint; never by colouring,
-    never densely. The result is a ``sparse.COO`` of shape ``arg.shape + arg.shape``
-    (``format="coo"``) or a scipy/torch array of shape ``(arg.size, arg.size)``; a tuple ``wrt``
-    or pytree arguments give the nested blocks ``torch.func.hessian`` gives. Stored entries: the
-    union, over the steps with curvature, of each ``J_u^T W J_u`` term's structural nonzeros
-    (symmetric, sorted); piecewise-linear steps (relu, max, clamp) add none.
-
-    >>> import torch, sparsejac
-    >>> x = torch.randn(6, 3, dtype=torch.float64)
-    >>> H = sparsejac.hessian_of(lambda x: (torch.tanh(x) ** 2).sum(), x, format="csr")
-    >>> H.shape, H.nnz          # elementwise: diagonal
-    ((18, 18), 18)
-    """
-    if not callable(fn):
-        raise ArgumentTypeError(f"hessian_of: fn must be callable, got {type(fn).__name__}")
-    options.choice(format, "format", FORMATS, PREFIX)
-    from ..errors import ShapeError
-    from . import sums as S
-
-    with LOCK:
-        (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
-         limit) = _trace(fn, args, wrt, memory_limit, second=True)
-        import torch
-        from torch.utils import _pytree as pytree
-
-        if len(out_leaves) != 1 or out_leaves[0].numel() != 1:
-            raise ShapeError(
-                f"{PREFIX}hessian_of needs fn to return one scalar tensor; got "
-                f"{[tuple(o.shape) for o in out_leaves]}")
-        out = out_leaves[0]
-        blocks: dict = {}
-        steps = [(r, p, res) for r, p, res in tracer.tape
-                 if any(isinstance(t, torch.Tensor) and t.requires_grad
-                        for t in ([res] if isinstance(res, torch.Tensor) else res))]
-        if out.requires_grad and steps:
-            results = [res if isinstance(res, torch.Tensor) else res[0] for _, _, res in steps]
-            adjoints = torch.autograd.grad(out.reshape(()), results, allow_unused=True)
-            for (rule, params, res), ybar in zip(steps, adjoints):
-                if ybar is None:
-                    continue  # the output does not depend on this step
-                labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
-                result = res if isinstance(res, torch.Tensor) else res[0]
-                for k1, k2, term in rule.second(tracer, result.detach(), ybar.detach().to(dtype),
-                                                **params):
-                    blocks.setdefault((k1, k2), []).append(term)
-        labels.prefix = PREFIX
-        keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
-        held, built = 0, {}
-        for a, k1 in enumerate(keys):
-            for k2 in keys[a:]:  # the blocks below the diagonal are these transposed
-                terms = T.merge(blocks.get((k1, k2), []), labels)
-                s1 = tuple(flat_args[k1[0]][k1[1]].shape)
-                s2 = tuple(flat_args[k2[0]][k2[1]].shape)
-                nnz = sum(t.nnz(labels) for t in terms)
-                peak, csr_bytes = T.materialise_nbytes(terms, s1, s2, labels, dtype)
-                convert, final = _conversion_nbytes(format, nnz, s1, s2, dtype.itemsize,
-                                                    csr_bytes)
-                options.guard(held + max(peak, csr_bytes + convert), limit, PREFIX,
-                              f"the Hessian block {k1}, {k2} ({nnz:,} entries enumerated in "
-                              f"{len(terms)} term(s), format {format!r})")
-                csr = T.materialise(terms, s1, s2, labels, dtype)
-                if k1 == k2:  # exactly symmetric: the two halves were summed in other orders
-                    t = csr.T.tocsr()
-                    t.sort_indices()
-                    if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices,
-                                                                               csr.indices):
-                        csr.data = (csr.data + t.data) * 0.5  # same (symmetric) pattern
-                built[(k1, k2)] = formats.from_csr(csr, format, s1, s2)
-                if k1 != k2:
-                    held += final
-                    t = csr.T.tocsr()
-                    t.sort_indices()
-                    built[(k2, k1)] = formats.from_csr(t, format, s2, s1)
-                held += final
-
-        def nest(p1):
-            rows = []
-            for p2 in positions:
-                leaves = [built[((p1, i), (p2, j))] for i in range(len(flat_args[p1]))
-                          for j in range(len(flat_args[p2]))]
-                n1, n2 = len(flat_args[p1]), len(flat_args[p2])
-                inner = [pytree.tree_unflatten(leaves[i * n2:(i + 1) * n2], specs[p2])
-                         for i in range(n1)]
-                rows.append(pytree.tree_unflatten(inner, specs[p1]))
-            return tuple(rows) if isinstance(wrt, (tuple, list)) else rows[0]
-
-        result = [nest(p1) for p1 in positions]
-        return tuple(result) if isinstance(wrt, (tuple, list)) else result[0]
