@@ -159,3 +159,39 @@ def test_random_scalar_programs(ops, rows, cols, seed):
 
     fn(z0)
     check(fn, z0, exact_nnz=False)
+
+
+def test_a_small_cnn_wrt_its_input_and_a_conv_weight_jointly():
+    """Convolution is bilinear in input and weight: its cross term, and pooling's none."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
+                        nn.Conv2d(3, 2, 3, padding=1, groups=1), nn.MaxPool2d(2),
+                        nn.Flatten()).double()
+    params = dict(net.named_parameters())
+
+    def loss(x, w):
+        out = torch.func.functional_call(net, {**params, "0.weight": w}, (x,))
+        return (torch.tanh(out) ** 2).sum()
+
+    x0, w0 = rand(2, 2, 4, 4), params["0.weight"].detach()
+    ref = torch.func.hessian(loss, argnums=(0, 1))(x0, w0)
+    H = sparsejac.hessian_of(loss, x0, w0, wrt=(0, 1))
+    for i in range(2):
+        for j in range(2):
+            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].detach().numpy(),
+                                       rtol=1e-9, atol=1e-11)
+
+
+def test_conv_transpose_cross_term():
+    def loss(x, w):
+        return (torch.sin(F.conv_transpose1d(x, w, stride=2, padding=1)) ** 2).sum()
+
+    x0, w0 = rand(2, 3, 5), rand(3, 2, 3, seed=1)
+    ref = torch.func.hessian(loss, argnums=(0, 1))(x0, w0)
+    H = sparsejac.hessian_of(loss, x0, w0, wrt=(0, 1))
+    for i in range(2):
+        for j in range(2):
+            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].numpy(), rtol=1e-9,
+                                       atol=1e-11)

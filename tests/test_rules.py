@@ -85,3 +85,22 @@ def test_every_registered_name_has_a_case():
 def test_every_case_names_a_registered_spelling():
     unknown = sorted({c.rule for c in CASES} - set(RULES))
     assert not unknown, f"cases naming no registered spelling: {unknown}"
+
+
+def test_the_docs_operation_table_is_current():
+    """docs/operations.md is generated from the registry (python -m sparsejac.programs.table)."""
+    from pathlib import Path
+
+    from sparsejac.programs.table import table
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+    assert path.read_text() == table(), "regenerate: python -m sparsejac.programs.table > " \
+                                        "docs/operations.md"
+
+
+def test_every_rule_states_its_second_order():
+    """hessian_of follows a rule only if it says its second order (or is a decomposition)."""
+    missing = sorted(n for n, r in RULES.items()
+                     if r.kind == "rule" and r.second is None and r.expand is None)
+    allowed = {"prod"}  # refused by name in hessian_of (tests/test_hessians.py)
+    assert set(missing) <= allowed, f"rules with no second-order information: {missing}"

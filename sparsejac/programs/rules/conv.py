@@ -48,8 +48,10 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedOperationError
+from ...grammar import bind, parse
 from .. import sums as S
 from ..registry import decomposition, rule
+from ..second import pairs
 from ..tracer import PREFIX
 from .layout import positions
 
@@ -199,9 +201,7 @@ def _check_input(name, input, n):
         raise UnsupportedOperationError(f"{PREFIX}{name!r}: input of {input.dim()} dimensions")
 
 
-@rule(("conv1d", "conv2d", "conv3d"),
-      "input weight bias=None stride=1 padding=0 dilation=1 groups=1")
-def conv(cx, result, input, weight, bias, stride, padding, dilation, groups):
+def _conv_tables(result, input, weight, stride, padding, dilation):
     name, n = "conv", weight.dim() - 2
     _check_input(name, input, n)
     ks, spatial, out = tuple(weight.shape[2:]), tuple(input.shape[-n:]), tuple(result.shape[-n:])
@@ -215,16 +215,10 @@ def conv(cx, result, input, weight, bias, stride, padding, dilation, groups):
                 else tuple(d * (k - 1) // 2 for d, k in zip(dilation, ks)))
     else:
         left = _ntuple(padding, n, "padding", name)
-    tables = [_table(*a) for a in zip(out, ks, stride, dilation, left, spatial)]
-    return _convolve(cx, result, input, weight, bias, n, tables, groups, False)
+    return [_table(*a) for a in zip(out, ks, stride, dilation, left, spatial)]
 
 
-@rule(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
-      "input weight bias=None stride=1 padding=0 output_padding=0 groups=1 dilation=1")
-def conv_transpose(cx, result, input, weight, bias, stride, padding, output_padding, groups,
-                   dilation):
-    """Written as a gather too: output cell ``o`` reads, for kernel offset ``k``, the input
-    cell ``(o + padding - k * dilation) / stride`` where that is a whole number in bounds."""
+def _transposed_tables(result, input, weight, stride, padding, dilation):
     name, n = "conv_transpose", weight.dim() - 2
     _check_input(name, input, n)
     ks, spatial, out = tuple(weight.shape[2:]), tuple(input.shape[-n:]), tuple(result.shape[-n:])
@@ -233,15 +227,64 @@ def conv_transpose(cx, result, input, weight, bias, stride, padding, output_padd
     stride = _ntuple(stride, n, "stride", name)
     dilation = _ntuple(dilation, n, "dilation", name)
     padding = _ntuple(padding, n, "padding", name)
-    tables = [_transposed_table(*a) for a in zip(out, ks, stride, dilation, padding, spatial)]
-    return _convolve(cx, result, input, weight, bias, n, tables, groups, True)
+    return [_transposed_table(*a) for a in zip(out, ks, stride, dilation, padding, spatial)]
+
+
+def _conv_second(transposed: bool):
+    """Second order of a convolution: linear in the input and in the weight, a cross term
+    between the two where both are traced (the input's windows times the weight, on the
+    letters of :func:`_convolve`'s einsum, contracted with the adjoint)."""
+
+    def second(hx, result, ybar, input, weight, bias, stride, padding, dilation, groups,
+               output_padding=0):
+        if hx.terms(input) is None or hx.terms(weight) is None:
+            return []
+        geometry = _transposed_tables if transposed else _conv_tables
+        tables = geometry(result, input, weight, stride, padding, dilation)
+        n = len(tables)
+        x_shape = tuple(input.shape) if input.dim() == n + 2 else (1,) + tuple(input.shape)
+        B, C, spatial = x_shape[0], x_shape[1], x_shape[2:]
+        G = int(groups)
+        Og = weight.shape[1] if transposed else weight.shape[0] // G
+        ks, out = tuple(weight.shape[2:]), tuple(t.shape[0] for t in tables)
+        grouped = (G, C // G, Og) + ks if transposed else (G, Og, C // G) + ks
+        K, L = KERNEL[:n], CELLS[:n]
+        wl = f"gco{K}" if transposed else f"goc{K}"
+        xs = _window_terms(hx, input, (B, G, C // G), spatial, tables)
+        ws = S.stand(hx, S.reshape(hx, S.of(hx, weight), grouped), grouped)
+        yb = ybar.reshape((B, G, Og) + out)
+        e = bind(parse(f"bgc{K}{L},{wl},bgo{L}->", 3), [xs.shape, ws.shape, tuple(yb.shape)])
+        xt, wt = hx.terms(xs), hx.terms(ws)
+        return (pairs(hx, xt, e.inputs[0], wt, e.inputs[1], [(yb, e.inputs[2])])
+                + pairs(hx, wt, e.inputs[1], xt, e.inputs[0], [(yb, e.inputs[2])]))
+
+    return second
+
+
+@rule(("conv1d", "conv2d", "conv3d"),
+      "input weight bias=None stride=1 padding=0 dilation=1 groups=1",
+      second=_conv_second(False))
+def conv(cx, result, input, weight, bias, stride, padding, dilation, groups):
+    tables = _conv_tables(result, input, weight, stride, padding, dilation)
+    return _convolve(cx, result, input, weight, bias, len(tables), tables, groups, False)
+
+
+@rule(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+      "input weight bias=None stride=1 padding=0 output_padding=0 groups=1 dilation=1",
+      second=_conv_second(True))
+def conv_transpose(cx, result, input, weight, bias, stride, padding, output_padding, groups,
+                   dilation):
+    """Written as a gather too: output cell ``o`` reads, for kernel offset ``k``, the input
+    cell ``(o + padding - k * dilation) / stride`` where that is a whole number in bounds."""
+    tables = _transposed_tables(result, input, weight, stride, padding, dilation)
+    return _convolve(cx, result, input, weight, bias, len(tables), tables, groups, True)
 
 
 # --- windows: F.unfold (and Tensor.unfold), F.fold -------------------------------------------
 
 
 @rule("unfold", "input kernel_size dilation=1 padding=0 stride=1",
-      method="input dimension size step", traced="input")
+      method="input dimension size step", traced="input", second="linear")
 def unfold(cx, result, input, **p):
     """``F.unfold(input, kernel_size, ...)`` (the windows of an image as columns) and
     ``Tensor.unfold(dimension, size, step)`` (windows along one axis) share torch's name; the
@@ -254,7 +297,7 @@ def unfold(cx, result, input, **p):
     return _select(cx, input, pos)
 
 
-@rule("fold", "input output_size kernel_size dilation=1 padding=0 stride=1")
+@rule("fold", "input output_size kernel_size dilation=1 padding=0 stride=1", second="linear")
 def fold(cx, result, input, output_size, kernel_size, dilation, padding, stride):
     """Each output cell sums, per kernel offset, the column entry of the block that covers it
     with that offset: a gather (the transposed windows) and a sum over the kernel."""
@@ -327,7 +370,7 @@ _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adapti
 def _max_pool(name, n):
     @rule((name, f"{name}_with_indices"),
           "input kernel_size stride=None padding=0 dilation=1 ceil_mode=False "
-          "return_indices=False", traced="input")
+          "return_indices=False", traced="input", second="linear")
     def max_pool(cx, result, input, kernel_size, stride, padding, dilation, ceil_mode,
                  return_indices):
         r = _tensor_result(result)
@@ -352,7 +395,7 @@ for _n in (1, 2, 3):
 
 def _avg_pool(name, n):
     @rule(name, "input kernel_size stride=None padding=0 ceil_mode=False "
-          "count_include_pad=True divisor_override=None", traced="input")
+          "count_include_pad=True divisor_override=None", traced="input", second="linear")
     def avg_pool(cx, result, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                  divisor_override):
         out = tuple(result.shape[-n:])
@@ -381,7 +424,7 @@ def _adaptive(name, n, maximum):
     params = "input output_size return_indices=False" if maximum else "input output_size"
     names = (name, f"{name}_with_indices") if maximum else name
 
-    @rule(names, params, traced="input")
+    @rule(names, params, traced="input", second="linear")
     def adaptive(cx, result, input, output_size, return_indices=False):
         r = _tensor_result(result)
         lead, spatial = _spatial(name, input, n)
