@@ -244,7 +244,7 @@ def _transposed(csr):
 
 def _build(c: _Collected, fmt: str):
     """Materialise every block once (guarded), then the nested result in ``fmt``."""
-    held, csrs = 0, []
+    held, csrs = c.labels.live(), []  # the factors stay alive while the blocks are written
     for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
         nnz = sum(t.nnz(c.labels) for t in terms)
         peak, csr_bytes = T.materialise_nbytes(terms, s1, s2, c.labels, c.dtype)

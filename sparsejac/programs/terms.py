@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import scipy.sparse
@@ -70,12 +70,18 @@ class Labels:
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
+        # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
+        self.live: Callable[[], int] = lambda: 0
 
     def guard(self, shape: Sequence[int], itemsize: int, what: str = "a Jacobian factor") -> None:
-        """Refuse, before it is allocated, a tensor of ``shape`` over the memory limit."""
-        options.guard(
-            math.prod(shape) * itemsize, self.limit, self.prefix, f"{what} of shape {tuple(shape)}"
-        )
+        """Refuse, before it is allocated, a tensor of ``shape`` that would take the bytes in
+        use (the live factors) over the memory limit."""
+        nbytes = math.prod(shape) * itemsize
+        if self.limit is not None and nbytes > self.limit - self.live():
+            live = self.live()
+            options.guard(nbytes + live, self.limit, self.prefix,
+                          f"{what} of shape {tuple(shape)}, beside {live:,} bytes of live "
+                          "Jacobian factors,")
 
     def derive(self, table: "torch.Tensor", over: Sequence[int], size: int) -> int:
         """A derived label of ``size`` whose value is ``table`` over the base labels ``over``;
@@ -927,7 +933,8 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
     factor, fl = term.factor, term.flabels
     if set(fl) & set(subs):
         factor, fl, _ = regather(factor, fl)
-        free = labels.base(sub(term.out_atoms) + sub(term.inp_atoms))
+        # ``over`` too: the caller puts the new labels on the selected axis
+        free = distinct(labels.base(sub(term.out_atoms) + sub(term.inp_atoms)) + tuple(over))
         order = tuple(l for l in free if l in fl)
         factor = _align(factor, fl, order)
         fl = order

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from typing import Any
 
 from ..errors import UnsupportedOperationError
@@ -50,8 +51,11 @@ class Tracer:
         super().__init__()
         self.labels = labels
         self.dtype = dtype
-        # id -> (tensor, terms); the strong reference keeps ids from being reused mid-trace.
+        # id -> (weak reference to the tensor, terms). An entry goes when its tensor does
+        # (weakref callback), so an id is never reused while its entry stands, and the terms
+        # of intermediates the program dropped are freed as it runs.
         self._traced: dict[int, tuple[Any, Terms]] = {}
+        labels.live = self.live_bytes
         # For the second order: the steps taken, (rule, params, result), in order; None when
         # only first derivatives are wanted.
         self.tape: list | None = None
@@ -59,11 +63,29 @@ class Tracer:
     def record(self, tensor: Any, terms: Terms | None) -> None:
         terms = {k: v for k, v in (terms or {}).items() if v}
         if terms:
-            self._traced[id(tensor)] = (tensor, terms)
+            key = id(tensor)
+            self._traced[key] = (weakref.ref(tensor, lambda _, key=key: self._forget(key)),
+                                 terms)
+
+    def _forget(self, key: int) -> None:
+        self._traced.pop(key, None)
 
     def terms(self, x: Any) -> Terms | None:
         entry = self._traced.get(id(x))
-        return entry[1] if entry is not None and entry[0] is x else None
+        return entry[1] if entry is not None and entry[0]() is x else None
+
+    def live_bytes(self) -> int:
+        """Bytes of the distinct factors held by the terms of live tensors."""
+        seen, total = set(), 0
+        for _, terms in list(self._traced.values()):
+            for ts in terms.values():
+                for t in ts:
+                    f = t.factor
+                    key = (f.untyped_storage().data_ptr(), f.untyped_storage().nbytes())
+                    if key not in seen:
+                        seen.add(key)
+                        total += key[1]
+        return total
 
     def traced(self, obj: Any) -> bool:
         return any(self.terms(x) is not None for x in leaves(obj))
