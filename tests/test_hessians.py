@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import sparsejac
 from sparsejac.errors import JacobianTooLargeError, ShapeError, UnsupportedOperationError
@@ -131,6 +131,7 @@ UNARY = [torch.tanh, torch.sigmoid, torch.sin, lambda t: torch.exp(-t * t),
          lambda t: t * torch.tanh(t), F.softplus, lambda t: t / (1 + t * t), torch.relu]
 
 
+@settings(max_examples=200)  # each example runs torch.func.hessian, the slow reference
 @given(ops=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 10**6)), min_size=1,
                     max_size=5),
        rows=st.integers(1, 3), cols=st.integers(1, 3), seed=st.integers(0, 2**16))
