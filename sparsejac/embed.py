@@ -20,7 +20,7 @@ import numpy as np
 import sparse
 
 from .errors import ShapeError, context
-from .formats import coo_coords, fill_values, index_dtype
+from .formats import REGISTRY, coo_coords, fill_values, index_dtype
 from .grammar import Einsum
 from .structure import Structure, distinct, einsum_structure, labelled_einsum
 
@@ -51,9 +51,7 @@ def embed_coo(einsum: Einsum, wrt: int, arrays, dtype: np.dtype) -> sparse.COO:
     product = labelled_einsum(einsum, others, arrays, dtype, structure.factor_labels)
     data = np.empty(structure.nnz, dtype=dtype)
     fill_values(structure, product, structure.factor_labels, data)
-    embedded = sparse.COO(
-        coo_coords(structure), data, shape=structure.shape, sorted=True, has_duplicates=False
-    )
+    embedded = _coo(coo_coords(structure), data, structure.shape)
 
     letter = dict(zip(labels, string.ascii_letters))
     source = "".join(letter[l] for l in structure.rows + structure.cols)
@@ -71,8 +69,10 @@ def embed_coo(einsum: Einsum, wrt: int, arrays, dtype: np.dtype) -> sparse.COO:
     if result.nnz != direct.nnz:
         # A label summed only by the other operands has size 0: the embedding is empty, and the
         # collapse's empty sums are the zeros at every structural position.
-        return sparse.COO(
-            coo_coords(direct), np.zeros(direct.nnz, dtype), shape=direct.shape,
-            sorted=True, has_duplicates=False,
-        )
+        return _coo(coo_coords(direct), np.zeros(direct.nnz, dtype), direct.shape)
     return result
+
+
+def _coo(coords, data, shape) -> sparse.COO:
+    """A ``sparse.COO`` around sorted, unique coordinates (the registry's container)."""
+    return REGISTRY["coo"].wrap(coords, data, tuple(shape), None)

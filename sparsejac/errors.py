@@ -41,17 +41,22 @@ class JacobianTooLargeError(SparsejacError, MemoryError):
     """The Jacobian would need more memory than the limit allows; nothing was allocated."""
 
 
+class MissingDependencyError(SparsejacError, ImportError):
+    """An optional package a call needs (torch for ``format="torch"``, dask, matplotlib) is not
+    installed; the message says which ``pip install`` adds it."""
+
+
 class StoreError(SparsejacError, ValueError):
-    """A saved Jacobian (``sparsejac.dask.save``/``load``) is damaged, edited, incomplete or
+    """A saved Jacobian (``sparsejac.store.save``/``load``) is damaged, edited, incomplete or
     cannot be written; the message names the file and what is wrong with it."""
 
 
 class StoreExistsError(StoreError, FileExistsError):
-    """``sparsejac.dask.save`` found something at its path that it may not replace."""
+    """``sparsejac.store.save`` found something at its path that it may not replace."""
 
 
 class StoreNotFoundError(StoreError, FileNotFoundError):
-    """``sparsejac.dask.load`` found no complete save at its path (or a listed block is gone)."""
+    """``sparsejac.store.load`` found no complete save at its path (or a listed block is gone)."""
 
 
 def context(subscripts: object) -> str:

@@ -7,21 +7,26 @@ nothing from sparse's numba kernels, so a fresh process pays no compilation.
 
 The pattern (``indices``/``indptr`` or ``coords``) depends on the structure alone and can be kept
 and reused with new values (:mod:`sparsejac.plan`).
+
+Each output format is one :class:`Format` in :data:`REGISTRY`: its :class:`Layout` (N-D
+coordinates, compressed rows, compressed columns: the writer, the bytes, the conversion from
+CSR), its index width rule, its container and the package that container needs. Adding a format
+is one entry there. :func:`flat_index` and :func:`unravel_into` are the one linearisation
+(flat C-order index <-> N-D coordinates) every conversion uses.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Any, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from .backend import NUMPY
 from .structure import Structure, distinct
 
-FORMATS = ("coo", "csr", "csc", "torch", "torch_csr")
-# The shape each format takes: "coo"-like (N-D coordinates) or "csr"-like (compressed rows).
-LAYOUT = {"coo": "coo", "torch": "coo", "csr": "csr", "torch_csr": "csr", "csc": "csc"}
 INT32_MAX = np.iinfo(np.int32).max
 INNER = 4096  # entries of the innermost table that csr_pattern broadcasts (see there)
 SPREAD_COPY_LIMIT = 1 << 23  # factors up to this many elements are laid out before spreading
@@ -36,23 +41,6 @@ def index_dtype(nnz: int, shape: tuple[int, ...]) -> np.dtype:
     return np.dtype(np.int32 if max((nnz, *shape), default=0) <= INT32_MAX else np.int64)
 
 
-def coo_index_itemsize(fmt: str, structure: Structure) -> int:
-    """torch's sparse COO takes int64 indices only; pydata's takes the narrowest that fits."""
-    return 8 if fmt == "torch" else index_dtype(structure.nnz, structure.shape).itemsize
-
-
-def predicted_nbytes(structure: Structure, fmt: str, itemsize: int) -> int:
-    """Bytes of the arrays a writer allocates for ``fmt`` (values of ``itemsize`` bytes)."""
-    nnz = structure.nnz
-    if LAYOUT[fmt] == "coo":
-        return nnz * (itemsize + coo_index_itemsize(fmt, structure) * len(structure.shape))
-    nrows, ncols = structure.matrix_shape
-    if fmt == "csc":
-        nrows, ncols = ncols, nrows
-    idx = index_dtype(nnz, (nrows, ncols)).itemsize
-    return nnz * (itemsize + idx) + (nrows + 1) * idx
-
-
 def _ramp_nbytes(digits: "Digits", itemsize: int) -> int:
     """About the peak bytes :func:`_ramp` allocates: its table and the flat copy."""
     full = math.prod(size for size, _ in digits)
@@ -60,51 +48,10 @@ def _ramp_nbytes(digits: "Digits", itemsize: int) -> int:
     return (full + table) * itemsize
 
 
-def pattern_peak_nbytes(structure: Structure, fmt: str) -> int:
-    """The peak bytes of building the pattern (index arrays) of ``fmt``: the arrays themselves
-    and the temporaries the writer allocates alongside them (ramps, diagonal row hits)."""
-    nnz = structure.nnz
-    if LAYOUT[fmt] == "coo":
-        idx = coo_index_itemsize(fmt, structure)
-        ramp = max((structure.sizes[l] for l in structure.free), default=0) * idx
-        return nnz * len(structure.shape) * idx + (ramp if nnz else 0)
-    target = structure.transposed() if fmt == "csc" else structure
-    nrows, ncols = target.matrix_shape
-    idx = index_dtype(nnz, (nrows, ncols)).itemsize
-    ramps = 0
-    if nnz:
-        head, tail = index_tables(target)
-        ramps = _ramp_nbytes(head, idx) + _ramp_nbytes(tail, idx)
-    hit = 0
-    row_free = distinct(target.rows)
-    if len(row_free) != len(target.rows):
-        hit = _ramp_nbytes(_digits(target, target.rows, target.free[: len(row_free)]), 8)
-    return nnz * idx + max(ramps, (nrows + 1) * idx + hit)
-
-
 def spread_copies(structure: Structure, factor_size: int) -> bool:
     """Whether :meth:`Structure.spread` lays a non-contiguous factor of ``factor_size``
     elements out contiguously first (a copy of the factor)."""
     return factor_size * 16 <= max(structure.nnz, 1) or factor_size <= SPREAD_COPY_LIMIT
-
-
-def predicted_peak(
-    structure: Structure,
-    fmt: str,
-    itemsize: int,
-    factor_nbytes: int,
-    factor_owned: bool = True,
-    factor_contiguous: bool = True,
-    pattern: bool = True,
-) -> int:
-    """The peak bytes of one build of ``fmt``: the factor ``R`` (``factor_nbytes``, counted
-    when the build allocates it: ``factor_owned``), the values, the laid-out copy of a
-    non-contiguous factor, and the pattern with its temporaries (``pattern``: not yet built)."""
-    size = factor_nbytes // max(itemsize, 1)
-    copy = factor_nbytes if not factor_contiguous and spread_copies(structure, size) else 0
-    patterns = pattern_peak_nbytes(structure, fmt) if pattern else 0
-    owned = factor_nbytes if factor_owned else 0
-    return owned + structure.nnz * itemsize + max(copy, patterns)
 
 
 Digits = list  # [(size, coefficient)]: an index as a mixed-radix sum, one digit per V label
@@ -225,69 +172,437 @@ def fill_values(structure: Structure, factor, labels: Sequence[int], out, xp=NUM
     return out
 
 
-def flat_index(coords: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """C-order flat indices of the N-D ``coords`` (one row per axis) in ``shape``."""
-    if not len(shape):
-        return np.zeros(coords.shape[1], dtype=np.int64)
-    return np.ravel_multi_index(tuple(coords), tuple(shape))
+# -- one linearisation: flat (C-order) indices <-> N-D coordinates -------------------------------
 
 
-def container(fmt: str, pattern, data, out_shape: Sequence[int], inp_shape: Sequence[int]):
-    """The container ``fmt`` names around index arrays and values, copying neither.
+def flat_index(coords, shape: Sequence[int]) -> np.ndarray:
+    """C-order flat indices (int64) of the N-D ``coords`` (one row per axis of ``shape``).
 
-    ``pattern``: the coordinates (COO layouts) or anything with ``indices`` and ``indptr``
-    (CSR/CSC layouts); numpy arrays or torch tensors. They must be sorted and free of
-    duplicates (the writers' output is), and the container is told so: no scan, no sort.
+    >>> flat_index(np.array([[0, 1, 1], [2, 0, 2]]), (2, 3))
+    array([2, 3, 5])
     """
-    shape = tuple(out_shape) + tuple(inp_shape)
-    matrix_shape = (math.prod(out_shape), math.prod(inp_shape))
-    if fmt == "coo":
-        import sparse
+    coords = np.asarray(coords)
+    out = np.zeros(coords.shape[1] if coords.ndim == 2 else 0, dtype=np.int64)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        out += coords[d].astype(np.int64, copy=False) * stride
+        stride *= int(shape[d])
+    return out
 
-        return sparse.COO(pattern, data, shape=shape, sorted=True, has_duplicates=False)
-    if fmt in ("csr", "csc"):
+
+def unravel_into(flat: np.ndarray, shape: Sequence[int], out) -> None:
+    """Write the C-order coordinates of the ``flat`` indices in ``shape`` into the rows of
+    ``out`` (one row per axis; ``out`` may be any integer dtype wide enough).
+
+    >>> out = np.empty((2, 3), dtype=np.int32); unravel_into(np.array([2, 3, 5]), (2, 3), out)
+    >>> out.tolist()
+    [[0, 1, 1], [2, 0, 2]]
+    """
+    flat = np.asarray(flat, dtype=np.int64)
+    for d in range(len(shape) - 1, 0, -1):
+        flat, out[d] = np.divmod(flat, int(shape[d]))
+    if len(shape):
+        out[0] = flat
+
+
+def csr_rows(indptr) -> np.ndarray:
+    """The row (int64) of each entry of a compressed-row matrix with this ``indptr``."""
+    indptr = np.asarray(indptr)
+    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+
+
+def csr_to_coords(indptr, indices, out_shape: Sequence[int], inp_shape: Sequence[int],
+                  dtype) -> np.ndarray:
+    """The N-D coordinates ``(len(out_shape) + len(inp_shape), nnz)`` of the entries of a CSR
+    matrix of shape ``(prod(out_shape), prod(inp_shape))``: rows sorted and columns sorted
+    within rows give coordinates in lexicographic order."""
+    k = len(out_shape)
+    coords = np.empty((k + len(inp_shape), len(indices)), dtype=dtype)
+    unravel_into(csr_rows(indptr), out_shape, coords[:k])
+    unravel_into(indices, inp_shape, coords[k:])
+    return coords
+
+
+def coords_to_csr(coords, shape: Sequence[int], split: int, dtype=None):
+    """``(indices, indptr)`` of the CSR matrix ``(prod(shape[:split]), prod(shape[split:]))``
+    holding the entries at the lexicographically sorted, unique N-D ``coords`` (index arrays
+    of ``dtype``, default the narrowest that fits)."""
+    nrows, ncols = math.prod(shape[:split]), math.prod(shape[split:])
+    nnz = coords.shape[1] if np.ndim(coords) == 2 else 0
+    dtype = dtype or index_dtype(nnz, (nrows, ncols))
+    indptr = np.zeros(nrows + 1, dtype=dtype)
+    if nnz:
+        counts = np.bincount(flat_index(coords[:split], shape[:split]), minlength=nrows)
+        np.cumsum(counts, out=indptr[1:])
+        indices = flat_index(coords[split:], shape[split:]).astype(dtype, copy=False)
+    else:
+        indices = np.empty(0, dtype=dtype)
+    return indices, indptr
+
+
+# -- layouts: how the entries of a Jacobian are laid out --------------------------------------
+
+
+class Layout:
+    """Where a format's entries go: N-D coordinates (:data:`COO`) or compressed rows of the
+    ``(out.size, arg.size)`` matrix (:data:`CSR`) or of its transpose (:data:`CSC`). Each
+    layout writes its pattern from a structure, predicts the bytes of that and of converting
+    a CSR to it, and converts a CSR."""
+
+    name = ""
+    csr_order = True  # the values come in the order of the CSR of the same matrix
+
+    def __repr__(self) -> str:
+        return f"<layout {self.name}>"
+
+    def index_shape(self, out_shape, inp_shape) -> tuple[int, ...]:
+        """The dimensions its index arrays must hold (with nnz: the index width rule)."""
+        raise NotImplementedError
+
+    def target(self, structure: Structure) -> Structure:
+        """The structure the writer enumerates (CSC writes ``J.T`` as CSR)."""
+        return structure
+
+    def nbytes(self, nnz: int, out_shape, inp_shape, itemsize: int, idx: int) -> int:
+        """Bytes of the result: values of ``itemsize``, index arrays of ``idx`` bytes."""
+        raise NotImplementedError
+
+    def arrays(self, pattern) -> tuple:
+        """The index arrays of a pattern."""
+        raise NotImplementedError
+
+    def map(self, pattern, fn):
+        """The pattern with ``fn`` applied to each index array."""
+        raise NotImplementedError
+
+
+class CoordinateLayout(Layout):
+    name = "coo"
+
+    def index_shape(self, out_shape, inp_shape):
+        return tuple(out_shape) + tuple(inp_shape)
+
+    def nbytes(self, nnz, out_shape, inp_shape, itemsize, idx):
+        return nnz * (itemsize + idx * (len(out_shape) + len(inp_shape)))
+
+    def pattern_peak(self, structure: Structure, idx: int) -> int:
+        ramp = max((structure.sizes[l] for l in structure.free), default=0) * idx
+        return structure.nnz * len(structure.shape) * idx + (ramp if structure.nnz else 0)
+
+    def write(self, structure: Structure, xp, idx: int):
+        return coo_coords(structure, xp, idx)
+
+    def arrays(self, pattern):
+        return (pattern,)
+
+    def map(self, pattern, fn):
+        return fn(pattern)
+
+    def from_csr(self, csr, out_shape, inp_shape, idx: int):
+        coords = csr_to_coords(csr.indptr, csr.indices, out_shape, inp_shape, NUMPY.index(idx))
+        return coords, csr.data
+
+    def from_coords(self, coords, data, out_shape, inp_shape, idx: int):
+        return np.asarray(coords).astype(NUMPY.index(idx), copy=False), data
+
+    def from_csr_nbytes(self, nnz, out_shape, inp_shape, itemsize, csr_bytes, idx):
+        nrows = math.prod(out_shape)
+        matrix_idx = index_dtype(nnz, (nrows, math.prod(inp_shape))).itemsize
+        ndim = len(out_shape) + len(inp_shape)
+        coords = nnz * ndim * idx
+        extra = max(nrows * (8 + matrix_idx) + nnz * 8, nnz * 8 * (1 + ndim) + coords)
+        return extra, nnz * itemsize + coords
+
+
+class CompressedLayout(Layout):
+    """Compressed rows of the matrix (``transpose=False``: CSR) or of its transpose (CSC)."""
+
+    def __init__(self, name: str, transpose: bool) -> None:
+        self.name, self.transpose = name, transpose
+        self.csr_order = not transpose
+
+    def index_shape(self, out_shape, inp_shape):
+        shape = (math.prod(out_shape), math.prod(inp_shape))
+        return shape[::-1] if self.transpose else shape
+
+    def target(self, structure):
+        return structure.transposed() if self.transpose else structure
+
+    def nbytes(self, nnz, out_shape, inp_shape, itemsize, idx):
+        nrows = self.index_shape(out_shape, inp_shape)[0]
+        return nnz * (itemsize + idx) + (nrows + 1) * idx
+
+    def pattern_peak(self, structure: Structure, idx: int) -> int:
+        target = self.target(structure)
+        nnz, nrows = target.nnz, target.matrix_shape[0]
+        ramps = 0
+        if nnz:
+            head, tail = index_tables(target)
+            ramps = _ramp_nbytes(head, idx) + _ramp_nbytes(tail, idx)
+        hit = 0
+        row_free = distinct(target.rows)
+        if len(row_free) != len(target.rows):
+            hit = _ramp_nbytes(_digits(target, target.rows, target.free[: len(row_free)]), 8)
+        return nnz * idx + max(ramps, (nrows + 1) * idx + hit)
+
+    def write(self, structure, xp, idx):
+        return csr_pattern(self.target(structure), xp)
+
+    def arrays(self, pattern):
+        return (pattern.indices, pattern.indptr)
+
+    def map(self, pattern, fn):
+        return CompressedPattern(fn(pattern.indices), fn(pattern.indptr), tuple(pattern.shape))
+
+    def from_csr(self, csr, out_shape, inp_shape, idx: int):
+        matrix = csr.tocsc() if self.transpose else csr
+        pattern = self.map(matrix, lambda a: a.astype(NUMPY.index(idx), copy=False))
+        return pattern, matrix.data
+
+    def from_coords(self, coords, data, out_shape, inp_shape, idx: int):
         import scipy.sparse
 
-        cls = scipy.sparse.csr_array if fmt == "csr" else scipy.sparse.csc_array
-        matrix = cls((data, pattern.indices, pattern.indptr), shape=matrix_shape)
+        indices, indptr = coords_to_csr(np.asarray(coords), out_shape + inp_shape, len(out_shape))
+        csr = scipy.sparse.csr_array((data, indices, indptr),
+                                     shape=(math.prod(out_shape), math.prod(inp_shape)))
+        return self.from_csr(csr, out_shape, inp_shape, idx)
+
+    def from_csr_nbytes(self, nnz, out_shape, inp_shape, itemsize, csr_bytes, idx):
+        if not self.transpose:
+            return 0, csr_bytes  # the CSR itself
+        extra = self.nbytes(nnz, out_shape, inp_shape, itemsize, idx)
+        return extra, extra
+
+
+COO = CoordinateLayout()
+CSR = CompressedLayout("csr", transpose=False)
+CSC = CompressedLayout("csc", transpose=True)
+
+
+# -- containers: what a format's result is -------------------------------------------------------
+
+
+def _sparse_coo(pattern, data, shape, matrix_shape):
+    import sparse
+
+    return sparse.COO(pattern, data, shape=shape, sorted=True, has_duplicates=False)
+
+
+def _scipy(name: str):
+    def wrap(pattern, data, shape, matrix_shape):
+        import scipy.sparse
+
+        matrix = getattr(scipy.sparse, name)((data, pattern.indices, pattern.indptr),
+                                             shape=matrix_shape)
         matrix.has_sorted_indices = True
         matrix.has_canonical_format = True
         return matrix
+
+    wrap.__name__ = f"_scipy_{name}"
+    return wrap
+
+
+def _tensor(a):
+    import torch
+
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+def _torch_coo(pattern, data, shape, matrix_shape):
+    import torch
+
+    # Coalesced by construction (sorted, no duplicates): no coalesce() pass.
+    return torch.sparse_coo_tensor(_tensor(pattern), _tensor(data), shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
+def _torch_csr(pattern, data, shape, matrix_shape):
     import warnings
 
     import torch
 
-    def tensor(a):
-        return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
-
-    if fmt == "torch":
-        # Coalesced by construction (sorted, no duplicates): no coalesce() pass.
-        return torch.sparse_coo_tensor(
-            tensor(pattern), tensor(data), shape, is_coalesced=True, check_invariants=False
-        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            tensor(pattern.indptr), tensor(pattern.indices), tensor(data), matrix_shape,
-            check_invariants=False,
-        )
+        return torch.sparse_csr_tensor(_tensor(pattern.indptr), _tensor(pattern.indices),
+                                       _tensor(data), matrix_shape, check_invariants=False)
 
 
-def from_csr(csr, fmt: str, out_shape: Sequence[int], inp_shape: Sequence[int]):
+@dataclass(frozen=True, eq=False)
+class Format:
+    """One output format: its layout, index width, bytes, writer, container and conversion.
+
+    ``package``: the module its container needs (refused with an install hint when missing);
+    ``index_bytes``: a fixed width of the index arrays (torch's sparse COO takes int64 only),
+    else the narrowest that fits (:func:`index_dtype`); ``float16``: whether the container
+    holds float16 values (scipy's routines refuse them: stored as float32, an exact upcast);
+    ``wrap(pattern, data, shape, matrix_shape)``: the container around index arrays and values,
+    copying neither.
+    """
+
+    name: str
+    layout: Layout
+    wrap: Callable[..., Any]
+    package: str
+    extra: str = ""  # the extra of einsum-sparsejac that installs ``package``
+    index_bytes: int = 0
+    float16: bool = True
+    doc: str = ""
+
+    def __repr__(self) -> str:
+        return f"<format {self.name!r}>"
+
+    @property
+    def on_torch(self) -> bool:
+        """A torch container: its pattern is held as torch tensors (built on a GPU for CUDA
+        operands)."""
+        return self.package == "torch"
+
+    def require(self, prefix: str = "") -> None:
+        """Import the container's package, or raise :class:`MissingDependencyError`."""
+        try:
+            importlib.import_module(self.package)
+        except ImportError as error:
+            from .errors import MissingDependencyError
+
+            hint = f"pip install 'einsum-sparsejac[{self.extra}]'" if self.extra else \
+                f"pip install {self.package}"
+            raise MissingDependencyError(
+                f"{prefix}format={self.name!r} needs {self.package}, which is not installed "
+                f"({error}): {hint}") from None
+
+    def value_dtype(self, dtype) -> np.dtype:
+        """The dtype of the stored values for results of ``dtype``."""
+        dtype = np.dtype(dtype)
+        return np.dtype(np.float32) if dtype == np.float16 and not self.float16 else dtype
+
+    def index_itemsize(self, nnz: int, out_shape, inp_shape) -> int:
+        """The index width rule: ``index_bytes``, else the narrowest that fits."""
+        return self.index_bytes or index_dtype(nnz, self.layout.index_shape(out_shape,
+                                                                            inp_shape)).itemsize
+
+    def nbytes(self, nnz: int, out_shape, inp_shape, itemsize: int, idx: int = 0) -> int:
+        """Bytes of a result of ``nnz`` entries (index arrays of ``idx`` bytes: default the
+        rule's)."""
+        idx = idx or self.index_itemsize(nnz, out_shape, inp_shape)
+        return self.layout.nbytes(nnz, out_shape, inp_shape, itemsize, idx)
+
+    def structure_nbytes(self, structure: Structure, itemsize: int) -> int:
+        """Bytes of the arrays a writer allocates for ``structure`` (the result)."""
+        return self.nbytes(structure.nnz, structure.rows_shape, structure.cols_shape, itemsize)
+
+    def pattern_peak_nbytes(self, structure: Structure) -> int:
+        """The peak bytes of writing the pattern: the index arrays and the writer's
+        temporaries alongside them (ramps, diagonal row hits)."""
+        idx = self.index_itemsize(structure.nnz, structure.rows_shape, structure.cols_shape)
+        return self.layout.pattern_peak(structure, idx)
+
+    def write_pattern(self, structure: Structure, xp=NUMPY):
+        """The index arrays of ``structure`` (on the backend ``xp``), in this format's
+        arrays: torch tensors for a torch container."""
+        idx = self.index_itemsize(structure.nnz, structure.rows_shape, structure.cols_shape)
+        pattern = self.layout.write(structure, xp, idx)
+        return self.layout.map(pattern, _tensor) if self.on_torch and xp is NUMPY else pattern
+
+    def container(self, pattern, data, out_shape, inp_shape):
+        """The container around ``pattern`` (sorted, free of duplicates: it is told so, no
+        scan) and ``data``, copying neither."""
+        shape = tuple(out_shape) + tuple(inp_shape)
+        return self.wrap(pattern, data, shape, (math.prod(out_shape), math.prod(inp_shape)))
+
+    def pattern_from_csr(self, csr, out_shape, inp_shape):
+        """``(pattern, values)``: the pattern of a canonical CSR of shape
+        ``(prod(out_shape), prod(inp_shape))`` in this layout, and its values in that order."""
+        idx = self.index_itemsize(csr.nnz, out_shape, inp_shape)
+        return self.layout.from_csr(csr, tuple(out_shape), tuple(inp_shape), idx)
+
+    def from_csr(self, csr, out_shape, inp_shape):
+        """A canonical CSR as this format's container (for results assembled as CSR)."""
+        pattern, data = self.pattern_from_csr(csr, out_shape, inp_shape)
+        return self.container(pattern, data, out_shape, inp_shape)
+
+    def from_csr_nbytes(self, nnz, out_shape, inp_shape, itemsize, csr_bytes) -> tuple[int, int]:
+        """``(extra, final)``: the bytes :meth:`from_csr` allocates beside the CSR (of
+        ``csr_bytes``), and those the result keeps."""
+        idx = self.index_itemsize(nnz, out_shape, inp_shape)
+        return self.layout.from_csr_nbytes(nnz, tuple(out_shape), tuple(inp_shape), itemsize,
+                                           csr_bytes, idx)
+
+    def from_coords(self, coords, data, out_shape, inp_shape):
+        """The container of the entries at sorted, unique N-D ``coords``."""
+        out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
+        idx = self.index_itemsize(len(data), out_shape, inp_shape)
+        pattern, data = self.layout.from_coords(coords, data, out_shape, inp_shape, idx)
+        return self.container(pattern, data, out_shape, inp_shape)
+
+
+# The registry: adding a format is one entry here.
+REGISTRY: dict[str, Format] = {f.name: f for f in (
+    Format("coo", COO, _sparse_coo, "sparse",
+           doc="sparse.COO of shape out.shape + arg.shape"),
+    Format("csr", CSR, _scipy("csr_array"), "scipy", float16=False,
+           doc="scipy.sparse.csr_array of shape (out.size, arg.size)"),
+    Format("csc", CSC, _scipy("csc_array"), "scipy", float16=False,
+           doc="scipy.sparse.csc_array of shape (out.size, arg.size)"),
+    Format("torch", COO, _torch_coo, "torch", extra="torch", index_bytes=8,
+           doc="coalesced torch.sparse_coo_tensor of shape out.shape + arg.shape"),
+    Format("torch_csr", CSR, _torch_csr, "torch", extra="torch",
+           doc="torch.sparse_csr_tensor of shape (out.size, arg.size)"),
+)}
+FORMATS = tuple(REGISTRY)
+
+
+def get(format: Any, prefix: str = "", require: bool = True) -> Format:
+    """The registered format named ``format`` (a :class:`Format` passes through), checked once
+    at the public boundary: its name, and (``require``) that its package is installed.
+
+    >>> get("csr").layout, get("torch").index_bytes
+    (<layout csr>, 8)
+    """
+    if isinstance(format, Format):
+        return format
+    from .options import choice
+
+    fmt = REGISTRY[choice(format, "format", FORMATS, prefix)]
+    if require:
+        fmt.require(prefix)
+    return fmt
+
+
+def predicted_nbytes(structure: Structure, fmt: Any, itemsize: int) -> int:
+    """Bytes of the arrays a writer allocates for ``fmt`` (values of ``itemsize`` bytes)."""
+    return get(fmt, require=False).structure_nbytes(structure, itemsize)
+
+
+def pattern_peak_nbytes(structure: Structure, fmt: Any) -> int:
+    """The peak bytes of building the pattern of ``fmt`` (see :meth:`Format.pattern_peak_nbytes`)."""
+    return get(fmt, require=False).pattern_peak_nbytes(structure)
+
+
+def predicted_peak(
+    structure: Structure,
+    fmt: Any,
+    itemsize: int,
+    factor_nbytes: int,
+    factor_owned: bool = True,
+    factor_contiguous: bool = True,
+    pattern: bool = True,
+) -> int:
+    """The peak bytes of one build of ``fmt``: the factor ``R`` (``factor_nbytes``, counted
+    when the build allocates it: ``factor_owned``), the values, the laid-out copy of a
+    non-contiguous factor, and the pattern with its temporaries (``pattern``: not yet built)."""
+    size = factor_nbytes // max(itemsize, 1)
+    copy = factor_nbytes if not factor_contiguous and spread_copies(structure, size) else 0
+    patterns = pattern_peak_nbytes(structure, fmt) if pattern else 0
+    owned = factor_nbytes if factor_owned else 0
+    return owned + structure.nnz * itemsize + max(copy, patterns)
+
+
+def container(fmt: Any, pattern, data, out_shape: Sequence[int], inp_shape: Sequence[int]):
+    """The container ``fmt`` names around index arrays and values (:meth:`Format.container`)."""
+    return get(fmt, require=False).container(pattern, data, out_shape, inp_shape)
+
+
+def from_csr(csr, fmt: Any, out_shape: Sequence[int], inp_shape: Sequence[int]):
     """A canonical scipy CSR array of shape ``(prod(out_shape), prod(inp_shape))`` in the
     container ``fmt`` names (for results that are assembled as CSR, e.g. sums of terms)."""
-    out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
-    if fmt == "csc":
-        csc = csr.tocsc()
-        return container(fmt, csc, csc.data, out_shape, inp_shape)
-    if LAYOUT[fmt] == "csr":
-        return container(fmt, csr, csr.data, out_shape, inp_shape)
-    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
-    coords = [np.unravel_index(rows, out_shape)] if out_shape else []
-    coords += [np.unravel_index(csr.indices, inp_shape)] if inp_shape else []
-    dtype = np.int64 if fmt == "torch" else index_dtype(csr.nnz, out_shape + inp_shape)
-    stacked = np.zeros((len(out_shape) + len(inp_shape), csr.nnz), dtype=dtype)
-    for d, c in enumerate(c for group in coords for c in group):
-        stacked[d] = c
-    # Rows sorted, columns sorted within rows, no duplicates: lexicographic N-D order.
-    return container(fmt, stacked, csr.data, out_shape, inp_shape)
+    return get(fmt, require=False).from_csr(csr, out_shape, inp_shape)

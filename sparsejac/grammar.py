@@ -27,7 +27,7 @@ ELLIPSIS = "..."
 
 
 @dataclass(frozen=True)
-class Term:
+class Subscript:
     """One term of the subscripts: letters before and after its ``...`` (if any)."""
 
     head: str
@@ -47,8 +47,8 @@ class Subscripts:
     """The syntax of an einsum: input terms and the output term (explicit or implied)."""
 
     text: str
-    inputs: tuple[Term, ...]
-    output: Term
+    inputs: tuple[Subscript, ...]
+    output: Subscript
     explicit: bool
 
 
@@ -74,7 +74,7 @@ class Einsum:
         return tuple(self.sizes[label] for label in self.inputs[operand])
 
 
-def _term(text: str, where: str, subscripts: str) -> Term:
+def _term(text: str, where: str, subscripts: str) -> Subscript:
     dots = text.count(".")
     if dots == 0:
         head, tail, ellipsis = text, "", False
@@ -90,7 +90,7 @@ def _term(text: str, where: str, subscripts: str) -> Term:
                 f"{context(subscripts)}{where} {text!r} has more than one ellipsis '...'"
             )
         head, tail, ellipsis = text[:first], text[first + 3 :], True
-    return Term(head, tail, ellipsis)
+    return Subscript(head, tail, ellipsis)
 
 
 def require_text(subscripts: object) -> str:
@@ -107,7 +107,7 @@ def parse(subscripts: object, n_operands: int) -> Subscripts:
     """Parse ``subscripts`` for ``n_operands`` operands (syntax only, no shapes).
 
     >>> parse("ba,Ab", 2).output   # implicit output: letters used once, in ASCII order
-    Term(head='Aa', tail='', ellipsis=False)
+    Subscript(head='Aa', tail='', ellipsis=False)
     """
     text = require_text(subscripts).replace(" ", "")
     for position, char in enumerate(text):
@@ -154,7 +154,10 @@ def parse(subscripts: object, n_operands: int) -> Subscripts:
             )
     else:
         once = "".join(sorted(letter for letter, count in counts.items() if count == 1))
-        output = Term("", once, any(term.ellipsis for term in inputs))
+        # numpy puts the broadcast dimensions first: "...letters"; without '...' the letters
+        # are the head, as an explicit output spells them.
+        ellipsis = any(term.ellipsis for term in inputs)
+        output = Subscript("", once, True) if ellipsis else Subscript(once, "", False)
     return Subscripts(subscripts, inputs, output, bool(arrows))
 
 

@@ -1,5 +1,6 @@
 """Checking the options every public function shares (``wrt``, ``format``, ``method``,
-``memory_limit``) and the memory guard, with one set of messages.
+``memory_limit``) and the memory guard, with one set of messages. Public functions check them
+once, at their boundary, and pass checked values inward.
 
 Each check takes a ``prefix`` that names the call, e.g. ``"einsum 'ij,jk->ik': "``
 (:func:`sparsejac.errors.context`) or ``"jacobian_of: "``.
@@ -10,6 +11,7 @@ Each check takes a ``prefix`` that names the call, e.g. ``"einsum 'ij,jk->ik': "
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
 
@@ -84,13 +86,59 @@ def shape(value: Any, index: int, prefix: str) -> tuple[int, ...]:
     return tuple(int(n) for n in dims)
 
 
+# dask's byte units (dask.utils.parse_bytes): kB, MB, GB, ... are powers of 1000, KiB, MiB,
+# GiB, ... powers of 1024; the first letter alone (k, M, G) is decimal, "Ki", "Mi", "Gi" binary.
+# Case does not matter.
+_UNITS = {"b": 1, "": 1}
+for _i, _p in enumerate("kmgtp", start=1):
+    _UNITS[_p + "b"] = _UNITS[_p] = 1000**_i
+    _UNITS[_p + "ib"] = _UNITS[_p + "i"] = 1024**_i
+
+
+def parse_bytes(text: str, prefix: str = "", name: str = "memory_limit") -> int:
+    """A size such as ``"8GB"`` (8 * 10**9), ``"8GiB"`` (8 * 2**30), ``"512MB"``, ``"1.5GiB"``
+    or ``"8G"`` (decimal, as dask reads it) in bytes, as ``dask.utils.parse_bytes`` reads it
+    (without importing dask); a bare number is bytes.
+
+    >>> parse_bytes("8GB"), parse_bytes("8GiB"), parse_bytes("1.5 gib"), parse_bytes("8G")
+    (8000000000, 8589934592, 1610612736, 8000000000)
+    """
+    body = text.replace(" ", "")
+    cut = len(body)
+    while cut and body[cut - 1].isalpha():
+        cut -= 1
+    number, unit = body[:cut], body[cut:]
+    if not number and unit:
+        number = "1"  # dask: "GB" alone is one GB
+    try:
+        value = float(number) * _UNITS[unit.lower()]
+    except (ValueError, KeyError):
+        raise ArgumentError(
+            f"{prefix}{name} {text!r} is not a size such as 8GB (10**9 bytes), 8GiB (2**30 "
+            "bytes), 512MB or a number of bytes"
+        ) from None
+    if not math.isfinite(value) or value < 0 or value >= 2.0**63:
+        raise ArgumentError(f"{prefix}{name} {text!r} is not a finite, non-negative size such "
+                            "as 8GB or 512MiB")
+    return int(value)
+
+
 def memory_limit(value: Any, prefix: str) -> float | None:
-    """The limit in bytes: ``value``, or the memory available when ``value`` is None."""
+    """The limit in bytes: ``value`` (a number of bytes, or a size string such as ``"8GB"``
+    or ``"8GiB"``: :func:`parse_bytes`), or the memory available when ``value`` is None."""
+    return available_memory() if value is None else limit_bytes(value, prefix)
+
+
+def limit_bytes(value: Any, prefix: str) -> float | None:
+    """``memory_limit`` checked and in bytes; None stays None (the caller's default)."""
     if value is None:
-        return available_memory()
+        return None
+    if isinstance(value, str):
+        return parse_bytes(value, prefix)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise ArgumentTypeError(
-            f"{prefix}memory_limit must be a number of bytes or None, got {type(value).__name__}"
+            f"{prefix}memory_limit must be a number of bytes, a size such as '8GB' or '8GiB', "
+            f"or None, got {type(value).__name__}"
         )
     if not value >= 0:
         raise ArgumentError(f"{prefix}memory_limit={value} must be >= 0")

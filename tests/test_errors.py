@@ -53,7 +53,8 @@ CASES = [
     ("ij,jk->ik", [A23.astype(bool), A34], {}, OperandTypeError, r"operand 0 has dtype bool"),
     ("i,i", [[1.0, [2.0]], np.ones(2)], {}, OperandTypeError, r"operand 0 cannot be read"),
     ("ij,jk->ik", [A23, A34], {"memory_limit": -1}, ArgumentError, r"memory_limit=-1 must be"),
-    ("ij,jk->ik", [A23, A34], {"memory_limit": "1GB"}, ArgumentTypeError, r"memory_limit must be"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": [1]}, ArgumentTypeError, r"memory_limit must be"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": "1QB"}, ArgumentError, r"memory_limit '1QB' is not a size"),
 ]
 
 
@@ -94,8 +95,8 @@ def test_plan_shapes_and_dtypes_are_checked():
         sparsejac.plan("i->i", (3.5,))
     with pytest.raises(ArgumentTypeError, match=r"shape 0 must be a sequence of ints.*int"):
         sparsejac.plan("i->i", 3)
-    with pytest.raises(ArgumentTypeError, match=r"wrt must be an int, got tuple"):
-        sparsejac.plan("i,i->i", (3,), (3,), wrt=(0, 1))
+    with pytest.raises(ArgumentTypeError, match=r"wrt must be an int or a tuple of ints, got float"):
+        sparsejac.plan("i,i->i", (3,), (3,), wrt=(0, 1.0))
     with pytest.raises(ArgumentTypeError, match=r"dtype 'foo' is not a numpy or torch dtype"):
         sparsejac.plan("i->i", (3,)).nbytes("csr", "foo")
     assert sparsejac.plan("i->i", (np.int64(3),)).shape == (3, 3)
