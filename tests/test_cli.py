@@ -81,7 +81,8 @@ def test_seeded_operands_are_reproducible(tmp_path):
 
 
 def test_chunked_directory(tmp_path):
-    import sparsejac.dask as sjd
+    import sparsejac.chunked as chunked
+    import sparsejac.store as store
 
     out = tmp_path / "J"
     r = run("jacobian", "bij,bjk->bik", "--shape", "2,3,4", "--shape", "2,4,3", "--wrt", "1",
@@ -91,7 +92,7 @@ def test_chunked_directory(tmp_path):
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4, 3))
     ref = sparsejac.jacobian("bij,bjk->bik", x, w, wrt=1)
-    J = sjd.load(out)
+    J = store.load(out)
     assert J.shape == ref.shape and J.chunks[0] == (1, 1) and J.chunks[3] == (2,)
     np.testing.assert_array_equal(J.compute().todense(), ref.todense())
     # Without --out the blocks are built and counted.

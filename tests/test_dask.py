@@ -16,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 da = pytest.importorskip("dask.array")
 
 import sparsejac
-import sparsejac.dask as sjd
+import sparsejac.chunked as chunked
+import sparsejac.store as store
 from strategies import einsum_problems, operands_for
 
 
@@ -67,7 +68,7 @@ def test_blocks_equal_in_memory_jacobian(problem, seed):
     subscripts, shapes, k, chunks = problem
     operands = operands_for(shapes, np.float64, seed)
     ref = sparsejac.jacobian(subscripts, *operands, wrt=k)
-    J = sjd.jacobian(subscripts, *operands, wrt=k, chunks=chunks)
+    J = chunked.jacobian(subscripts, *operands, wrt=k, chunks=chunks)
     check_blocks(J, ref)
     np.testing.assert_array_equal(J.compute().todense(), ref.todense())
 
@@ -88,7 +89,7 @@ def test_varied_chunks(chunks):
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((5, 4)), rng.standard_normal((4, 6))
     ref = sparsejac.jacobian("ij,jk->ik", x, w)
-    J = sjd.jacobian("ij,jk->ik", x, w, chunks=chunks)
+    J = chunked.jacobian("ij,jk->ik", x, w, chunks=chunks)
     if isinstance(chunks, tuple) and isinstance(chunks[0], tuple):
         assert J.chunks == chunks
     check_blocks(J, ref)
@@ -111,14 +112,14 @@ def test_named_cases(subscripts, shapes, wrt, dtype):
     operands = operands_for(shapes, dtype, 3)
     ref = sparsejac.jacobian(subscripts, *operands, wrt=wrt)
     for chunks in ("auto", 1, 2):
-        check_blocks(sjd.jacobian(subscripts, *operands, wrt=wrt, chunks=chunks), ref)
+        check_blocks(chunked.jacobian(subscripts, *operands, wrt=wrt, chunks=chunks), ref)
 
 
 def test_slicing_computes_only_the_part():
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((6, 5)), rng.standard_normal((5, 7))
     ref = sparsejac.jacobian("ij,jk->ik", x, w).todense()
-    J = sjd.jacobian("ij,jk->ik", x, w, chunks=(4, 3, 2, 2))
+    J = chunked.jacobian("ij,jk->ik", x, w, chunks=(4, 3, 2, 2))
     for index in [(slice(1, 5), slice(None, None, 2), 3), (2, 3), (slice(None, None, -2), 0, 0, 1)]:
         np.testing.assert_array_equal(J[index].compute().todense(), ref[index])
 
@@ -127,7 +128,7 @@ def test_auto_chunks_bound_block_size_and_leave_no_block_empty():
     n = 1500  # J has 3.4e9 nonzeros: building the graph and one block must stay small and fast
     x = np.zeros((n, n), dtype=np.float32)
     w = np.arange(n * n, dtype=np.float32).reshape(n, n)
-    J = sjd.jacobian("ij,jk->ik", x, w)
+    J = chunked.jacobian("ij,jk->ik", x, w)
     assert J.shape == (n, n, n, n)
     assert J.chunks[2] == (n,)  # the delta's second axis is left whole: no empty block
     per_nnz = 4 + 8 * 4
@@ -148,19 +149,19 @@ def test_auto_chunks_bound_block_size_and_leave_no_block_empty():
 def test_bad_chunks_are_refused():
     x, w = np.ones((2, 3)), np.ones((3, 4))
     with pytest.raises(sparsejac.ArgumentError):
-        sjd.jacobian("ij,jk->ik", x, w, chunks=(1, 2))
+        chunked.jacobian("ij,jk->ik", x, w, chunks=(1, 2))
     with pytest.raises(sparsejac.ArgumentTypeError):
-        sjd.jacobian("ij,jk->ik", x, w, chunks=None)
+        chunked.jacobian("ij,jk->ik", x, w, chunks=None)
     with pytest.raises(sparsejac.SubscriptError):
-        sjd.jacobian("ij,jk->iq", x, w)
+        chunked.jacobian("ij,jk->iq", x, w)
 
 
 def test_save_load_float16(tmp_path):
     """scipy has no float16 sparse matrices; the block files store the values as they are."""
     operands = operands_for([(5, 4), (4, 6)], np.float16, 4)
-    J = sjd.jacobian("ij,jk->ik", *operands, chunks=(2, 4, 3, 3))
-    sjd.save(J, tmp_path / "J")
-    L = sjd.load(tmp_path / "J")
+    J = chunked.jacobian("ij,jk->ik", *operands, chunks=(2, 4, 3, 3))
+    store.save(J, tmp_path / "J")
+    L = store.load(tmp_path / "J")
     assert L.dtype == np.float16
     for index in np.ndindex(*J.numblocks):
         a, b = J.blocks[index].compute(), L.blocks[index].compute()
@@ -172,11 +173,11 @@ def test_save_load_float16(tmp_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.complex128])
 def test_save_load_round_trip(tmp_path, dtype):
     operands = operands_for([(5, 4), (4, 6)], dtype, 4)
-    J = sjd.jacobian("ij,jk->ik", *operands, chunks=(2, 4, 3, 3))
+    J = chunked.jacobian("ij,jk->ik", *operands, chunks=(2, 4, 3, 3))
     ref = sparsejac.jacobian("ij,jk->ik", *operands)
-    meta = sjd.save(J, tmp_path / "J")
+    meta = store.save(J, tmp_path / "J")
     assert meta["nnz"] == ref.nnz
-    L = sjd.load(tmp_path / "J")
+    L = store.load(tmp_path / "J")
     assert L.chunks == J.chunks and L.dtype == J.dtype and L.shape == J.shape
     for index in np.ndindex(*J.numblocks):
         a, b = J.blocks[index].compute(), L.blocks[index].compute()  # J.ndim > 0 here
@@ -199,7 +200,7 @@ def test_save_load_round_trip(tmp_path, dtype):
 
 def test_saved_blocks_are_scipy_csr(tmp_path):
     x, w = np.arange(6.0).reshape(2, 3), np.arange(12.0).reshape(3, 4)
-    sjd.save(sjd.jacobian("ij,jk->ik", x, w, chunks=-1), tmp_path / "J")
+    store.save(chunked.jacobian("ij,jk->ik", x, w, chunks=-1), tmp_path / "J")
     meta = json.loads((tmp_path / "J" / "sparsejac-chunks.json").read_text())
     assert meta["shape"] == [2, 4, 2, 3] and meta["split"] == 2
     m = scipy.sparse.load_npz(tmp_path / "J" / "blocks" / "0.0.0.0.npz")
@@ -208,31 +209,31 @@ def test_saved_blocks_are_scipy_csr(tmp_path):
 
 
 def test_save_refuses_to_clobber_and_load_needs_metadata(tmp_path):
-    J = sjd.jacobian("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), chunks=2)
-    sjd.save(J, tmp_path / "J")
+    J = chunked.jacobian("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), chunks=2)
+    store.save(J, tmp_path / "J")
     with pytest.raises(FileExistsError):
-        sjd.save(J, tmp_path / "J")
-    J2 = sjd.jacobian("ij,jk->ik", 2 * np.ones((2, 3)), 2 * np.ones((3, 4)), chunks=3)
-    sjd.save(J2, tmp_path / "J", overwrite=True)
-    L = sjd.load(tmp_path / "J")
+        store.save(J, tmp_path / "J")
+    J2 = chunked.jacobian("ij,jk->ik", 2 * np.ones((2, 3)), 2 * np.ones((3, 4)), chunks=3)
+    store.save(J2, tmp_path / "J", overwrite=True)
+    L = store.load(tmp_path / "J")
     assert L.chunks == J2.chunks
     assert float(L.sum().compute()) == 2.0 * 24
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        sjd.save(J, tmp_path / "other", overwrite=True)
+        store.save(J, tmp_path / "other", overwrite=True)
     assert (tmp_path / "other" / "keep.txt").exists()
     os.remove(tmp_path / "J" / "sparsejac-chunks.json")
     with pytest.raises(FileNotFoundError):
-        sjd.load(tmp_path / "J")
+        store.load(tmp_path / "J")
 
 
 def test_save_a_generic_dask_array(tmp_path):
     x = np.zeros((6, 5))
     x[1, 2], x[4, 0], x[5, 4] = 1.0, -2.0, 3.0
     A = da.from_array(x, chunks=(4, 3))  # dense numpy blocks
-    sjd.save(A, tmp_path / "A")
-    np.testing.assert_array_equal(sjd.load(tmp_path / "A").compute().todense(), x)
+    store.save(A, tmp_path / "A")
+    np.testing.assert_array_equal(store.load(tmp_path / "A").compute().todense(), x)
 
 
 def test_import_sparsejac_does_not_import_dask():
@@ -241,7 +242,7 @@ def test_import_sparsejac_does_not_import_dask():
 
     code = "import sys, sparsejac; print('dask' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(sjd.__file__)), check=True)
+                         cwd=os.path.dirname(os.path.dirname(chunked.__file__)), check=True)
     assert out.stdout.strip() == "False"
 
 
@@ -253,15 +254,15 @@ def test_distributed_local_cluster(tmp_path):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
         with distributed.Client(cluster) as client:
-            J = sjd.jacobian("ij,jk->ik", x, w, chunks=(2, 3, 6, 2))
+            J = chunked.jacobian("ij,jk->ik", x, w, chunks=(2, 3, 6, 2))
             got = client.compute(J).result()
             np.testing.assert_array_equal(got.todense(), ref.todense())
-            sjd.save(J, tmp_path / "J")  # the workers write the blocks
-            L = sjd.load(tmp_path / "J")
+            store.save(J, tmp_path / "J")  # the workers write the blocks
+            L = store.load(tmp_path / "J")
             rows = L.sum(axis=(2, 3)).compute()
             np.testing.assert_allclose(rows.todense(), ref.todense().sum(axis=(2, 3)),
                                        rtol=1e-12, atol=1e-12)
-    check_blocks(sjd.load(tmp_path / "J"), ref)
+    check_blocks(store.load(tmp_path / "J"), ref)
 
 
 @pytest.mark.parametrize(
@@ -271,9 +272,9 @@ def test_distributed_local_cluster(tmp_path):
 def test_save_load_edge_shapes(tmp_path, subscripts, shapes):
     operands = operands_for(shapes, np.float64, 6)
     ref = sparsejac.jacobian(subscripts, *operands)
-    meta = sjd.save(sjd.jacobian(subscripts, *operands, chunks=1), tmp_path / "J")
+    meta = store.save(chunked.jacobian(subscripts, *operands, chunks=1), tmp_path / "J")
     assert meta["nnz"] == ref.nnz
-    got = sjd.load(tmp_path / "J").compute()
+    got = store.load(tmp_path / "J").compute()
     assert got.shape == ref.shape and got.nnz == ref.nnz
     np.testing.assert_array_equal(got.todense(), ref.todense())
 
@@ -281,10 +282,10 @@ def test_save_load_edge_shapes(tmp_path, subscripts, shapes):
 def test_huge_factor_is_refused_and_broadcast_factor_stays_small():
     big = np.broadcast_to(1.0, (100_000, 100_000))
     with pytest.raises(sparsejac.JacobianTooLargeError, match=r"'ij,jk->ik'.*dense factor R"):
-        sjd.jacobian("ij,jk->ik", big, big)
+        chunked.jacobian("ij,jk->ik", big, big)
     # 'ij,j->ij' wrt 1: the factor is x itself; a broadcast x stays a length-1 base in the graph.
     x = np.broadcast_to(np.arange(3.0)[:, None], (3, 50_000))
-    J = sjd.jacobian("ij,j->ij", x, np.ones(50_000), wrt=1, chunks=(3, 10_000, 10_000))
+    J = chunked.jacobian("ij,j->ij", x, np.ones(50_000), wrt=1, chunks=(3, 10_000, 10_000))
     ref = sparsejac.jacobian("ij,j->ij", np.array(x), np.ones(50_000), wrt=1)
     assert J.blocks[0, 0, 0].compute().nnz == 3 * 10_000
     got = J.sum(axis=(0, 1)).compute().todense()
@@ -293,4 +294,4 @@ def test_huge_factor_is_refused_and_broadcast_factor_stays_small():
 
 def test_zero_chunks_are_an_argument_error():
     with pytest.raises(sparsejac.ArgumentError, match=r"chunks=0"):
-        sjd.jacobian("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), chunks=0)
+        chunked.jacobian("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), chunks=0)

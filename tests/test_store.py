@@ -1,4 +1,4 @@
-"""The block store of ``sparsejac.dask``: atomic and concurrent saves, clobber protection, and
+"""The block store (``sparsejac.store``): atomic and concurrent saves, clobber protection, and
 loads that check every block against the manifest (each damaged or edited file is refused with a
 StoreError naming it)."""
 
@@ -22,7 +22,8 @@ import scipy.sparse
 
 pytest.importorskip("dask")
 import sparsejac  # noqa: E402
-import sparsejac.dask as sjd  # noqa: E402
+import sparsejac.chunked as chunked  # noqa: E402
+import sparsejac.store as store  # noqa: E402
 from sparsejac import ArgumentTypeError, StoreError, StoreExistsError, StoreNotFoundError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sparsejac.__file__)))
@@ -32,12 +33,12 @@ MANIFEST = "sparsejac-chunks.json"
 def small_jacobian(scale: float = 1.0):
     x = np.arange(6.0).reshape(2, 3) + 1
     w = scale * (np.arange(12.0).reshape(3, 4) + 1)
-    return sjd.jacobian("ij,jk->ik", x, w, chunks=(2, 2, 2, 3))
+    return chunked.jacobian("ij,jk->ik", x, w, chunks=(2, 2, 2, 3))
 
 
 def saved(tmp_path, scale: float = 1.0):
     path = tmp_path / "J"
-    sjd.save(small_jacobian(scale), path)
+    store.save(small_jacobian(scale), path)
     return path
 
 
@@ -74,7 +75,7 @@ def rewrite_block(path, arrays: dict, name="blocks/0.0.0.0.npz", nnz=None) -> No
 
 
 def read_all(path):
-    return sjd.load(path).compute()
+    return store.load(path).compute()
 
 
 def test_round_trip_and_blocks_are_csr_arrays(tmp_path):
@@ -350,7 +351,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_save(tmp_path):
     (user / "data.csv").write_text("1,2\n")
     before = sorted(p.name for p in user.rglob("*"))
     with pytest.raises(StoreExistsError, match=r"thesis.*not a sparsejac save"):
-        sjd.save(small_jacobian(), user, overwrite=True)
+        store.save(small_jacobian(), user, overwrite=True)
     assert sorted(p.name for p in user.rglob("*")) == before
     assert (user / "data.csv").read_text() == "1,2\n"
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
@@ -360,28 +361,28 @@ def test_overwrite_refuses_a_save_with_user_files_and_replaces_a_clean_one(tmp_p
     path = saved(tmp_path)
     (path / "notes.txt").write_text("keep me")
     with pytest.raises(StoreExistsError, match=r"notes\.txt.*not overwriting"):
-        sjd.save(small_jacobian(2.0), path, overwrite=True)
+        store.save(small_jacobian(2.0), path, overwrite=True)
     assert (path / "notes.txt").read_text() == "keep me"
     np.testing.assert_array_equal(read_all(path).todense(),
                                   small_jacobian(1.0).compute().todense())
     os.remove(path / "notes.txt")
     with pytest.raises(StoreExistsError, match=r"overwrite=True"):
-        sjd.save(small_jacobian(2.0), path)
-    sjd.save(small_jacobian(2.0), path, overwrite=True)
+        store.save(small_jacobian(2.0), path)
+    store.save(small_jacobian(2.0), path, overwrite=True)
     np.testing.assert_array_equal(read_all(path).todense(),
                                   small_jacobian(2.0).compute().todense())
     assert sorted(os.listdir(tmp_path)) == ["J"]
     with pytest.raises(StoreExistsError, match=r"not a directory"):
         (tmp_path / "file").write_text("x")
-        sjd.save(small_jacobian(), tmp_path / "file", overwrite=True)
+        store.save(small_jacobian(), tmp_path / "file", overwrite=True)
 
 
 @pytest.mark.parametrize("bad", [None, 3, b"/tmp/x", ["a"]])
 def test_bad_paths_are_argument_type_errors(bad):
     with pytest.raises(ArgumentTypeError, match=r"save: path must be"):
-        sjd.save(small_jacobian(), bad)
+        store.save(small_jacobian(), bad)
     with pytest.raises(ArgumentTypeError, match=r"load: path must be"):
-        sjd.load(bad)
+        store.load(bad)
 
 
 # -- other processes: concurrent saves, and saves killed mid-way ------------------------------
@@ -390,12 +391,13 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     import numpy as np
     import dask
-    import sparsejac.dask as sjd
+    import sparsejac.chunked as chunked
+    import sparsejac.store as store
 
     path, scale, overwrite, go, slow = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], float(sys.argv[5])
     x = np.arange(30.0).reshape(6, 5) + 1
     w = scale * (np.arange(20.0).reshape(5, 4) + 1)
-    J = sjd.jacobian("ij,jk->ik", x, w, chunks=(1, 2, 3, 5))   # 24 blocks
+    J = chunked.jacobian("ij,jk->ik", x, w, chunks=(1, 2, 3, 5))   # 24 blocks
 
     def slowly(block):
         time.sleep(slow)
@@ -406,8 +408,8 @@ CHILD = textwrap.dedent("""
         time.sleep(0.005)
     try:
         with dask.config.set(scheduler="threads", num_workers=2):
-            sjd.save(J, path, overwrite=overwrite)
-    except sjd.StoreError as error:
+            store.save(J, path, overwrite=overwrite)
+    except store.StoreError as error:
         print("StoreError:", error, file=sys.stderr)
         sys.exit(3)
 """)
@@ -416,7 +418,7 @@ CHILD = textwrap.dedent("""
 def child(tmp_path, path, scale, overwrite, go, slow=0.0):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     script = tmp_path / "child.py"
-    script.write_text(CHILD.replace("sjd.StoreError", "__import__('sparsejac').StoreError"))
+    script.write_text(CHILD.replace("store.StoreError", "__import__('sparsejac').StoreError"))
     return subprocess.Popen(
         [sys.executable, str(script), str(path), str(scale), "1" if overwrite else "0", str(go),
          str(slow)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -433,7 +435,7 @@ def reference(scale: float):
 def test_two_concurrent_saves_give_one_whole_save_or_a_clear_error(tmp_path, overwrite):
     path, go = tmp_path / "J", tmp_path / "go"
     if overwrite:
-        sjd.save(small_jacobian(), path)  # something to overwrite
+        store.save(small_jacobian(), path)  # something to overwrite
     procs = [child(tmp_path, path, scale, overwrite, go, slow=0.01) for scale in (1.0, 2.0)]
     time.sleep(0.2)
     go.write_text("")
@@ -445,7 +447,7 @@ def test_two_concurrent_saves_give_one_whole_save_or_a_clear_error(tmp_path, ove
         assert sorted(codes) == [0, 3], results  # one saved; the other refused, clearly
         loser = results[codes.index(3)]
         assert "StoreError" in loser[1] and "Traceback" not in loser[1]
-    got = sjd.load(path).compute().todense()
+    got = store.load(path).compute().todense()
     assert any(np.array_equal(got, reference(s)) for s in (1.0, 2.0)), "a mix of two saves"
     assert sorted(os.listdir(tmp_path)) == ["J", "child.py", "go"]
 
@@ -467,7 +469,7 @@ def test_a_save_killed_midway_leaves_nothing_or_the_old_save(tmp_path, overwrite
     path, go = tmp_path / "J", tmp_path / "go"
     go.write_text("")
     if overwrite:
-        sjd.save(small_jacobian(), path)
+        store.save(small_jacobian(), path)
     proc = child(tmp_path, path, 2.0, overwrite, go, slow=0.2)
     wait_for_blocks(tmp_path, proc)
     time.sleep(0.1)
@@ -480,10 +482,10 @@ def test_a_save_killed_midway_leaves_nothing_or_the_old_save(tmp_path, overwrite
     else:
         assert not path.exists()
         with pytest.raises(StoreNotFoundError):
-            sjd.load(path)
+            store.load(path)
     # The killed save's temporary directory is hidden, and the next save to the path removes it.
     assert any(".J.sparsejac-tmp-" in n for n in os.listdir(tmp_path))
-    sjd.save(small_jacobian(3.0), path, overwrite=True)
+    store.save(small_jacobian(3.0), path, overwrite=True)
     np.testing.assert_array_equal(read_all(path).todense(),
                                   small_jacobian(3.0).compute().todense())
     assert not any(".J.sparsejac-tmp-" in n for n in os.listdir(tmp_path))
