@@ -8,13 +8,17 @@
 Modules, one idea each: :mod:`~sparsejac.grammar` (einsum subscripts), :mod:`~sparsejac.structure`
 (the closed form), :mod:`~sparsejac.formats` (writing COO/CSR/CSC), :mod:`~sparsejac.embed` (the
 design card's embedding pipeline), :mod:`~sparsejac.plan` (plans, the public ``jacobian``), :mod:`~sparsejac.options`
-(option checks, the memory guard), :mod:`~sparsejac.errors`.
+(option checks, the memory guard), :mod:`~sparsejac.convert` (``to_scipy``),
+:mod:`~sparsejac.chunked` (Jacobians larger than memory, on dask), :mod:`~sparsejac.store`
+(saving and loading them), :mod:`~sparsejac.errors`.
 """
 
+from .convert import to_scipy
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
     JacobianTooLargeError,
+    MissingDependencyError,
     OperandTypeError,
     ShapeError,
     SparsejacError,
@@ -24,7 +28,7 @@ from .errors import (
     SubscriptError,
     UnsupportedOperationError,
 )
-from .plan import Plan, jacobian, plan
+from .plan import Plan, Plans, jacobian, plan
 from .spy import spy
 from .programs import ProgramPlan, hessian_of, jacobian_of, plan_of
 
@@ -47,8 +51,10 @@ __all__ = [
     "ProgramPlan",
     "plan",
     "Plan",
+    "Plans",
     "linear_operator",
     "spy",
+    "to_scipy",
     "SparsejacError",
     "SubscriptError",
     "ShapeError",
@@ -56,6 +62,7 @@ __all__ = [
     "ArgumentTypeError",
     "OperandTypeError",
     "JacobianTooLargeError",
+    "MissingDependencyError",
     "UnsupportedOperationError",
     "StoreError",
     "StoreExistsError",

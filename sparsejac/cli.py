@@ -3,7 +3,10 @@ plain ``python -m sparsejac``).
 
     sparsejac jacobian SUBSCRIPTS (--operand FILE.npy ... | --shape 512,512 ...) [--wrt K]
               [--format coo|csr|csc] [--chunks SPEC] [--out PATH] [--dtype float32] [--check]
-              [--plot FILE.png] [--seed N] [--memory-limit 8G] [--overwrite]
+              [--plot FILE.png] [--seed N] [--memory-limit 8GB] [--overwrite]
+
+``--memory-limit`` reads sizes as dask and ``memory_limit=`` in Python do: ``8GB`` and ``8G`` are
+8 * 10**9 bytes, ``8GiB`` and ``8Gi`` are 8 * 2**30 (:func:`sparsejac.options.parse_bytes`).
 
 Errors (bad subscripts, missing files, a Jacobian over the memory limit, ...) print one line on
 stderr and exit with status 1 (2 for a malformed command line, 130 for Ctrl-C), never a
@@ -25,10 +28,14 @@ from typing import Sequence
 
 import numpy as np
 
-from . import options
+from . import formats, options
+from .errors import ArgumentError
 from .report import compare_with_torch, human_bytes, size_ratio
 
 CHECK_LIMIT = 2_000_000  # dense elements up to which --check compares with torch
+# The formats a run can save to an .npz: those whose container has a save_npz.
+SAVE_NPZ = {"sparse": "sparse", "scipy": "scipy.sparse"}
+CLI_FORMATS = tuple(f.name for f in formats.REGISTRY.values() if f.package in SAVE_NPZ)
 
 
 class CommandError(Exception):
@@ -60,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a scalar)")
     jac.add_argument("--wrt", type=int, default=0, metavar="K",
                      help="differentiate with respect to operand K (default 0)")
-    jac.add_argument("--format", choices=("coo", "csr", "csc"), default=None,
+    jac.add_argument("--format", choices=CLI_FORMATS, default=None,
                      help="in-memory format (default csr: (z.size, operand.size))")
     jac.add_argument("--chunks", metavar="SPEC",
                      help="build block by block on dask: 'auto', N, or one entry per Jacobian "
                      "axis such as 100,auto,-1,50")
     jac.add_argument("--out", metavar="PATH",
                      help="write the Jacobian: a .npz (scipy's save_npz for csr/csc, sparse's for "
-                     "coo), or with --chunks a directory of blocks (sparsejac.dask.load reads it)")
+                     "coo), or with --chunks a directory of blocks (sparsejac.store.load reads it)")
     jac.add_argument("--dtype", metavar="DTYPE",
                      help="cast the operands to DTYPE (random operands default to float64)")
     jac.add_argument("--check", action="store_true",
@@ -76,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     jac.add_argument("--seed", type=int, default=0, help="seed of the random operands (default 0)")
     jac.add_argument("--memory-limit", metavar="BYTES",
                      help="refuse a build (in memory, or the factor R of a --chunks build) over "
-                     "this many bytes (e.g. 8G; default: the memory available)")
+                     "this many bytes: 8GB or 8G = 8*10^9, 8GiB or 8Gi = 8*2^30, as dask and "
+                     "memory_limit= read them (default: the memory available)")
     jac.add_argument("--plot", metavar="FILE.png",
                      help="draw the sparsity pattern (sparsejac.spy) to an image; needs matplotlib")
     jac.add_argument("--overwrite", action="store_true",
@@ -122,18 +130,11 @@ def parse_chunks(text: str):
 
 
 def parse_bytes(text: str) -> int:
-    units = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30,
-             "GB": 2**30, "T": 2**40, "TB": 2**40}
-    body = text.strip().upper().replace("I", "")  # GiB, GB and G all mean 2**30 here
-    number = body.rstrip("KMGTB")
+    """``--memory-limit``: a size as :func:`sparsejac.options.parse_bytes` (and dask) read it."""
     try:
-        value = float(number) * units[body[len(number):]]
-    except (ValueError, KeyError):
-        raise CommandError(f"--memory-limit {text!r} is not a size such as 8G or 500M") from None
-    if not math.isfinite(value) or value < 0 or value >= 2.0**63:
-        raise CommandError(f"--memory-limit {text!r} is not a finite, non-negative size such as "
-                           "8G or 500M")
-    return int(value)
+        return options.parse_bytes(text, name="--memory-limit")
+    except ArgumentError as error:
+        raise CommandError(str(error)) from None
 
 
 def _dtype(text: str | None) -> np.dtype | None:
@@ -316,12 +317,14 @@ def run_jacobian(args, print_=print) -> int:
     start = time.perf_counter()
     J = plan.jacobian(*arrays, format=fmt, memory_limit=limit)
     seconds = time.perf_counter() - start
-    nbytes = J.nbytes if fmt == "coo" else J.data.nbytes + J.indices.nbytes + J.indptr.nbytes
+    nbytes = plan.nbytes(fmt, J.dtype)  # exactly the arrays built
     print_(f"  built {fmt} in {seconds:.3f} s: {human_bytes(nbytes)} against {human_bytes(dense_bytes)} "
            f"dense ({size_ratio(dense_bytes, nbytes)})")
     ok = True
     if want_check:
-        got = J.todense() if fmt == "coo" else J.toarray().reshape(plan.shape)
+        from .convert import to_scipy
+
+        got = to_scipy(J, out_ndim=plan.out_ndim).toarray().reshape(plan.shape)
         # float16 operands give float32 scipy arrays (sparsejac.jacobian's policy): compare
         # with torch on the operands in that dtype, which is what was computed.
         check = arrays if J.dtype == dtype else [a.astype(J.dtype) for a in arrays]
@@ -333,16 +336,11 @@ def run_jacobian(args, print_=print) -> int:
         if os.path.exists(out) and not args.overwrite:
             raise CommandError(f"{out} exists; pass --overwrite to replace it")
         start = time.perf_counter()
-        if fmt == "coo":
-            import sparse
+        import importlib
 
-            write_npz_atomically(out, lambda tmp: sparse.save_npz(tmp, J, compressed=False),
-                                 args.overwrite)
-        else:
-            import scipy.sparse
-
-            write_npz_atomically(out, lambda tmp: scipy.sparse.save_npz(tmp, J, compressed=False),
-                                 args.overwrite)
+        module = importlib.import_module(SAVE_NPZ[formats.get(fmt).package])
+        write_npz_atomically(out, lambda tmp: module.save_npz(tmp, J, compressed=False),
+                             args.overwrite)
         print_(f"  saved to {out} ({human_bytes(os.path.getsize(out))}) in "
                f"{time.perf_counter() - start:.3f} s")
     return 0 if ok else 1
@@ -374,10 +372,10 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
         import dask  # noqa: F401
     except ImportError:
         raise CommandError("--chunks needs dask: pip install 'einsum-sparsejac[dask]'") from None
-    from . import dask as sjd
+    from . import chunked, store
 
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
-    J = sjd.jacobian(args.subscripts, *arrays, wrt=plan.wrt, chunks=parse_chunks(args.chunks),
+    J = chunked.jacobian(args.subscripts, *arrays, wrt=plan.wrt, chunks=parse_chunks(args.chunks),
                      memory_limit=limit)
     largest = tuple(max(c, default=0) for c in J.chunks)
     print_(f"  {math.prod(J.numblocks):,} blocks of at most {largest}, built and "
@@ -396,7 +394,7 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
             if os.path.exists(args.out) and not os.path.isdir(args.out):
                 raise CommandError(f"{args.out} exists and is not a directory")
             try:
-                meta = sjd.save(J, args.out, overwrite=args.overwrite)
+                meta = store.save(J, args.out, overwrite=args.overwrite)
             except FileExistsError as error:
                 raise CommandError(f"{error} (--overwrite)") from None
             nnz = meta["nnz"]

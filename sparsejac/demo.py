@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .plan import jacobian
+from .plan import jacobian, plan
 from .report import compare_with_torch, human_bytes, size_ratio
 
 PATTERNS = ["ij,jk->ik", "bij,bjk->bik", "bchwkt,fckt->bfhw", "abcd,efd->"]
@@ -50,10 +50,7 @@ def run_large(print_=print) -> None:
         start = time.perf_counter()
         J = jacobian(subscripts, *operands, wrt=wrt, format=fmt)
         seconds = time.perf_counter() - start
-        if fmt == "coo":
-            nbytes = J.nbytes
-        else:
-            nbytes = J.data.nbytes + J.indices.nbytes + J.indptr.nbytes
+        nbytes = plan(subscripts, *shapes, wrt=wrt).nbytes(fmt, J.dtype)  # the arrays built
         dense = math.prod(J.shape) * J.dtype.itemsize
         shape = J.shape
         print_(f"  {subscripts:<20} wrt {wrt} {fmt}: shape {shape}, nnz {J.nnz:.3g}, "

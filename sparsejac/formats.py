@@ -28,6 +28,9 @@ from .backend import NUMPY
 from .structure import Structure, distinct
 
 INT32_MAX = np.iinfo(np.int32).max
+# The attribute every container (and chunked or loaded dask array) carries: how many of its
+# leading axes are the output's, which splits an N-D Jacobian into (out.size, arg.size).
+OUT_NDIM = "sparsejac_out_ndim"
 INNER = 4096  # entries of the innermost table that csr_pattern broadcasts (see there)
 SPREAD_COPY_LIMIT = 1 << 23  # factors up to this many elements are laid out before spreading
 
@@ -505,9 +508,12 @@ class Format:
 
     def container(self, pattern, data, out_shape, inp_shape):
         """The container around ``pattern`` (sorted, free of duplicates: it is told so, no
-        scan) and ``data``, copying neither."""
+        scan) and ``data``, copying neither; it carries ``sparsejac_out_ndim``
+        (:data:`OUT_NDIM`), the number of output axes, for :func:`sparsejac.to_scipy`."""
         shape = tuple(out_shape) + tuple(inp_shape)
-        return self.wrap(pattern, data, shape, (math.prod(out_shape), math.prod(inp_shape)))
+        result = self.wrap(pattern, data, shape, (math.prod(out_shape), math.prod(inp_shape)))
+        setattr(result, OUT_NDIM, len(out_shape))
+        return result
 
     def pattern_from_csr(self, csr, out_shape, inp_shape):
         """``(pattern, values)``: the pattern of a canonical CSR of shape
@@ -562,7 +568,7 @@ def get(format: Any, prefix: str = "", require: bool = True) -> Format:
         return format
     from .options import choice
 
-    fmt = REGISTRY[choice(format, "format", FORMATS, prefix)]
+    fmt = REGISTRY[choice(format, "format", tuple(REGISTRY), prefix)]
     if require:
         fmt.require(prefix)
     return fmt

@@ -57,7 +57,18 @@ class EinsumJacobianOperator(LinearOperator):
         self.output_shape = self.einsum.output_shape
         # A fresh label for the columns of a block of vectors (matmat/rmatmat).
         self._batch = len(self.einsum.sizes)
+        self._plan = None
         super().__init__(dtype, (math.prod(self.output_shape), math.prod(self.operand_shape)))
+
+    @property
+    def plan(self):
+        """The :class:`~sparsejac.plan.Plan` of this Jacobian (made once): its exact pattern
+        (``plan.pattern("csr")``), nnz and bytes, from the subscripts and shapes alone."""
+        if self._plan is None:
+            from .plan import Plan
+
+            self._plan = Plan(self.subscripts, *(a.shape for a in self.operands), wrt=self.wrt)
+        return self._plan
 
     def __repr__(self) -> str:
         return (

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import formats
+from .convert import _is_dask, _is_torch, out_ndim_of
 from .errors import ArgumentError, ArgumentTypeError
 
 _CHUNK = 1 << 22
@@ -42,13 +43,33 @@ def _coordinate_chunks(coords: np.ndarray, k: int, oshape, ashape):
         yield formats.flat_index(piece[:k], oshape), formats.flat_index(piece[k:], ashape)
 
 
+def _block_chunks(J: Any, k: int, oshape, ashape):
+    """(rows, cols) of a dask array's stored entries, one block computed at a time."""
+    import sparse
+
+    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for c in J.chunks]
+    for index in np.ndindex(*J.numblocks):
+        block = J.blocks[index].compute()
+        coo = block if isinstance(block, sparse.COO) else sparse.COO.from_numpy(np.asarray(block))
+        coords = coo.coords.astype(np.int64)
+        for d, i in enumerate(index):
+            coords[d] += bounds[d][i]
+        yield from _coordinate_chunks(coords, k, oshape, ashape)
+
+
 def _entries(J: Any, out_shape: Sequence[int] | None):
     """A generator of (rows, cols) chunks over ``J``'s stored entries (never all at once), the
     matrix shape, and the output and operand shapes."""
     import scipy.sparse
     import sparse
 
-    if type(J).__module__.startswith("torch"):
+    if _is_dask(J):
+        k = len(out_shape) if out_shape is not None else out_ndim_of(J, None, J.ndim, "spy: ")
+        full = tuple(J.shape)
+        oshape, ashape = full[:k], full[k:]
+        matrix = (math.prod(oshape), math.prod(ashape))
+        return _block_chunks(J, k, oshape, ashape), matrix, oshape, ashape
+    if _is_torch(J):
         import torch
 
         if J.layout in (torch.sparse_csr, torch.sparse_csc):
@@ -66,18 +87,17 @@ def _entries(J: Any, out_shape: Sequence[int] | None):
     elif isinstance(J, (scipy.sparse.sparray, scipy.sparse.spmatrix)):
         shape = tuple(J.shape)
         oshape = tuple(out_shape) if out_shape is not None else (shape[0],)
-        if J.format in ("csr", "csc"):
-            chunks = _compressed_chunks(J.indptr, J.indices, J.format == "csr")
-        else:
-            coo = J.tocoo()
-            chunks = _coordinate_chunks(np.stack([coo.row, coo.col]), 1, (shape[0],), (shape[1],))
-        return chunks, shape, oshape, (shape[1],)
+        if J.format not in ("csr", "csc"):  # scipy's COO, BSR, DIA, ...: as CSR
+            J = J.tocsr()
+        row_major = J.format == "csr"
+        return _compressed_chunks(J.indptr, J.indices, row_major), shape, oshape, (shape[1],)
     else:
         raise ArgumentTypeError(
-            f"spy: expected a sparse.COO, a scipy sparse array or a torch sparse tensor, "
-            f"got {type(J).__name__}"
+            f"spy: expected a sparse.COO, a scipy sparse array, a torch sparse tensor, a dask "
+            f"array of sparse blocks or a sparsejac.linear_operator, got {type(J).__name__}"
         )
-    k = len(out_shape) if out_shape is not None else len(full) // 2
+    # The output axes: out_shape's, else those sparsejac recorded, else the first half.
+    k = len(out_shape) if out_shape is not None else getattr(J, formats.OUT_NDIM, len(full) // 2)
     if out_shape is not None and tuple(full[:k]) != tuple(out_shape):
         raise ArgumentError(
             f"spy: out_shape {tuple(out_shape)} is not the leading part of the Jacobian's "
@@ -97,11 +117,37 @@ def spy(
 ):
     """Draw the sparsity pattern of ``J`` on ``ax`` (a new figure's axes by default).
 
-    ``out_shape``: the output's shape, which splits an N-D COO's axes into output and operand
-    (default: the first half of the axes); with ``operand_shape`` it also labels a 2-D (scipy,
-    torch CSR) Jacobian's axes. Returns the matplotlib ``Axes``.
+    ``J``: a ``sparse.COO``, a scipy sparse array, a torch sparse tensor, a dask array of sparse
+    blocks (:mod:`sparsejac.chunked`, :mod:`sparsejac.store`; read one block at a time) or the
+    operator of :func:`sparsejac.linear_operator`, whose exact pattern comes from its plan
+    (``operator.plan``: the subscripts and shapes decide it; products with vectors could miss
+    entries that cancel, so no other ``LinearOperator`` is accepted).
+
+    ``out_shape``: the output's shape, which splits an N-D Jacobian's axes into output and
+    operand (default: the split sparsejac records on its results, else the first half of the
+    axes); with ``operand_shape`` it also labels a 2-D (scipy, torch CSR) Jacobian's axes.
+    Returns the matplotlib ``Axes``.
     """
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "spy needs matplotlib: pip install 'einsum-sparsejac[plot]'") from None
+
+    if type(J).__name__ == "EinsumJacobianOperator":
+        if out_shape is None:
+            out_shape = J.output_shape
+        if operand_shape is None:
+            operand_shape = J.operand_shape
+        J = J.plan.pattern("csr")
+    elif hasattr(J, "matvec") and hasattr(J, "rmatvec") and not hasattr(J, "nnz"):
+        raise ArgumentTypeError(
+            f"spy: {type(J).__name__} is a linear operator; its pattern cannot be read exactly "
+            "from products (entries can cancel). Pass the Jacobian itself, or a "
+            "sparsejac.linear_operator, whose pattern comes from its plan"
+        )
 
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise ArgumentError(f"spy: max_pixels must be a positive int, got {max_pixels!r}")
