@@ -48,18 +48,8 @@ def _as_tensor(torch, x: Any, where: str):
 def _conversion_nbytes(fmt, nnz, out_shape, inp_shape, itemsize, csr_bytes):
     """``(extra, final)``: the bytes :func:`formats.from_csr` allocates beside the CSR of ``nnz``
     entries (``csr_bytes``) to give ``fmt``, and those the result keeps."""
-    nrows, ncols = math.prod(out_shape), math.prod(inp_shape)
-    idx = formats.index_dtype(nnz, (nrows, ncols)).itemsize
-    if fmt in ("csr", "torch_csr"):
-        return 0, csr_bytes
-    if fmt == "csc":
-        extra = nnz * (idx + itemsize) + (ncols + 1) * idx
-        return extra, extra
-    ndim = len(out_shape) + len(inp_shape)
-    cidx = 8 if fmt == "torch" else formats.index_dtype(nnz, out_shape + inp_shape).itemsize
-    coords = nnz * ndim * cidx
-    extra = max(nrows * (8 + idx) + nnz * 8, nnz * 8 * (1 + ndim) + coords)
-    return extra, nnz * itemsize + coords
+    return formats.get(fmt, require=False).from_csr_nbytes(nnz, out_shape, inp_shape, itemsize,
+                                                          csr_bytes)
 
 
 def _trace(fn, args, wrt, memory_limit, second: bool = False):
@@ -461,31 +451,17 @@ class _Block:
                 mirror.nnz, mirror.cache, mirror.perm = self.nnz, {}, perm
             mirror = self.cache["T"]
             return mirror.result(data[mirror.perm], fmt)
-        if fmt in ("csr", "torch_csr"):  # the kept arrays themselves, no copy
-            return formats.container(fmt, self.csr, data, self.out_shape, self.inp_shape)
+        f = formats.get(fmt, require=False)
+        if f.layout is formats.CSR:  # the kept arrays themselves, no copy
+            return f.container(self.csr, data, self.out_shape, self.inp_shape)
         if fmt not in self.cache:  # the format's pattern, and where each CSR value goes in it
             order = scipy.sparse.csr_array(
                 (np.arange(self.nnz, dtype=np.int64), self.csr.indices, self.csr.indptr),
                 shape=self.csr.shape)
-            converted = formats.from_csr(order, fmt, self.out_shape, self.inp_shape)
-            self.cache[fmt] = converted
-        template = self.cache[fmt]
-        if fmt == "coo":
-            import sparse
-
-            return sparse.COO(template.coords, data, shape=template.shape, sorted=True,
-                              has_duplicates=False)
-        if fmt == "csc":
-            perm = template.data
-            return formats.container("csc", template, data[perm], self.out_shape, self.inp_shape)
-        coords = template.indices()  # torch COO: the kept coordinates
-        return formats.container(fmt, coords, torch_values(data), self.out_shape, self.inp_shape)
-
-
-def torch_values(data):
-    import torch
-
-    return torch.from_numpy(data)
+            self.cache[fmt] = f.pattern_from_csr(order, self.out_shape, self.inp_shape)
+        pattern, perm = self.cache[fmt]
+        return f.container(pattern, data if f.layout.csr_order else data[perm], self.out_shape,
+                           self.inp_shape)
 
 
 def _np_dtype(dtype):
@@ -542,20 +518,14 @@ class ProgramPlan:
         plan's)."""
         options.choice(format, "format", FORMATS, PREFIX)
         itemsize = np.dtype(_np_dtype(dtype or self.dtype)).itemsize
+        f = formats.get(format, require=False)
         total = 0
         for index, transposed in self._layout:
             b = self._blocks[index]
-            rows, cols = b.csr.shape[::-1] if transposed else b.csr.shape
-            idx = b.csr.indices.itemsize
-            if format in ("csr", "torch_csr"):
-                total += b.nnz * (idx + itemsize) + (rows + 1) * idx
-            elif format == "csc":
-                total += b.nnz * (idx + itemsize) + (cols + 1) * idx
-            else:
-                ndim = len(b.out_shape) + len(b.inp_shape)
-                width = 8 if format == "torch" else formats.index_dtype(
-                    b.nnz, b.out_shape + b.inp_shape).itemsize
-                total += b.nnz * (ndim * width + itemsize)
+            out, inp = (b.inp_shape, b.out_shape) if transposed else (b.out_shape, b.inp_shape)
+            # Compressed layouts keep the CSR's own index width; COO the rule's.
+            idx = 0 if f.layout is formats.COO else b.csr.indices.itemsize
+            total += f.nbytes(b.nnz, out, inp, itemsize, idx)
         return total
 
     def pattern(self, format: str = "csr"):
