@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import formats, options
-from .backend import NUMPY, TorchBackend, torch_dtype
+from .backend import NUMPY, TorchBackend, broadcast_base, torch_dtype
 from .embed import embed_coo, embedding_nnz
 from .errors import ArgumentTypeError, ShapeError, context
 from .formats import Format
@@ -136,7 +136,8 @@ class Plan:
         others = [i for i in range(len(self.shapes)) if i != self.wrt]
         casts = 0
         if arrays is not None:
-            casts = sum(math.prod(self.shapes[i]) * itemsize for i in others
+            # A cast copies only the data an operand holds, never its broadcast dimensions.
+            casts = sum(broadcast_base(arrays[i]).size * itemsize for i in others
                         if np.dtype(arrays[i].dtype) != value)
         view, same = factor_is_view(self.einsum, self.wrt, labels)
         owned, contiguous = True, True
