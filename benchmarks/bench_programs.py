@@ -538,15 +538,21 @@ def measure_model(model: str, sizes: dict, timeout: float, log) -> dict:
     if dense > JACREV_DENSE_LIMIT:
         res["jacrev"] = {"status": f"skipped: dense J = {dense / GB:.1f} GB"}
     else:
+        earlier = []  # the attempts that ran out of memory, kept in the JSON
         for chunk in (None, max(1, rows // 16), max(1, rows // 256)):
             res["jacrev"] = spawn(model, "jacrev", sizes, timeout, chunk)
             if not res["jacrev"].get("oom"):
                 break
+            earlier.append({"chunk": chunk, "status": res["jacrev"].get("status")})
+        res["jacrev"]["earlier"] = earlier[:-1] if not _ok(res["jacrev"]) else earlier
     log(model, "jacrev", res["jacrev"])
+    earlier = []
     for chunk in (None, 256, 32):
         res["peer"] = spawn(model, "peer", sizes, PEER_TIMEOUT, chunk)
         if not res["peer"].get("oom"):
             break
+        earlier.append({"chunk": chunk, "status": res["peer"].get("status")})
+    res["peer"]["earlier"] = earlier[:-1] if not _ok(res["peer"]) else earlier
     log(model, "peer", res["peer"])
     return res
 
