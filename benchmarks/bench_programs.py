@@ -1,6 +1,6 @@
 """Sparse Jacobians of whole torch programs: sparsejac against torch.func.jacrev and a JAX peer.
 
-    python benchmarks/bench_programs.py                      # every model (about 20 minutes, 2 cores)
+    python benchmarks/bench_programs.py                      # every model (about 35 minutes, 2 shared cores)
     python benchmarks/bench_programs.py --quick              # small sizes, a smoke test
     python benchmarks/bench_programs.py --models mlp,cnn     # some models
     python benchmarks/bench_programs.py --json out.json      # also the raw numbers
