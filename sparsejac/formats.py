@@ -309,12 +309,20 @@ class CoordinateLayout(Layout):
         return np.asarray(coords).astype(NUMPY.index(idx), copy=False), data
 
     def from_csr_nbytes(self, nnz, out_shape, inp_shape, itemsize, csr_bytes, idx):
+        """As :func:`csr_to_coords` allocates: the coordinates, then the rows (int64, from an
+        arange and a diff of ``indptr``), then each side unravelled (:func:`unravel_into`:
+        the quotient and remainder of each divmod, and the previous quotient from the third
+        axis on), the columns first widened to int64 where the CSR's are narrower."""
         nrows = math.prod(out_shape)
         matrix_idx = index_dtype(nnz, (nrows, math.prod(inp_shape))).itemsize
-        ndim = len(out_shape) + len(inp_shape)
-        coords = nnz * ndim * idx
-        extra = max(nrows * (8 + matrix_idx) + nnz * 8, nnz * 8 * (1 + ndim) + coords)
-        return extra, nnz * itemsize + coords
+        coords = nnz * (len(out_shape) + len(inp_shape)) * idx
+
+        def unravel(k: int) -> int:
+            return nnz * (16 * (k >= 2) + 8 * (k >= 3))
+
+        rows = nnz * 8 + max(nrows * (8 + matrix_idx), unravel(len(out_shape)))
+        cols = nnz * 8 * (matrix_idx != 8) + unravel(len(inp_shape))
+        return coords + max(rows, cols), nnz * itemsize + coords
 
 
 class CompressedLayout(Layout):

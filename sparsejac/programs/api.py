@@ -111,6 +111,7 @@ class _Collected:
     whether it is transposed, in the order of the result's leaves; ``nest`` rebuilds it)."""
 
     def __init__(self, blocks, shapes, labels, dtype, limit, layout, nest, what, sym=()):
+        # ``what``: a name for each block, for the guard's messages
         self.blocks, self.shapes, self.labels, self.dtype = blocks, shapes, labels, dtype
         self.limit, self.layout, self.nest, self.what = limit, layout, nest, what
         self.symmetric = set(sym)  # blocks that are symmetric (a Hessian's diagonal blocks)
@@ -133,13 +134,16 @@ def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
 
     (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
      limit) = _trace(fn, args, wrt, memory_limit)
-    blocks, shapes = [], []
-    for o in out_leaves:
+    blocks, shapes, what = [], [], []
+    for i, o in enumerate(out_leaves):
         out_terms = tracer.terms(o) or {}
         for p in positions:
             for j, t in enumerate(flat_args[p]):
                 blocks.append(out_terms.get((p, j), []))
                 shapes.append((tuple(o.shape), tuple(t.shape)))
+                what.append("the Jacobian" + (f" of output leaf {i}" if len(out_leaves) > 1
+                                              else "") + f" w.r.t. argument {p}"
+                            + (f" leaf {j}" if len(flat_args[p]) > 1 else ""))
     sizes = [len(flat_args[p]) for p in positions]
 
     def nest(results):
@@ -151,7 +155,7 @@ def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
         return pytree.tree_unflatten(per_out, out_spec)
 
     layout = [(i, False) for i in range(len(blocks))]
-    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, "the Jacobian")
+    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what)
 
 
 def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
@@ -184,7 +188,7 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
         labels.prefix = PREFIX
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
     shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
-    index, blocks, shapes, sym = {}, [], [], []
+    index, blocks, shapes, sym, what = {}, [], [], [], []
     for a, k1 in enumerate(keys):
         for k2 in keys[a:]:
             index[(k1, k2)] = len(blocks)
@@ -192,6 +196,7 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
                 sym.append(len(blocks))
             blocks.append(T.merge(found.get((k1, k2), []), labels))
             shapes.append((shape[k1], shape[k2]))
+            what.append(f"the Hessian block of argument leaves {k1} and {k2}")
     layout = []
     for p1 in positions:
         for i in range(len(flat_args[p1])):
@@ -213,7 +218,7 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
             rows.append(pytree.tree_unflatten(per_leaf, specs[p1]))
         return tuple(rows) if isinstance(wrt, (tuple, list)) else rows[0]
 
-    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, "the Hessian", sym)
+    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what, sym)
 
 
 def _symmetrise(csr):
@@ -234,15 +239,18 @@ def _transposed(csr):
 
 def _build(c: _Collected, fmt: str):
     """Materialise every block once (guarded), then the nested result in ``fmt``."""
-    held, csrs = c.labels.live(), []  # the factors stay alive while the blocks are written
+    live = c.labels.live()  # the factors stay alive while the blocks are written
+    alive = f", beside {live:,} bytes of live Jacobian factors," if live else ""
+    limit = None if c.limit is None else c.limit - live
+    held, csrs = 0, []
     for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
         nnz = sum(t.nnz(c.labels) for t in terms)
         peak, csr_bytes = T.materialise_nbytes(terms, s1, s2, c.labels, c.dtype)
         copies = sum(1 for b, tr in c.layout if b == i)
         convert, final = _conversion_nbytes(fmt, nnz, s1, s2, c.dtype.itemsize, csr_bytes)
-        options.guard(held + max(peak, csr_bytes + convert), c.limit, PREFIX,
-                      f"{c.what} block {i} ({nnz:,} entries enumerated in {len(terms)} "
-                      f"term(s), format {fmt!r})")
+        options.guard(held + max(peak, csr_bytes + convert), limit, PREFIX,
+                      f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
+                      f"term(s), format {fmt!r}){alive}")
         csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
         csrs.append(_symmetrise(csr) if i in c.symmetric else csr)
         held += final * copies

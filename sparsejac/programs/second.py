@@ -61,11 +61,14 @@ def pair(t1: T.Term, l1: Sequence[int], t2: T.Term, l2: Sequence[int],
                     t2 = T._substitute(t2, y, x, labels)
                     a2 = {k: tuple(x if z == y else z for z in v) for k, v in a2.items()}
     amap = {**a2, **a1}
-    ops = [(t1.factor, t1.flabels), (t2.factor, t2.flabels)]
+    # t1, then W, then t2: contracting W into t1 first keeps the intermediates at a term's size
+    # (t1 with t2 first would span both argument sides and W's letters at once)
+    ops = [(t1.factor, t1.flabels)]
     for value, letters in others:
         value = value.detach().to(t1.factor.dtype)
         shape = [s for e in letters for s in labels.shape(amap[e])]
         ops.append(T.on_base(value.reshape(shape), [a for e in letters for a in amap[e]], labels))
+    ops.append((t2.factor, t2.flabels))
     free = labels.base(t1.inp_atoms + t2.inp_atoms)
     carried = {l for _, ls in ops for l in ls}
     fl = tuple(l for l in free if l in carried)
@@ -133,6 +136,19 @@ def elementwise(call, traced: Sequence[str], closed=None):
         return out
 
     return second
+
+
+def product(hx, result, ybar, input, other) -> list:
+    """The second order of ``input * other``: only the cross term, ``W = ybar``."""
+    from . import sums as S
+
+    if hx.terms(input) is None or hx.terms(other) is None:
+        return []
+    shape = tuple(result.shape)
+    letters = tuple(range(len(shape)))
+    a, b = S.broadcast(hx, input, shape), S.broadcast(hx, other, shape)
+    w = [(ybar, letters)]
+    return pairs(hx, a, letters, b, letters, w) + pairs(hx, b, letters, a, letters, w)
 
 
 def bilinear(spec_of):

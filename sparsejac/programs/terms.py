@@ -79,9 +79,9 @@ class Labels:
         nbytes = math.prod(shape) * itemsize
         if self.limit is not None and nbytes > self.limit - self.live():
             live = self.live()
-            options.guard(nbytes + live, self.limit, self.prefix,
-                          f"{what} of shape {tuple(shape)}, beside {live:,} bytes of live "
-                          "Jacobian factors,")
+            alive = f" beside {live:,} bytes of live Jacobian factors" if live else ""
+            options.guard(nbytes, self.limit - live, self.prefix,
+                          f"{what} of shape {tuple(shape)}{alive}")
 
     def derive(self, table: "torch.Tensor", over: Sequence[int], size: int) -> int:
         """A derived label of ``size`` whose value is ``table`` over the base labels ``over``;
@@ -885,6 +885,10 @@ def mask(term: Term, valid: "torch.Tensor", over: Sequence[int], labels: Labels)
     entries an index map drops must not add into sums over their axis."""
     if bool(valid.all()):
         return term
+    keep = [d for d in range(valid.dim()) if valid.shape[d] > 1 and bool(
+        (valid != valid.narrow(d, 0, 1)).any())]
+    valid = valid[tuple(slice(None) if d in keep else 0 for d in range(valid.dim()))]
+    over = tuple(over[d] for d in keep)  # only the labels the condition depends on
     carried = set(term.flabels) | set(over)
     fl = tuple(l for l in term.free(labels) if l in carried)
     factor = _einsum([(term.factor, term.flabels), (valid.to(term.factor.dtype), over)], fl, labels)
@@ -1017,10 +1021,70 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
             digit = inverse[digit.clamp(min=0)].masked_fill(digit < 0, -1)
         valid = valid & (digit >= 0)
         subs[a] = digit
-    subs = {a: d.masked_fill(~valid, -1) for a, d in subs.items()}
+    subs = _separate(subs, valid)
     term = _substitute_maps(term, subs, over, labels)
-    term = mask(term, valid, over, labels)
-    return replace(term, out=term.out[:axis] + new_axes + term.out[axis + 1 :])
+    term = replace(term, out=term.out[:axis] + new_axes + term.out[axis + 1 :])
+    return mask(term, valid, over, labels)  # with the new axes in place: they are kept
+
+
+def _depends(t: "torch.Tensor", valid: "torch.Tensor") -> list[int]:
+    """The dims along which ``t`` varies among its ``valid`` entries."""
+    import torch
+
+    hi = torch.iinfo(torch.int64).max
+    keep = []
+    for d in range(t.dim()):
+        if t.shape[d] <= 1:
+            continue
+        lo_d = t.masked_fill(~valid, hi).amin(d, keepdim=True)
+        hi_d = t.masked_fill(~valid, -1).amax(d, keepdim=True)
+        seen = valid.any(d, keepdim=True)
+        if bool(((lo_d != hi_d) & seen).any()):
+            keep.append(d)
+    return keep
+
+
+def _project(t: "torch.Tensor", valid: "torch.Tensor", keep: Sequence[int]) -> "torch.Tensor":
+    """``t`` read only along ``keep`` (its value among the valid entries of each slice, -1
+    where a slice has none), broadcast back to its shape."""
+    dims = [d for d in range(t.dim()) if d not in keep and t.shape[d] > 1]
+    if not dims:
+        return t.masked_fill(~valid, -1)
+    return t.masked_fill(~valid, -1).amax(dims, keepdim=True).expand(t.shape)
+
+
+def _separate(subs: dict, valid: "torch.Tensor") -> dict:
+    """Digit tables that depend on as few labels as the selection allows. Each digit is read
+    where the entry exists; where it does not (padding), the marks -1 go only on the digits
+    whose labels say so (a window's spatial digit), not on every digit: a batch digit marked
+    by a spatial condition would depend on the spatial labels and stop being a delta."""
+    if bool(valid.all()):
+        return subs
+    out = {}
+    for a, d in subs.items():
+        p = _project(d, valid, _depends(d, valid))
+        # each dim alone may look constant where the valid entries lie apart (a stride's
+        # holes): keep the projection only if it reads every valid entry right
+        out[a] = p if bool((p == d)[valid].all()) else d.masked_fill(~valid, -1)
+
+    def covered():
+        ok = valid.new_ones(valid.shape)
+        for d in out.values():
+            ok = ok & (d >= 0)
+        return bool((ok == valid).all())
+
+    if covered():
+        return out
+    keeps = {a: _depends(d, valid) for a, d in out.items()}
+    for a, d in out.items():  # separable validity: each digit takes its own part
+        other = [k for k in range(valid.dim()) if k not in keeps[a]]
+        part = valid.any(other, keepdim=True) if other else valid
+        out[a] = d.masked_fill(~part.expand(valid.shape), -1)
+    if covered():
+        return out
+    a = next(iter(out))  # otherwise the first digit carries the whole condition
+    out[a] = out[a].masked_fill(~valid, -1)
+    return out
 
 
 def remap(term: Term, axes: Sequence[int], table: "torch.Tensor", size: int,

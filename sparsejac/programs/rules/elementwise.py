@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ...errors import UnsupportedOperationError
 from .. import sums as S
 from ..registry import decomposition, rule
-from ..second import elementwise as second_elementwise
+from ..second import elementwise as second_elementwise, product
 from ..tracer import PREFIX
 
 # --- arithmetic -----------------------------------------------------------------------------
@@ -39,8 +39,7 @@ def rsub(cx, result, input, other, alpha):  # other - alpha * input
     return _sum(cx, result, other, input, -alpha)
 
 
-@rule(("mul", "__mul__", "__rmul__", "multiply"), "input other",
-      second=second_elementwise(torch.mul, ("input", "other")))
+@rule(("mul", "__mul__", "__rmul__", "multiply"), "input other", second=product)
 def mul(cx, result, input, other):
     return S.elementwise(cx, result, [(input, S.value(other, result)),
                                       (other, S.value(input, result))])
