@@ -101,11 +101,7 @@ def max_(cx, result, input, dim, keepdim):
 @rule(("amax", "amin"), "input dim=() keepdim=False", second="linear")
 def amax(cx, result, input, dim, keepdim):
     dims = S.reduce_dims(input, dim)
-    r = result.detach()
-    if not keepdim:
-        for d in dims:
-            r = r.unsqueeze(d)
-    hit = (input.detach() == r).to(cx.dtype)
+    hit = (input.detach() == _kept(result, dims, keepdim)).to(cx.dtype)
     w = hit / hit.sum(dims, keepdim=True)  # ties share, as torch's gradient does
     return _weighted(cx, input, w, dims, bool(keepdim))
 
@@ -113,11 +109,16 @@ def amax(cx, result, input, dim, keepdim):
 @rule("logsumexp", "input dim keepdim=False", expand=_logsumexp_expand)
 def logsumexp(cx, result, input, dim, keepdim):
     dims = S.reduce_dims(input, dim)
+    weights = torch.exp(input.detach() - _kept(result, dims, keepdim))  # the softmax
+    return _weighted(cx, input, weights, dims, bool(keepdim))
+
+
+def _kept(result, dims, keepdim):
+    """A reduction's result with its reduced axes back (size 1), to broadcast on the input."""
     r = result.detach()
-    if not keepdim:
-        for d in dims:
-            r = r.unsqueeze(d)
-    return _weighted(cx, input, torch.exp(input.detach() - r), dims, bool(keepdim))
+    for d in ([] if keepdim else dims):
+        r = r.unsqueeze(d)
+    return r
 
 
 def _correction(name, dim, unbiased, correction):
