@@ -44,16 +44,11 @@ target is missed.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +58,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+import harness  # noqa: E402
+from harness import GB, MB, cell_mb, cell_time, error, human, ok, timed, why  # noqa: E402
 from measure import peak_above, reset_peak  # noqa: E402
-
-GB = 1e9
-MB = 1e6
 
 # name: (description, dtype, full sizes, quick sizes)
 CASES = {
@@ -84,7 +78,6 @@ TORCH_DENSE_LIMIT = 600 * MB  # skip torch.func.hessian past this dense Hessian 
 # intermediates are several times the dense Hessian: 1e4 Rosenbrock variables passed 8 GB)
 DENSE_CHECK_LIMIT = 100 * MB  # compare against the dense torch Hessian below this
 PEER_TIMEOUT = 240.0
-REPEAT_BUDGET = 60.0
 
 TARGETS = {  # name: (description, threshold, direction, cases)
     "peer_eval/refill": ("refill no slower than peer's jitted eval", 1.0, ">=", ("tanh64", "tanh32")),
@@ -116,19 +109,25 @@ def nvars(case: str, s: dict) -> int:
     return s["b"] * s["n"] if case.startswith("tanh") else s["n"]
 
 
-def torch_case(case: str, s: dict):
-    import torch
-
-    a = {k: torch.from_numpy(v) for k, v in arrays(case, s).items()}
+def case_fn(case: str, a: dict, tanh):
+    """The case's function of its argument, for torch or JAX: ``a`` the case's arrays and
+    ``tanh`` in that framework (the rest is operators and methods both have)."""
     if case.startswith("tanh"):
         W = a["W"]
 
         def fn(x):
-            return (torch.tanh(x @ W) ** 2).sum()
+            return (tanh(x @ W) ** 2).sum()
     else:
         def fn(z):
             return (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()
-    return fn, a["arg"], a["arg_new"]
+    return fn
+
+
+def torch_case(case: str, s: dict):
+    import torch
+
+    a = {k: torch.from_numpy(v) for k, v in arrays(case, s).items()}
+    return case_fn(case, a, torch.tanh), a["arg"], a["arg_new"]
 
 
 def jax_case(case: str, s: dict):
@@ -139,37 +138,10 @@ def jax_case(case: str, s: dict):
     import jax.numpy as jnp
 
     a = {k: jnp.asarray(v) for k, v in arrays(case, s).items()}
-    if case.startswith("tanh"):
-        W = a["W"]
-
-        def f(x):
-            return (jnp.tanh(x @ W) ** 2).sum()
-    else:
-        def f(z):
-            return (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()
-    return f, a["arg"], a["arg_new"]
+    return case_fn(case, a, jnp.tanh), a["arg"], a["arg_new"]
 
 
 # --------------------------------------------------------------------------- workers
-
-
-def _timed(run, budget: float = REPEAT_BUDGET) -> tuple[float, int]:
-    """Best of up to 3 calls of ``run`` (fewer where they would exceed ``budget`` seconds)."""
-    times = []
-    while len(times) < 3:
-        t0 = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - t0)
-        del result
-        if sum(times) + min(times) > budget:
-            break
-    return min(times), len(times)
-
-
-def _error(e: BaseException) -> dict:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return {"error": f"{type(e).__name__}: {first[:160]}",
-            "traceback": traceback.format_exc()[-3000:]}
 
 
 def _csr_bytes(H) -> int:
@@ -187,7 +159,7 @@ def work_torch(case: str, s: dict) -> dict:
     cold = time.perf_counter() - t0
     peak = peak_above(base)
     del H
-    best, n = _timed(lambda: hess(x_new))
+    best, n = timed(lambda: hess(x_new))
     return dict(time=best, runs=n, cold=cold, peak=peak)
 
 
@@ -205,7 +177,7 @@ def work_first(case: str, s: dict, preimport: bool) -> dict:
         first = time.perf_counter() - t0
         peak = peak_above(base)
     except Exception as e:  # noqa: BLE001 - reported in the table
-        return _error(e)
+        return error(e)
     out = dict(time=first, peak=peak, nnz=int(H.nnz), shape=list(H.shape),
                result_bytes=_csr_bytes(H), index_dtype=str(H.indices.dtype),
                dtype=str(H.dtype), preimport=preimport,
@@ -253,14 +225,9 @@ def work_plan(case: str, s: dict) -> dict:
         t0 = time.perf_counter()
         plan = sparsejac.plan_of(fn, x, order=2)
         build = time.perf_counter() - t0
-        H = plan.jacobian(x, format="csr")  # warm-up
-        del H
-        base = reset_peak()
-        refill, n = _timed(lambda: plan.jacobian(x_new, format="csr"))
-        refill_peak = peak_above(base)
-        H = plan.jacobian(x_new, format="csr")
+        refill, n, refill_peak, H = harness.refill(plan, x, x_new)
     except Exception as e:  # noqa: BLE001
-        return _error(e)
+        return error(e)
     out = dict(build=build, time=refill, runs=n, refill_peak=refill_peak, nnz=int(H.nnz),
                result_bytes=_csr_bytes(H), rebuilds=getattr(plan, "rebuilds", None))
     try:
@@ -286,11 +253,10 @@ def work_peer(case: str, s: dict, chunk: int | None) -> dict:
         hf = jax.jit(asdex.hessian_from_coloring(f, coloring, chunk_size=chunk))
         compiled = hf.lower(x).compile()
         setup = time.perf_counter() - t0
-        jax.block_until_ready(compiled(x))  # warm-up
-        best, n = _timed(lambda: jax.block_until_ready(compiled(x_new)))
+        best, n = harness.jax_eval(compiled, x, x_new)
         peak = peak_above(base)
     except Exception as e:  # noqa: BLE001
-        return _error(e)
+        return error(e)
     return dict(setup=setup, detect=detect, time=best, runs=n, peak=peak,
                 colors=int(coloring.num_colors), nnz=int(coloring.sparsity.nnz), chunk=chunk,
                 dtype=str(x.dtype))
@@ -308,62 +274,10 @@ WORKERS = {
 # --------------------------------------------------------------------------- driver
 
 
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def run_guarded(argv: list[str], timeout: float, rss_limit: int, env: dict) -> dict:
-    """Run ``argv``; kill it past ``timeout`` seconds or ``rss_limit`` resident bytes."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env)
-        start, killed = time.monotonic(), None
-        while proc.poll() is None:
-            if _rss(proc.pid) > rss_limit:
-                killed = "memory"
-            elif time.monotonic() - start > timeout:
-                killed = "timeout"
-            if killed:
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.05)
-        out.seek(0)
-        err.seek(0)
-        return {"rc": proc.returncode, "stdout": out.read(), "stderr": err.read(), "killed": killed}
-
-
-def rss_limit() -> int:
-    avail = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    # at least 4 GB: a transient dip of the shared machine's free memory must not kill a run
-    return int(max(4 * GB, min(8 * GB, 0.6 * avail))) if avail else int(8 * GB)
-
-
 def spawn(case: str, method: str, sizes: dict, timeout: float, chunk: int | None = None) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", case, method,
-            json.dumps(sizes), json.dumps(chunk)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    limit = rss_limit()
-    r = run_guarded(argv, timeout, limit, env)
-    if r["killed"] == "timeout":
-        return {"status": f"timeout (> {timeout:.0f} s)"}
-    if r["killed"] == "memory":
-        return {"status": f"killed: resident size over {limit / GB:.1f} GB", "oom": True}
-    for line in r["stdout"].splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (r["stderr"].strip().splitlines() or ["?"])[-1]
-    return {"status": f"failed: {tail[:160]}", "stderr": r["stderr"][-3000:]}
+    # at least 4 GB: a transient dip of the shared machine's free memory must not kill a run
+    return harness.spawn(str(Path(__file__).resolve()), case, method, sizes, timeout, chunk,
+                         rss_floor=4 * GB, stderr_oom=False)
 
 
 def measure_case(case: str, sizes: dict, timeout: float, log) -> dict:
@@ -374,7 +288,7 @@ def measure_case(case: str, sizes: dict, timeout: float, log) -> dict:
     n = nvars(case, sizes)
     dense = n * n * np.dtype(CASES[case][1]).itemsize
     if dense > TORCH_DENSE_LIMIT:
-        res["torch"] = {"status": f"skipped: dense H = {_human(dense)}"}
+        res["torch"] = {"status": f"skipped: dense H = {human(dense)}"}
     else:
         res["torch"] = spawn(case, "torch", sizes, timeout)
     log(case, "torch", res["torch"])
@@ -386,59 +300,26 @@ def measure_case(case: str, sizes: dict, timeout: float, log) -> dict:
     return res
 
 
-def _human(nbytes: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if nbytes >= size:
-            return f"{nbytes / size:.3g} {unit}"
-    return f"{nbytes:.0f} B"
-
-
 # --------------------------------------------------------------------------- the table
-
-
-def _ok(r) -> bool:
-    return isinstance(r, dict) and "time" in r
-
-
-def _why(r) -> str:
-    if not isinstance(r, dict):
-        return "n/a"
-    for k in ("na", "status", "error"):
-        if k in r:
-            return ("n/a: " if k == "na" else "") + str(r[k]).replace("|", "/")
-    return "n/a"
-
-
-def _t(r: dict, key: str = "time") -> str:
-    if _ok(r) and r.get(key) is not None:
-        extra = f" (chunk {r['chunk']})" if r.get("chunk") else ""
-        return f"{r[key]:.4g}{extra}"
-    return _why(r)
-
-
-def _mb(r: dict, key: str = "peak") -> str:
-    if _ok(r) and r.get(key) is not None:
-        return f"{r[key] / MB:.1f}"
-    return ""
 
 
 def ratios(case: str, res: dict) -> dict:
     first, plan, torch_, peer = res["first"], res["plan"], res["torch"], res["peer"]
     out: dict = {}
-    if _ok(plan) and _ok(peer):
+    if ok(plan) and ok(peer):
         out["peer_eval/refill"] = peer["time"] / plan["time"]
-    if _ok(first) and _ok(peer):
+    if ok(first) and ok(peer):
         out["peer_setup/first"] = peer["setup"] / first["time"]
-    if _ok(first) and _ok(torch_):
+    if ok(first) and ok(torch_):
         out["torch/first"] = torch_["time"] / first["time"]
-    if _ok(first):
+    if ok(first):
         out["first_s"] = first["time"]
         out["peak/result"] = first["peak"] / max(first["result_bytes"], 1)
     pre = res.get("first_pre")
-    if _ok(pre):  # the same, torch._dynamo imported before the clock
-        if _ok(peer):
+    if ok(pre):  # the same, torch._dynamo imported before the clock
+        if ok(peer):
             out["pre:peer_setup/first"] = peer["setup"] / pre["time"]
-        if _ok(torch_):
+        if ok(torch_):
             out["pre:torch/first"] = torch_["time"] / pre["time"]
         out["pre:first_s"] = pre["time"]
         out["pre:peak/result"] = pre["peak"] / max(pre["result_bytes"], 1)
@@ -446,12 +327,9 @@ def ratios(case: str, res: dict) -> dict:
 
 
 def verdict(name: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
     _, threshold, direction, _ = TARGETS[name]
-    met = {">=": value >= threshold, "<=": value <= threshold, "<": value < threshold}[direction]
     unit = " s" if name == "first_s" else "x"
-    return f"{value:.3g}{unit} {'met' if met else '**missed**'}"
+    return harness.verdict(value, threshold, direction, "{:.3g}" + unit)
 
 
 def table(results: dict) -> str:
@@ -468,12 +346,12 @@ def table(results: dict) -> str:
         nbytes = first.get("result_bytes") or plan.get("result_bytes")
         lines.append("| " + " | ".join([
             case, res["dtype"], f"{nnz:,}" if nnz else "", f"{nbytes / MB:.1f}" if nbytes else "",
-            (f"{torch_['time']:.4g} ({torch_['cold']:.3g})" if _ok(torch_) else _why(torch_)),
-            _mb(torch_),
-            _t(peer, "setup"), _t(peer) if _ok(peer) else "", _mb(peer),
-            _t(first), _mb(first), _t(pre), _mb(pre),
-            f"{first['second']:.4g}" if _ok(first) else "",
-            _t(plan), _mb(plan, "refill_peak"),
+            (f"{torch_['time']:.4g} ({torch_['cold']:.3g})" if ok(torch_) else why(torch_)),
+            cell_mb(torch_),
+            cell_time(peer, "setup"), cell_time(peer) if ok(peer) else "", cell_mb(peer),
+            cell_time(first), cell_mb(first), cell_time(pre), cell_mb(pre),
+            f"{first['second']:.4g}" if ok(first) else "",
+            cell_time(plan), cell_mb(plan, "refill_peak"),
         ]) + " |")
     lines += ["", "Targets (issue 11). `first*`: the same first call with `torch._dynamo` "
               "imported before the clock (see notes).", "",
@@ -495,7 +373,7 @@ def notes(results: dict) -> str:
         first, pre, plan, peer, torch_ = (res[k] for k in ("first", "first_pre", "plan", "peer",
                                                             "torch"))
         parts = []
-        if _ok(first):
+        if ok(first):
             parts.append(f"hessian_of first call {first['time']:.3g} s"
                          + (" (imported torch._dynamo during the call)"
                             if first.get("dynamo_imported_by_call") else "")
@@ -503,11 +381,11 @@ def notes(results: dict) -> str:
                          f"(peak {first['second_peak'] / MB:.0f} MB); {first['nnz']:,} entries, "
                          f"{first['dtype']} values, {first['index_dtype']} indices")
         elif "traceback" in first or "status" in first:
-            parts.append(f"hessian_of: {_why(first)}")
-        if _ok(pre):
+            parts.append(f"hessian_of: {why(first)}")
+        if ok(pre):
             parts.append(f"with torch._dynamo pre-imported: first call {pre['time']:.3g} s, "
                          f"peak {pre['peak'] / MB:.0f} MB")
-        if _ok(plan):
+        if ok(plan):
             parts.append(f"plan_of(order=2) build {plan['build']:.3g} s, refill {plan['time']:.3g} s"
                          f" (rebuilds {plan.get('rebuilds')})")
             if plan.get("hvp_rel_err") is not None:
@@ -520,11 +398,11 @@ def notes(results: dict) -> str:
             if "symmetric" in plan:
                 parts.append(f"exactly symmetric: {plan['symmetric']}")
         elif "error" in plan or "status" in plan:
-            parts.append(f"plan_of: {_why(plan)}")
-        if _ok(torch_):
+            parts.append(f"plan_of: {why(plan)}")
+        if ok(torch_):
             parts.append(f"torch.func.hessian cold {torch_['cold']:.3g} s, best of "
                          f"{torch_['runs']} {torch_['time']:.3g} s")
-        if _ok(peer):
+        if ok(peer):
             parts.append(f"peer: detection+colouring {peer['detect']:.3g} s of set-up "
                          f"{peer['setup']:.3g} s; {peer['colors']} colours (star, HVPs), pattern "
                          f"nnz {peer['nnz']:,}, {peer['dtype']}")
@@ -532,80 +410,35 @@ def notes(results: dict) -> str:
             if nnz and nnz != peer["nnz"]:
                 parts.append(f"pattern nnz differs: sparsejac {nnz:,}, peer {peer['nnz']:,}")
         else:
-            parts.append(f"peer: {_why(peer)}")
+            parts.append(f"peer: {why(peer)}")
         out.append(f"- {case}: " + "; ".join(parts))
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
-    parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated, of {','.join(CASES)}")
-    parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help=f"seconds for each torch subprocess (the peer's: {PEER_TIMEOUT:.0f})")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser = harness.parser(__doc__, "cases", CASES, 300.0,
+                            f"seconds for each torch subprocess (the peer's: {PEER_TIMEOUT:.0f})")
     args = parser.parse_args(argv)
     if args.worker:
-        case, method, sizes, chunk = args.worker
-        out = WORKERS[method](case, json.loads(sizes), json.loads(chunk))
-        print("RESULT " + json.dumps(out))
-        return 0
-
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-
-    def log(case, method, r):
-        state = "ok" if _ok(r) else _why(r)
-        print(f"  {case}/{method}: {state}", file=sys.stderr, flush=True)
+        return harness.run_worker(args.worker, WORKERS)
+    cases = harness.names(parser, args.cases, CASES, "case")
 
     t_start = time.perf_counter()
     results = {}
     for case in cases:
         _, _, full, quick = CASES[case]
-        results[case] = measure_case(case, quick if args.quick else full, args.timeout, log)
+        results[case] = measure_case(case, quick if args.quick else full, args.timeout,
+                                     harness.log)
 
-    import torch
-
-    versions = f"torch {torch.__version__}"
-    try:
-        from importlib.metadata import version
-
-        versions += f", jax {version('jax')}, asdex {version('asdex')}"
-    except Exception:  # noqa: BLE001
-        versions += ", jax/asdex not installed"
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "sparsejac"],
-                               capture_output=True, text=True).stdout.strip()
-        versions += f"; sparsejac at {commit}" + (" + uncommitted changes" if dirty else "")
-    except OSError:
-        pass
-    try:
-        load = " load average %.1f %.1f %.1f;" % os.getloadavg()
-    except OSError:
-        load = ""
     header = (f"{datetime.datetime.now().isoformat(timespec='minutes')}; {os.cpu_count()} cores,"
-              f"{load} {platform.machine()}, Python {platform.python_version()}, {versions}; CPU"
+              f"{harness.load_average()} {platform.machine()}, Python "
+              f"{platform.python_version()}, {harness.versions(ROOT)}; CPU"
               f"{'; --quick sizes' if args.quick else ''}; "
               f"{time.perf_counter() - t_start:.0f} s in all")
-    print(header)
-    print()
-    for case in cases:
-        print(f"- {case}: {CASES[case][0]}" if not args.quick
-              else f"- {case}: {results[case]['sizes']}, {CASES[case][1]}")
-    print()
-    print(table(results))
-    print()
-    print(notes(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results,
-                       "ratios": {c: ratios(c, r) for c, r in results.items()}}, f, indent=1)
+    items = [f"- {case}: {CASES[case][0]}" if not args.quick
+             else f"- {case}: {results[case]['sizes']}, {CASES[case][1]}" for case in cases]
+    harness.report(header, items, table(results), notes(results), args.json, results,
+                   {c: ratios(c, r) for c, r in results.items()})
     return 0
 
 

@@ -41,15 +41,12 @@ cost (trace time, writing) where a target is missed.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import math
 import os
 import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +57,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from measure import peak_above, reset_peak, run_guarded  # noqa: E402
-
-GB = 1e9
-MB = 1e6
+import harness  # noqa: E402
+from harness import GB, MB, cell_mb, cell_time, error, ok, rss_limit, timed, why  # noqa: E402
+from measure import peak_above, reset_peak  # noqa: E402
 
 # name: (description, full sizes, quick sizes)
 MODELS = {
@@ -80,7 +76,6 @@ MODELS = {
 
 JACREV_DENSE_LIMIT = 6 * GB  # skip jacrev past this dense Jacobian
 PEER_TIMEOUT = 180.0  # seconds for the whole peer run (detection, colouring, compile, evals)
-REPEAT_BUDGET = 60.0  # seconds: fewer than 3 timed repeats where one run is slower than this / 3
 
 TARGETS = {  # name: (description, threshold, direction)
     "peer_eval/refill": ("refill >= 2x faster than peer's jitted eval", 2.0, ">="),
@@ -154,6 +149,23 @@ def dense_shape(model: str, s: dict) -> tuple[int, int]:
     return (s["b"] * s["t"] * s["d"],) * 2
 
 
+def dense_fn(model: str, w: dict, d: int | None, tanh, softmax, transpose):
+    """The MLPs and the attention, for torch or JAX: ``w`` the weights, ``d`` the attention's
+    width; ``tanh``, ``softmax`` (over the last axis) and ``transpose`` (of the last two axes)
+    in that framework."""
+    if model == "mlp":
+        def fn(x):
+            return tanh(tanh(x @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"])
+    elif model == "mlp_w":
+        def fn(w1):
+            return tanh(tanh(w["x"] @ w1 + w["b1"]) @ w["w2"] + w["b2"])
+    else:
+        def fn(x):
+            q, k, v = x @ w["wq"], x @ w["wk"], x @ w["wv"]
+            return softmax(q @ transpose(k) / math.sqrt(d)) @ v
+    return fn
+
+
 def torch_model(model: str, s: dict):
     """``(fn, arg, arg_new)`` in torch."""
     import torch
@@ -161,18 +173,9 @@ def torch_model(model: str, s: dict):
 
     w = {k: torch.from_numpy(v) for k, v in weights(model, s).items()}
     arg, arg_new = w["arg"], w["arg_new"]
-    if model == "mlp":
-        def fn(x):
-            return torch.tanh(torch.tanh(x @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"])
-    elif model == "mlp_w":
-        def fn(w1):
-            return torch.tanh(torch.tanh(w["x"] @ w1 + w["b1"]) @ w["w2"] + w["b2"])
-    elif model == "attention":
-        d = s["d"]
-
-        def fn(x):
-            q, k, v = x @ w["wq"], x @ w["wk"], x @ w["wv"]
-            return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1) @ v
+    if model in ("mlp", "mlp_w", "attention"):
+        fn = dense_fn(model, w, s.get("d"), torch.tanh, lambda a: torch.softmax(a, dim=-1),
+                      lambda k: k.transpose(-2, -1))
     elif model == "cnn":
         net = nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -204,18 +207,9 @@ def jax_model(model: str, s: dict, pool: str = "reduce_window"):
     w = {k: jnp.asarray(v) for k, v in weights(model, s).items()}
     arg, arg_new = w["arg"], w["arg_new"]
     pool_by = pool
-    if model == "mlp":
-        def f(x):
-            return jnp.tanh(jnp.tanh(x @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"])
-    elif model == "mlp_w":
-        def f(w1):
-            return jnp.tanh(jnp.tanh(w["x"] @ w1 + w["b1"]) @ w["w2"] + w["b2"])
-    elif model == "attention":
-        d = s["d"]
-
-        def f(x):
-            q, k, v = x @ w["wq"], x @ w["wk"], x @ w["wv"]
-            return jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / math.sqrt(d), axis=-1) @ v
+    if model in ("mlp", "mlp_w", "attention"):
+        f = dense_fn(model, w, s.get("d"), jnp.tanh, lambda a: jax.nn.softmax(a, axis=-1),
+                     lambda k: jnp.swapaxes(k, -1, -2))
     elif model == "cnn":
         def conv(x, k, b):
             y = lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
@@ -261,19 +255,6 @@ def jax_model(model: str, s: dict, pool: str = "reduce_window"):
 # --------------------------------------------------------------------------- workers
 
 
-def _timed(run, budget: float = REPEAT_BUDGET) -> tuple[float, int]:
-    """Best of up to 3 calls of ``run`` (fewer where they would exceed ``budget`` seconds)."""
-    times = []
-    while len(times) < 3:
-        t0 = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - t0)
-        del result
-        if sum(times) + min(times) > budget:
-            break
-    return min(times), len(times)
-
-
 def phase(name: str) -> None:
     """Tell the driver how far a worker got (reported where it is killed or times out)."""
     print(f"PHASE {name}", file=sys.stderr, flush=True)
@@ -283,12 +264,6 @@ def sparsejac_limit() -> int:
     """``memory_limit`` given to sparsejac: under the watchdog's, so that the library's own guard
     (its predicted peak) refuses before the watchdog kills."""
     return int(0.8 * rss_limit())
-
-
-def _error(e: BaseException) -> dict:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return {"error": f"{type(e).__name__}: {first[:160]}",
-            "traceback": traceback.format_exc()[-3000:]}
 
 
 def work_jacrev(model: str, s: dict, chunk: int | None) -> dict:
@@ -303,7 +278,7 @@ def work_jacrev(model: str, s: dict, chunk: int | None) -> dict:
     cold = time.perf_counter() - t0
     peak = peak_above(base)
     del J
-    best, n = _timed(lambda: jac(x_new))
+    best, n = timed(lambda: jac(x_new))
     return dict(time=best, runs=n, cold=cold, peak=peak, chunk=chunk)
 
 
@@ -319,7 +294,7 @@ def work_first(model: str, s: dict) -> dict:
         first = time.perf_counter() - t0
         peak = peak_above(base)
     except Exception as e:  # noqa: BLE001 - reported in the table
-        return _error(e)
+        return error(e)
     out = dict(time=first, peak=peak, nnz=int(J.nnz), shape=list(J.shape),
                result_bytes=int(J.data.nbytes + J.indices.nbytes + J.indptr.nbytes),
                index_dtype=str(J.indices.dtype))
@@ -417,19 +392,14 @@ def work_plan(model: str, s: dict) -> dict:
         plan = sparsejac.plan_of(fn, x, memory_limit=sparsejac_limit())
         build = time.perf_counter() - t0
         phase("plan.jacobian")
-        J = plan.jacobian(x, format="csr")  # warm-up
-        del J
-        base = reset_peak()
-        refill, n = _timed(lambda: plan.jacobian(x_new, format="csr"))
-        refill_peak = peak_above(base)
-        J = plan.jacobian(x_new, format="csr")
+        refill, n, refill_peak, J = harness.refill(plan, x, x_new)
     except Exception as e:  # noqa: BLE001
-        return _error(e)
+        return error(e)
     out = dict(build=build, time=refill, runs=n, refill_peak=refill_peak, nnz=int(J.nnz),
                result_bytes=int(J.data.nbytes + J.indices.nbytes + J.indptr.nbytes))
     floor = _floor(J.nnz, J.shape[0], J.indices.dtype)
     floor()  # warm-up
-    out["floor"], _ = _timed(floor)
+    out["floor"], _ = timed(floor)
     # The refill's terms: tracing (the torch ops and the tracer), then writing the values.
     # Timed alternately with refills (the machine is shared: both see the same load).
     try:
@@ -483,11 +453,10 @@ def work_peer(model: str, s: dict, chunk: int | None) -> dict:
         compiled = jf.lower(x).compile()
         setup = time.perf_counter() - t0
         phase(f"evaluation (set-up {setup:.0f} s)")
-        jax.block_until_ready(compiled(x))  # warm-up
-        best, n = _timed(lambda: jax.block_until_ready(compiled(x_new)))
+        best, n = harness.jax_eval(compiled, x, x_new)
         peak = peak_above(base)
     except Exception as e:  # noqa: BLE001
-        return _error(e)
+        return error(e)
     return dict(setup=setup, detect=detect, time=best, runs=n, peak=peak,
                 colors=int(coloring.num_colors), mode=str(coloring.mode),
                 nnz=int(coloring.sparsity.nnz), chunk=chunk, note=note)
@@ -496,35 +465,21 @@ def work_peer(model: str, s: dict, chunk: int | None) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def rss_limit() -> int:
-    avail = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    return int(min(8 * GB, 0.6 * avail)) if avail else int(8 * GB)
-
-
 def spawn(model: str, method: str, sizes: dict, timeout: float, chunk: int | None = None) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", model, method,
-            json.dumps(sizes), json.dumps(chunk)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    limit = rss_limit()
-    r = run_guarded(argv, timeout, limit, env)
-    phases = [ln[6:] for ln in r["stderr"].splitlines() if ln.startswith("PHASE ")]
-    where = f" in {phases[-1]}" if phases else ""
-    if r["killed"] == "timeout":
-        return {"status": f"timeout (> {timeout:.0f} s){where}"}
-    if r["killed"] == "memory":
-        return {"status": f"killed: resident size over {limit / GB:.1f} GB{where}", "oom": True}
-    for line in r["stdout"].splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    lines = [ln for ln in r["stderr"].strip().splitlines() if not ln.startswith("PHASE ")]
-    tail = (lines or ["?"])[-1]
-    oom = any(k in r["stderr"] for k in ("can't allocate memory", "MemoryError",
-                                          "OutOfMemoryError", "RESOURCE_EXHAUSTED"))
-    return {"status": f"failed{where}: {tail[:160]}", "stderr": r["stderr"][-3000:], "oom": oom}
+    return harness.spawn(str(Path(__file__).resolve()), model, method, sizes, timeout, chunk)
+
+
+def spawn_chunked(model: str, method: str, sizes: dict, timeout: float, chunks) -> dict:
+    """:func:`spawn` with each chunk size in turn until a run does not run out of memory; the
+    attempts that did are kept in the JSON (``earlier``)."""
+    earlier = []
+    for chunk in chunks:
+        r = spawn(model, method, sizes, timeout, chunk)
+        if not r.get("oom"):
+            break
+        earlier.append({"chunk": chunk, "status": r.get("status")})
+    r["earlier"] = earlier[:-1] if not ok(r) else earlier
+    return r
 
 
 def measure_model(model: str, sizes: dict, timeout: float, log) -> dict:
@@ -538,21 +493,10 @@ def measure_model(model: str, sizes: dict, timeout: float, log) -> dict:
     if dense > JACREV_DENSE_LIMIT:
         res["jacrev"] = {"status": f"skipped: dense J = {dense / GB:.1f} GB"}
     else:
-        earlier = []  # the attempts that ran out of memory, kept in the JSON
-        for chunk in (None, max(1, rows // 16), max(1, rows // 256)):
-            res["jacrev"] = spawn(model, "jacrev", sizes, timeout, chunk)
-            if not res["jacrev"].get("oom"):
-                break
-            earlier.append({"chunk": chunk, "status": res["jacrev"].get("status")})
-        res["jacrev"]["earlier"] = earlier[:-1] if not _ok(res["jacrev"]) else earlier
+        res["jacrev"] = spawn_chunked(model, "jacrev", sizes, timeout,
+                                      (None, max(1, rows // 16), max(1, rows // 256)))
     log(model, "jacrev", res["jacrev"])
-    earlier = []
-    for chunk in (None, 256, 32):
-        res["peer"] = spawn(model, "peer", sizes, PEER_TIMEOUT, chunk)
-        if not res["peer"].get("oom"):
-            break
-        earlier.append({"chunk": chunk, "status": res["peer"].get("status")})
-    res["peer"]["earlier"] = earlier[:-1] if not _ok(res["peer"]) else earlier
+    res["peer"] = spawn_chunked(model, "peer", sizes, PEER_TIMEOUT, (None, 256, 32))
     log(model, "peer", res["peer"])
     return res
 
@@ -560,45 +504,19 @@ def measure_model(model: str, sizes: dict, timeout: float, log) -> dict:
 # --------------------------------------------------------------------------- the table
 
 
-def _ok(r) -> bool:
-    return isinstance(r, dict) and "time" in r
-
-
-def _cell_time(r: dict, key: str = "time") -> str:
-    if _ok(r) and r.get(key) is not None:
-        extra = f" (chunk {r['chunk']})" if r.get("chunk") else ""
-        return f"{r[key]:.4g}{extra}"
-    return _why(r)
-
-
-def _cell_mb(r: dict, key: str = "peak") -> str:
-    if _ok(r) and r.get(key) is not None:
-        return f"{r[key] / MB:.1f}"
-    return "" if not _ok(r) else "n/a"
-
-
-def _why(r: dict) -> str:
-    if not isinstance(r, dict):
-        return "n/a"
-    for k in ("na", "status", "error"):
-        if k in r:
-            return ("n/a: " if k == "na" else "") + str(r[k]).replace("|", "/")
-    return "n/a"
-
-
 def ratios(res: dict) -> dict:
     first, plan, jacrev, peer = res["first"], res["plan"], res["jacrev"], res["peer"]
     out: dict = {}
-    if _ok(plan) and _ok(peer):
+    if ok(plan) and ok(peer):
         out["peer_eval/refill"] = peer["time"] / plan["time"]
-    if _ok(plan) and plan.get("floor"):
+    if ok(plan) and plan.get("floor"):
         out["refill/floor"] = plan["time"] / plan["floor"]
-    if _ok(first) and _ok(jacrev):
+    if ok(first) and ok(jacrev):
         out["jacrev/first"] = jacrev["time"] / first["time"]
-    if _ok(first) and _ok(peer):
+    if ok(first) and ok(peer):
         out["peer_setup/first"] = peer["setup"] / first["time"]
-    if _ok(first):
-        factor = plan.get("largest_factor") if _ok(plan) else None
+    if ok(first):
+        factor = plan.get("largest_factor") if ok(plan) else None
         denominator = first["result_bytes"] + (factor or 0)
         out["peak/(result+factor)"] = first["peak"] / max(denominator, 1)
         out["_peak_basis"] = "result+factor" if factor is not None else "result only"
@@ -606,11 +524,8 @@ def ratios(res: dict) -> dict:
 
 
 def verdict(name: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
     _, threshold, direction = TARGETS[name]
-    met = value >= threshold if direction == ">=" else value <= threshold
-    return f"{value:.2f}x {'met' if met else '**missed**'}"
+    return harness.verdict(value, threshold, direction, "{:.2f}x")
 
 
 def table(results: dict) -> str:
@@ -623,17 +538,18 @@ def table(results: dict) -> str:
         first, plan, jacrev, peer = res["first"], res["plan"], res["jacrev"], res["peer"]
         nnz = first.get("nnz") or plan.get("nnz")
         nbytes = first.get("result_bytes") or plan.get("result_bytes")
-        factor = plan.get("largest_factor") if _ok(plan) else None
+        factor = plan.get("largest_factor") if ok(plan) else None
         lines.append("| " + " | ".join([
             model,
             f"{nnz:.3g}" if nnz else "",
-            _cell_time(jacrev), _cell_mb(jacrev),
-            _cell_time(peer, "setup"), _cell_time(peer) if _ok(peer) else "", _cell_mb(peer),
-            _cell_time(first), _cell_mb(first),
-            f"{first['second']:.4g}" if _ok(first) else "",
-            _cell_time(plan), f"{plan['floor']:.4g}" if _ok(plan) else "",
+            cell_time(jacrev), cell_mb(jacrev, missing="n/a"),
+            cell_time(peer, "setup"), cell_time(peer) if ok(peer) else "",
+            cell_mb(peer, missing="n/a"),
+            cell_time(first), cell_mb(first, missing="n/a"),
+            f"{first['second']:.4g}" if ok(first) else "",
+            cell_time(plan), f"{plan['floor']:.4g}" if ok(plan) else "",
             f"{nbytes / MB:.1f}" if nbytes else "",
-            f"{factor / MB:.1f}" if factor is not None else ("n/a" if _ok(plan) else ""),
+            f"{factor / MB:.1f}" if factor is not None else ("n/a" if ok(plan) else ""),
         ]) + " |")
     lines += ["", "| model | " + " | ".join(d for d, _, _ in TARGETS.values()) + " |",
               "|---|" + "---|" * len(TARGETS)]
@@ -649,7 +565,7 @@ def notes(results: dict) -> str:
     for model, res in results.items():
         first, plan, peer = res["first"], res["plan"], res["peer"]
         parts = []
-        if _ok(plan):
+        if ok(plan):
             tr, rp = plan.get("trace"), plan.get("refill_paired")
             if tr is not None:
                 parts.append(f"refill {rp:.4g} s = trace {tr:.4g} s ({100 * tr / rp:.0f}%) + "
@@ -664,8 +580,8 @@ def notes(results: dict) -> str:
                              + (" **WRONG**" if err > 1e-3 else ""))
             parts.append(f"plan_of build {plan['build']:.4g} s")
         elif "error" in plan or "status" in plan:
-            parts.append(f"plan_of: {_why(plan)}")
-        if _ok(first):
+            parts.append(f"plan_of: {why(plan)}")
+        if ok(first):
             parts.append(f"jacobian_of first call {first['time']:.4g} s (peak "
                          f"{first['peak'] / MB:.0f} MB), second call in the same process "
                          f"{first['second']:.4g} s (peak {first['second_peak'] / MB:.0f} MB)")
@@ -673,7 +589,7 @@ def notes(results: dict) -> str:
             tb = [ln for ln in first["traceback"].strip().splitlines() if ln.strip()]
             parts.append("jacobian_of traceback tail: `" + " / ".join(
                 ln.strip() for ln in tb[-4:-1]).replace("|", "/")[:300] + "`")
-        if _ok(peer):
+        if ok(peer):
             parts.append(f"peer: detection+colouring {peer['detect']:.3g} s of set-up "
                          f"{peer['setup']:.3g} s; {peer['colors']} colours ({peer['mode']}), "
                          f"pattern nnz {peer['nnz']:,}")
@@ -686,81 +602,35 @@ def notes(results: dict) -> str:
     return "\n".join(out)
 
 
+WORKERS = {
+    "jacrev": work_jacrev,
+    "first": lambda m, s, chunk: work_first(m, s),
+    "plan": lambda m, s, chunk: work_plan(m, s),
+    "peer": work_peer,
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated, of {','.join(MODELS)}")
-    parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds for each torch subprocess (the peer's: 180)")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser = harness.parser(__doc__, "models", MODELS, 600.0,
+                            "seconds for each torch subprocess (the peer's: 180)")
     args = parser.parse_args(argv)
     if args.worker:
-        model, method, sizes, chunk = args.worker
-        sizes, chunk = json.loads(sizes), json.loads(chunk)
-        if method == "jacrev":
-            out = work_jacrev(model, sizes, chunk)
-        elif method == "first":
-            out = work_first(model, sizes)
-        elif method == "plan":
-            out = work_plan(model, sizes)
-        elif method == "peer":
-            out = work_peer(model, sizes, chunk)
-        else:
-            raise ValueError(method)
-        print("RESULT " + json.dumps(out))
-        return 0
-
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-
-    def log(model, method, r):
-        state = "ok" if _ok(r) else _why(r)
-        print(f"  {model}/{method}: {state}", file=sys.stderr, flush=True)
+        return harness.run_worker(args.worker, WORKERS)
+    models = harness.names(parser, args.models, MODELS, "model")
 
     results = {}
     for model in models:
         desc, full, quick = MODELS[model]
-        results[model] = measure_model(model, quick if args.quick else full, args.timeout, log)
+        results[model] = measure_model(model, quick if args.quick else full, args.timeout,
+                                       harness.log)
 
-    import torch
-
-    versions = f"torch {torch.__version__}"
-    try:
-        from importlib.metadata import version
-
-        versions += f", jax {version('jax')}, asdex {version('asdex')}"
-    except Exception:  # noqa: BLE001
-        versions += ", jax/asdex not installed"
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "sparsejac"],
-                               capture_output=True, text=True).stdout.strip()
-        versions += f"; sparsejac at {commit}" + (" + uncommitted changes" if dirty else "")
-    except OSError:
-        pass
     header = (f"{datetime.date.today().isoformat()}; {os.cpu_count()} cores, "
-              f"{platform.machine()}, Python {platform.python_version()}, {versions}; float32, "
-              f"CPU{'; --quick sizes' if args.quick else ''}")
-    print(header)
-    print()
-    for model in models:
-        print(f"- {model}: {MODELS[model][0]}" if not args.quick
-              else f"- {model}: {results[model]['sizes']}")
-    print()
-    print(table(results))
-    print()
-    print(notes(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results,
-                       "ratios": {m: ratios(r) for m, r in results.items()}}, f, indent=1)
+              f"{platform.machine()}, Python {platform.python_version()}, "
+              f"{harness.versions(ROOT)}; float32, CPU{'; --quick sizes' if args.quick else ''}")
+    items = [f"- {model}: {MODELS[model][0]}" if not args.quick
+             else f"- {model}: {results[model]['sizes']}" for model in models]
+    harness.report(header, items, table(results), notes(results), args.json, results,
+                   {m: ratios(r) for m, r in results.items()})
     return 0
 
 
