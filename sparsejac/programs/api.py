@@ -10,7 +10,6 @@ import numpy as np
 
 from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
-from ..formats import FORMATS
 from . import terms as T
 from .tracer import LOCK, PREFIX, make_tracer
 
@@ -294,7 +293,7 @@ def jacobian_of(
     """
     if not callable(fn):
         raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
-    options.choice(format, "format", FORMATS, PREFIX)
+    formats.get(format, PREFIX)  # the name, and its package installed
     with LOCK:
         return _build(_jacobian_blocks(fn, args, wrt, memory_limit), format)
 
@@ -326,7 +325,7 @@ def hessian_of(
     """
     if not callable(fn):
         raise ArgumentTypeError(f"hessian_of: fn must be callable, got {type(fn).__name__}")
-    options.choice(format, "format", FORMATS, PREFIX)
+    formats.get(format, PREFIX)  # the name, and its package installed
     with LOCK:
         return _build(_hessian_blocks(fn, args, wrt, memory_limit), format)
 
@@ -524,7 +523,7 @@ class ProgramPlan:
     def nbytes(self, format: str = "csr", dtype: Any = None) -> int:
         """Bytes of the result's arrays in ``format`` (values in ``dtype``, default the
         plan's)."""
-        options.choice(format, "format", FORMATS, PREFIX)
+        formats.get(format, PREFIX)  # the name, and its package installed
         itemsize = np.dtype(_np_dtype(dtype or self.dtype)).itemsize
         f = formats.get(format, require=False)
         total = 0
@@ -544,7 +543,7 @@ class ProgramPlan:
     def jacobian(self, *args: Any, format: str = "coo", memory_limit: float | None = None):
         """The Jacobian (the Hessian, for a plan of ``order=2``) at ``args`` (same shapes and
         dtypes as the plan's), nested as :func:`jacobian_of` (:func:`hessian_of`) nests it."""
-        options.choice(format, "format", FORMATS, PREFIX)
+        formats.get(format, PREFIX)  # the name, and its package installed
         key = _signature(args)
         if key != self._args_key:
             from ..errors import ShapeError
