@@ -659,7 +659,7 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
         aligned = [_aligned(t, union) for t in renamed]
         # each partial sum is a new tensor of the broadcast shape (at most the union's)
         labels.guard(
-            torch.broadcast_shapes(*(a.shape for a in aligned)),
+            np.broadcast_shapes(*(tuple(a.shape) for a in aligned)),  # torch's imports sympy
             max(a.element_size() for a in aligned),
         )
         total = aligned[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ...errors import UnsupportedOperationError
@@ -64,7 +65,7 @@ def _masked_attention(query, key, value, keep, add, scale):
     shapes = [query.shape[:-2], key.shape[:-2], value.shape[:-2], keep.shape[:-2]]
     if add is not None:
         shapes.append(add.shape[:-2])
-    batch = tuple(torch.broadcast_shapes(*shapes))
+    batch = tuple(np.broadcast_shapes(*(tuple(s) for s in shapes)))  # torch's imports sympy
     keep = keep.expand(batch + (L, S))
     count = keep.sum(-1, keepdim=True)
     K = max(int(count.max()), 1)

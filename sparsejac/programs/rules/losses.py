@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -234,7 +235,7 @@ def kl_div(input, target, size_average, reduce, reduction, log_target):
 
 @decomposition("cosine_similarity", "x1 x2 dim=1 eps=1e-08")
 def cosine_similarity(x1, x2, dim, eps):
-    shape = torch.broadcast_shapes(x1.shape, x2.shape)
+    shape = np.broadcast_shapes(tuple(x1.shape), tuple(x2.shape))  # torch's imports sympy
     a, b = x1.expand(shape), x2.expand(shape)
     # torch clamps the norms at eps without a derivative through the clamp
     na = a.norm(2, dim, keepdim=True).clamp(min=eps)
