@@ -126,34 +126,32 @@ def _per_channel(input, mean, var, eps):
     return (input - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
 
 
-@decomposition("batch_norm", "input *args **kwargs")
-def batch_norm(input, args, kwargs):
-    p = _bind("batch_norm", _f_batch_norm, _torch_batch_norm, input, args, kwargs)
-    if input.dim() < 2:
+def _by_statistics(name, input, p, batch: bool, min_dim: int, shape_text: str):
+    """Batch or instance normalisation: by the input's own statistics (the function of the
+    batch it is: mean and biased variance over ``dims``) or by the running ones."""
+    if input.dim() < min_dim:
         raise UnsupportedOperationError(
-            f"{PREFIX}'batch_norm' needs an input of at least two dimensions (N, C, ...); got "
-            f"shape {tuple(input.shape)}")
-    if p["training"] or p["running_mean"] is None or p["running_var"] is None:
-        # the function of the batch: its own mean and biased variance per channel
-        dims = (0,) + tuple(range(2, input.dim()))
+            f"{PREFIX}{name!r} needs an input {shape_text} of at least {min_dim} dimensions; "
+            f"got shape {tuple(input.shape)}")
+    own = p["training"] if batch else p["use_input_stats"]
+    if own or p["running_mean"] is None or p["running_var"] is None:
+        dims = ((0,) if batch else ()) + tuple(range(2, input.dim()))
         y = _standardise(input, dims, p["eps"])
     else:
         y = _per_channel(input, p["running_mean"], p["running_var"], p["eps"])
     return _affine(y, p["weight"], p["bias"], 1)
 
 
+@decomposition("batch_norm", "input *args **kwargs")
+def batch_norm(input, args, kwargs):
+    p = _bind("batch_norm", _f_batch_norm, _torch_batch_norm, input, args, kwargs)
+    return _by_statistics("batch_norm", input, p, True, 2, "(N, C, ...)")
+
+
 @decomposition("instance_norm", "input *args **kwargs")
 def instance_norm(input, args, kwargs):
     p = _bind("instance_norm", _f_instance_norm, _torch_instance_norm, input, args, kwargs)
-    if input.dim() < 3:
-        raise UnsupportedOperationError(
-            f"{PREFIX}'instance_norm' needs an input (N, C, *spatial) of at least three "
-            f"dimensions; got shape {tuple(input.shape)}")
-    if p["use_input_stats"] or p["running_mean"] is None or p["running_var"] is None:
-        y = _standardise(input, tuple(range(2, input.dim())), p["eps"])
-    else:
-        y = _per_channel(input, p["running_mean"], p["running_var"], p["eps"])
-    return _affine(y, p["weight"], p["bias"], 1)
+    return _by_statistics("instance_norm", input, p, False, 3, "(N, C, *spatial)")
 
 
 @decomposition("normalize", "input p=2.0 dim=1 eps=1e-12 out=None")
