@@ -40,6 +40,17 @@ def check(fn, *args, wrt=0, exact_nnz=True):
     return M
 
 
+def check_blocks(fn, *args):
+    """hessian_of with respect to every argument: each block against torch.func.hessian."""
+    wrt = tuple(range(len(args)))
+    ref = torch.func.hessian(fn, argnums=wrt)(*args)
+    H = sparsejac.hessian_of(fn, *args, wrt=wrt)
+    for i in wrt:
+        for j in wrt:
+            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].detach().numpy(),
+                                       rtol=1e-9, atol=1e-11)
+
+
 x, W = rand(6, 4), rand(4, 3, seed=1)
 
 
@@ -85,13 +96,7 @@ def test_layer_normalised_network():
 
 
 def test_both_arguments_give_the_nested_blocks_of_torch():
-    fn = lambda x, w: (torch.tanh(x @ w) ** 2).sum()  # noqa: E731
-    ref = torch.func.hessian(fn, argnums=(0, 1))(x, W)
-    H = sparsejac.hessian_of(fn, x, W, wrt=(0, 1))
-    for i in range(2):
-        for j in range(2):
-            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].numpy(), rtol=1e-9,
-                                       atol=1e-11)
+    check_blocks(lambda x, w: (torch.tanh(x @ w) ** 2).sum(), x, W)
 
 
 def test_a_dict_argument_gives_nested_dicts():
@@ -176,23 +181,11 @@ def test_a_small_cnn_wrt_its_input_and_a_conv_weight_jointly():
         out = torch.func.functional_call(net, {**params, "0.weight": w}, (x,))
         return (torch.tanh(out) ** 2).sum()
 
-    x0, w0 = rand(2, 2, 4, 4), params["0.weight"].detach()
-    ref = torch.func.hessian(loss, argnums=(0, 1))(x0, w0)
-    H = sparsejac.hessian_of(loss, x0, w0, wrt=(0, 1))
-    for i in range(2):
-        for j in range(2):
-            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].detach().numpy(),
-                                       rtol=1e-9, atol=1e-11)
+    check_blocks(loss, rand(2, 2, 4, 4), params["0.weight"].detach())
 
 
 def test_conv_transpose_cross_term():
     def loss(x, w):
         return (torch.sin(F.conv_transpose1d(x, w, stride=2, padding=1)) ** 2).sum()
 
-    x0, w0 = rand(2, 3, 5), rand(3, 2, 3, seed=1)
-    ref = torch.func.hessian(loss, argnums=(0, 1))(x0, w0)
-    H = sparsejac.hessian_of(loss, x0, w0, wrt=(0, 1))
-    for i in range(2):
-        for j in range(2):
-            np.testing.assert_allclose(H[i][j].todense(), ref[i][j].numpy(), rtol=1e-9,
-                                       atol=1e-11)
+    check_blocks(loss, rand(2, 3, 5), rand(3, 2, 3, seed=1))

@@ -333,15 +333,6 @@ def hessian_of(
 # --- traced plans ----------------------------------------------------------------------------
 
 
-def _values(term, labels, dtype, keep=None):
-    """A term's values, flat over ``V`` in the order of :func:`terms.entries` (``keep``: the
-    entries that have a place)."""
-    free = term.free(labels)
-    shape = labels.shape(free)
-    values = T._align(term.factor.to(dtype), term.flabels, free).expand(shape).reshape(-1)
-    return values if keep is None else values[keep]
-
-
 class _Block:
     """One block of a plan: its CSR pattern, and how each traced value lands in it."""
 
@@ -359,8 +350,9 @@ class _Block:
             rows, cols, keeps = [], [], []
             for term in terms:
                 if term.mapped(labels):
-                    r, c, _ = T.entries(term, labels, dtype)
-                    keeps.append(self._keep(term, labels))
+                    r, c, keep = T.placed(term, labels)
+                    r, c = r[keep], c[keep]
+                    keeps.append(keep)
                 else:
                     s, _ = T._structure(term, labels)
                     pattern = formats.csr_pattern(s)
@@ -402,17 +394,6 @@ class _Block:
         t.sort_indices()
         return t
 
-    @staticmethod
-    def _keep(term, labels):
-        import torch
-
-        free = term.free(labels)
-        bad = torch.zeros((1,) * len(free), dtype=torch.bool)
-        for ax in term.out + term.inp:
-            index, over = T.coordinate(ax, labels, term.factor)
-            bad = bad | (T._align(index, over, free) < 0).cpu()
-        return ~bad.expand(labels.shape(free)).reshape(-1)
-
     def data(self, terms, labels, dtype) -> np.ndarray:
         data = self._data(terms, labels, dtype)
         if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
@@ -436,7 +417,7 @@ class _Block:
                 formats.fill_values(s, T._numpy_factor(term, dtype), fl, d)
                 parts.append(d)
             else:
-                parts.append(_values(term, labels, dtype, keep.to(term.factor.device))
+                parts.append(T.values(term, labels, dtype, keep.to(term.factor.device))
                               .detach().cpu().numpy())
         return np.bincount(self.slot, weights=np.concatenate(parts),
                            minlength=self.nnz).astype(np_dtype)

@@ -940,7 +940,10 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
         # ``over`` too: the caller puts the new labels on the selected axis
         free = distinct(labels.base(sub(term.out_atoms) + sub(term.inp_atoms)) + tuple(over))
         order = tuple(l for l in free if l in fl)
-        factor = _align(factor, fl, order)
+        # a label the substitution left on no axis (a map made constant in it) is summed over,
+        # as compose sums what no axis carries: its entries all land on one place
+        factor = (_align(factor, fl, order) if set(fl) <= set(order)
+                  else _einsum([(factor, fl)], order, labels))
         fl = order
     return Term(tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), factor, fl)
 
@@ -1009,7 +1012,7 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
     atoms = term.out[axis]
     new_axes = tuple(labels.fresh(n) for n in index.shape)
     over = tuple(a for ax in new_axes for a in ax)
-    table = index.to(torch_int64(index)).reshape(labels.shape(over))
+    table = index.long().reshape(labels.shape(over))
     valid = table >= 0
     subs, stride = {}, labels.size(atoms)
     for a in atoms:
@@ -1115,15 +1118,9 @@ def torch_equal(a: "torch.Tensor", b: "torch.Tensor") -> bool:
     return a.device == b.device and torch.equal(a, b)
 
 
-def torch_int64(like: "torch.Tensor"):
-    import torch
-
-    return torch.int64
-
-
-def entries(term: Term, labels: Labels, dtype: "torch.dtype"):
-    """``(rows, cols, values)`` of a term, flat over ``V``, entries without a place dropped: the
-    general writer for terms with index maps (duplicates are summed by the caller)."""
+def placed(term: Term, labels: Labels):
+    """``(rows, cols, keep)``: each entry's row and column, flat over ``V`` (broadcast), and
+    whether it has a place (an index map may drop it)."""
     import torch
 
     free = term.free(labels)
@@ -1144,6 +1141,19 @@ def entries(term: Term, labels: Labels, dtype: "torch.dtype"):
     shape = labels.shape(free)
     labels.guard((3,) + tuple(shape), 8, "the entries of an index-mapped term")
     keep = ~(bad_r | bad_c).expand(shape).reshape(-1)
-    values = _align(term.factor.to(dtype), term.flabels, free).expand(shape).reshape(-1)
-    return (rows.expand(shape).reshape(-1)[keep], cols.expand(shape).reshape(-1)[keep],
-            values[keep])
+    return rows.expand(shape).reshape(-1), cols.expand(shape).reshape(-1), keep
+
+
+def values(term: Term, labels: Labels, dtype: "torch.dtype", keep=None):
+    """The term's values flat over ``V``, in :func:`placed`'s order (``keep``: those kept)."""
+    free = term.free(labels)
+    flat = _align(term.factor.to(dtype), term.flabels, free).expand(labels.shape(free))
+    flat = flat.reshape(-1)
+    return flat if keep is None else flat[keep]
+
+
+def entries(term: Term, labels: Labels, dtype: "torch.dtype"):
+    """``(rows, cols, values)`` of a term, entries without a place dropped: the general writer
+    for terms with index maps (duplicates are summed by the caller)."""
+    rows, cols, keep = placed(term, labels)
+    return rows[keep], cols[keep], values(term, labels, dtype, keep)
