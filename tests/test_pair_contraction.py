@@ -1,0 +1,43 @@
+"""The pairwise contraction of Jacobian factors (terms._matmul_pair) against torch.einsum."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparsejac.programs import terms as T
+
+
+@st.composite
+def pairs(draw):
+    labels = list(range(draw(st.integers(1, 6))))
+    size = {l: draw(st.integers(1, 4)) for l in labels}
+    la = draw(st.lists(st.sampled_from(labels), unique=True, max_size=4))
+    lb = draw(st.lists(st.sampled_from(labels), unique=True, max_size=4))
+    present = list(dict.fromkeys(la + lb))
+    keep = draw(st.permutations(present).flatmap(
+        lambda p: st.integers(0, len(p)).map(lambda k: list(p[:k]))))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    a = torch.randn([size[l] for l in la], dtype=torch.float64, generator=gen)
+    b = torch.randn([size[l] for l in lb], dtype=torch.float64, generator=gen)
+    return a, la, b, lb, keep
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs())
+def test_pair_equals_einsum_and_is_contiguous(case):
+    a, la, b, lb, keep = case
+    got = T._matmul_pair(a, la, b, lb, keep)
+    want = torch.einsum(a, la, b, lb, keep)
+    if got is None:  # einsum's turn: keep ends in a shared label, or is empty
+        assert not keep or keep[-1] in la and keep[-1] in lb
+        return
+    assert got.shape == want.shape
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_layer_shape_is_a_matmul_in_row_major_order():
+    # a tanh MLP's factor (b, h, i) times the next weight (h, o), kept as (b, o, i)
+    a, w = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    got = T._matmul_pair(a, [0, 1, 2], w, [1, 3], [0, 3, 2])
+    assert got is not None and got.is_contiguous()
+    torch.testing.assert_close(got, torch.einsum("bhi,ho->boi", a, w))
