@@ -11,6 +11,7 @@ import numpy as np
 from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
 from . import terms as T
+from . import write as W
 from .tracer import LOCK, PREFIX, make_tracer
 
 
@@ -89,7 +90,7 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False):
                       for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
         for j, t in enumerate(flat_args[p]):
-            tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype)]})
+            tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]})
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
     import contextlib
 
@@ -114,6 +115,7 @@ class _Collected:
         self.blocks, self.shapes, self.labels, self.dtype = blocks, shapes, labels, dtype
         self.limit, self.layout, self.nest, self.what = limit, layout, nest, what
         self.symmetric = set(sym)  # blocks that are symmetric (a Hessian's diagonal blocks)
+        self.device = None  # the differentiated arguments' device (a CUDA one keeps results)
 
     def structure(self) -> tuple:
         """What the pattern depends on: every term's axes and sizes, and its index maps."""
@@ -154,7 +156,9 @@ def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
         return pytree.tree_unflatten(per_out, out_spec)
 
     layout = [(i, False) for i in range(len(blocks))]
-    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what)
+    c = _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what)
+    c.device = flat_args[positions[0]][0].device
+    return c
 
 
 def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
@@ -217,7 +221,9 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
             rows.append(pytree.tree_unflatten(per_leaf, specs[p1]))
         return tuple(rows) if isinstance(wrt, (tuple, list)) else rows[0]
 
-    return _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what, sym)
+    c = _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what, sym)
+    c.device = flat_args[positions[0]][0].device
+    return c
 
 
 def _symmetrise(csr):
@@ -237,27 +243,43 @@ def _transposed(csr):
 
 
 def _build(c: _Collected, fmt: str):
-    """Materialise every block once (guarded), then the nested result in ``fmt``."""
+    """Write every block once (guarded), in ``fmt``: a block that is one term without index
+    maps straight into the format's arrays (:mod:`.write`), the others merged once as CSR (a
+    Hessian's diagonal blocks averaged with their transposes; its lower blocks transposed)."""
     live = c.labels.live()  # the factors stay alive while the blocks are written
     alive = f", beside {live:,} bytes of live Jacobian factors," if live else ""
     limit = None if c.limit is None else c.limit - live
-    held, csrs = 0, []
+    held, built = 0, []
+    transposed = {b for b, tr in c.layout if tr}
     for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
         nnz = sum(t.nnz(c.labels) for t in terms)
-        peak, csr_bytes = T.materialise_nbytes(terms, s1, s2, c.labels, c.dtype)
         copies = sum(1 for b, tr in c.layout if b == i)
-        convert, final = _conversion_nbytes(fmt, nnz, s1, s2, c.dtype.itemsize, csr_bytes)
-        options.guard(held + max(peak, csr_bytes + convert), limit, PREFIX,
+        merged = i in c.symmetric or i in transposed
+        if merged:
+            peak, csr_bytes = T.materialise_nbytes(terms, s1, s2, c.labels, c.dtype)
+            convert, final = _conversion_nbytes(fmt, nnz, s1, s2, c.dtype.itemsize, csr_bytes)
+            peak = max(peak, csr_bytes + convert)
+        else:
+            peak, final = W.nbytes(terms, s1, s2, c.labels, c.dtype, fmt)
+        options.guard(held + peak, limit, PREFIX,
                       f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
                       f"term(s), format {fmt!r}){alive}")
-        csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
-        csrs.append(_symmetrise(csr) if i in c.symmetric else csr)
+        if merged:
+            csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
+            built.append(_symmetrise(csr) if i in c.symmetric else csr)
+        else:
+            built.append(W.write(terms, s1, s2, c.labels, c.dtype, fmt, c.device))
         held += final * copies
     results = []
-    for b, transposed in c.layout:
+    for b, tr in c.layout:
         s1, s2 = c.shapes[b]
-        results.append(formats.from_csr(_transposed(csrs[b]), fmt, s2, s1) if transposed
-                       else formats.from_csr(csrs[b], fmt, s1, s2))
+        if not (b in c.symmetric or b in transposed):
+            results.append(built[b])
+        else:
+            f = formats.get(fmt, require=False)
+            result = (f.from_csr(_transposed(built[b]), s2, s1) if tr
+                      else f.from_csr(built[b], s1, s2))
+            results.append(W.on_device(result, f, c.device))
     return c.nest(results)
 
 
@@ -341,8 +363,9 @@ class _Block:
 
         self.out_shape, self.inp_shape = tuple(out_shape), tuple(inp_shape)
         shape = (math.prod(out_shape), math.prod(inp_shape))
-        self.direct = len(terms) == 1 and not terms[0].mapped(labels)
+        self.direct = W.direct(terms, labels)
         self.cache: dict[str, Any] = {}
+        self.patterns: dict[tuple, Any] = {}  # direct blocks: each format's kept pattern
         if self.direct or not terms:
             csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
             self.slot = None
@@ -382,6 +405,28 @@ class _Block:
             t = self._transpose_order()
             if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
                 self.mirror = t.data
+
+    def write(self, terms, labels, dtype, fmt: str, device) -> Any:
+        """A direct block (one term, no index map) written in ``fmt``: its pattern for that
+        format and device made once and kept (read-only), the values written straight into
+        the format's order (:mod:`.write`)."""
+        f = formats.get(fmt, require=False)
+        xp = W.backend(f, device)
+        structure, fl = T._structure(terms[0], labels)
+        key = (f.name, xp.name, str(device))
+        if key not in self.patterns:
+            if f.layout is formats.CSR and xp is W.NUMPY:
+                pattern = self.csr  # the kept CSR arrays themselves
+            else:
+                pattern = W.pattern(terms[0], structure, f, self.out_shape, self.inp_shape, xp)
+                for a in f.layout.arrays(pattern):
+                    if isinstance(a, np.ndarray):
+                        a.flags.writeable = False  # shared by every refill: read-only
+            self.patterns[key] = pattern
+        data = W.values(terms[0], structure, fl, f, dtype, xp)
+        if f.on_torch and xp is W.NUMPY:
+            data = formats._tensor(data)
+        return f.container(self.patterns[key], data, self.out_shape, self.inp_shape)
 
     def _transpose_order(self):
         """The transposed pattern, its data the position of each entry in this block's."""
@@ -540,9 +585,18 @@ class ProgramPlan:
                 self._adopt(c)
             options.guard(self.nbytes(format), options.memory_limit(limit, PREFIX), PREFIX,
                           f"the result(s) in format {format!r}")
-            data = [b.data(terms, c.labels, c.dtype) for b, terms in zip(self._blocks, c.blocks)]
-            results = [self._blocks[i].result(data[i], format, transposed)
-                       for i, transposed in self._layout]
+            transposed = {i for i, tr in self._layout if tr}
+            data: dict[int, np.ndarray] = {}
+            results = []
+            for i, tr in self._layout:
+                b, terms = self._blocks[i], c.blocks[i]
+                if b.direct and b.mirror is None and i not in transposed:
+                    results.append(b.write(terms, c.labels, c.dtype, format, c.device))
+                    continue
+                if i not in data:
+                    data[i] = b.data(terms, c.labels, c.dtype)
+                f = formats.get(format, require=False)
+                results.append(W.on_device(b.result(data[i], format, tr), f, c.device))
             return c.nest(results)
 
     hessian = jacobian

@@ -305,12 +305,12 @@ def _along(t: torch.Tensor, lt: Sequence[int], keep: Sequence[int]) -> torch.Ten
                       for l in keep])
 
 
-def identity(shape: Sequence[int], labels: Labels, dtype: torch.dtype) -> Term:
-    """``d x / d x``: every axis a delta with itself, factor 1."""
+def identity(shape: Sequence[int], labels: Labels, dtype: torch.dtype, device=None) -> Term:
+    """``d x / d x``: every axis a delta with itself, factor 1 (on ``device``: the argument's)."""
     import torch
 
     axes = tuple(labels.fresh(n) for n in shape)
-    return Term(axes, axes, torch.ones((), dtype=dtype), ())
+    return Term(axes, axes, torch.ones((), dtype=dtype, device=device), ())
 
 
 def _retable(term: Term, labels: Labels, change) -> Term:
@@ -757,7 +757,7 @@ def _structure(term: Term, labels: Labels) -> tuple[Structure, tuple[int, ...]]:
 
 
 def _numpy_factor(term: Term, dtype: "torch.dtype") -> np.ndarray:
-    return term.factor.detach().to(dtype).resolve_conj().resolve_neg().numpy()
+    return term.factor.detach().to(dtype).cpu().resolve_conj().resolve_neg().numpy()
 
 
 def materialise(

@@ -1,0 +1,176 @@
+"""Writing a program's Jacobian (or Hessian) block in the requested format.
+
+A block that is one term without index maps has the structure of an einsum's Jacobian
+(:class:`sparsejac.structure.Structure` over the term's atoms), so it is written as
+:func:`sparsejac.jacobian` writes: the format's own pattern writer and the values spread from
+the factor, straight into the format's arrays; nothing goes through another format. On a CUDA
+device the torch formats are written there (the factor never leaves the GPU); the scipy and
+pydata formats copy the factor to the CPU once.
+
+A sum of terms, or a term through index maps, has entries that several terms (or several
+assignments of one term) hit: :func:`sparsejac.programs.terms.materialise` merges them once, as
+a canonical CSR, which the CSR formats keep as it is and the others re-index.
+
+>>> import torch
+>>> from sparsejac.programs import terms as T
+>>> labels = T.Labels()
+>>> x = T.identity((2, 3), labels, torch.float64)
+>>> w = torch.arange(12.0, dtype=torch.float64).reshape(3, 4)
+>>> j = T.compose(x, ((0, 1), (1, 2)), (0, 2), (2, 3, 4), 0, [None, w], labels)   # x @ w
+>>> write([j], (2, 4), (2, 3), labels, torch.float64, "coo").shape
+(2, 4, 2, 3)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .. import formats
+from ..backend import NUMPY, TorchBackend
+from ..operands import _numpy_dtype
+from ..structure import Structure, distinct
+from . import terms as T
+
+if TYPE_CHECKING:
+    import torch
+
+
+def direct(terms: Sequence[T.Term], labels: T.Labels) -> bool:
+    """Whether the block is written directly: one term, no index map."""
+    return len(terms) == 1 and not terms[0].mapped(labels)
+
+
+def backend(fmt: formats.Format, device: Any):
+    """Where a block is written: on ``device`` for a torch format on a CUDA device, else numpy."""
+    if fmt.on_torch and device is not None and getattr(device, "type", "cpu") == "cuda":
+        return TorchBackend(device)
+    return NUMPY
+
+
+def factor_on(term: T.Term, dtype: "torch.dtype", xp) -> Any:
+    """The term's factor in ``dtype`` on the backend ``xp`` (a numpy view where it can be)."""
+    factor = term.factor.detach().to(dtype)
+    if xp is NUMPY:
+        return factor.cpu().resolve_conj().resolve_neg().numpy()
+    return factor.to(xp.device)
+
+
+def coo_pattern(term: T.Term, structure: Structure, out_shape: Sequence[int],
+                inp_shape: Sequence[int], idx: int, xp) -> Any:
+    """The ``(ndim, nnz)`` coordinates of the term's entries over the tensors' own axes, in
+    C order over ``V``: sorted, as the einsum writer's. Each side's flat index is the
+    mixed-radix number of its atoms (they need not align with the axes: a reshape may merge
+    the argument's axes into one), a table over that side's labels (at most the side's size);
+    each axis' coordinate is a digit of it, broadcast over the entries."""
+    dtype = xp.index(idx)
+    shapes = (tuple(out_shape), tuple(inp_shape))
+    coords = xp.empty((len(shapes[0]) + len(shapes[1]), structure.nnz), dtype)
+    if not structure.nnz:
+        return coords
+    rename = {l: k for k, l in enumerate(distinct(term.out_atoms + term.inp_atoms))}
+    free, free_shape = structure.free, structure.free_shape
+    d = 0
+    for atoms, shape in ((term.out_atoms, shapes[0]), (term.inp_atoms, shapes[1])):
+        flat = np.zeros([1] * len(free), dtype=np.int64)
+        stride = 1
+        for atom in reversed(atoms):
+            label = rename[atom]
+            n = structure.sizes[label]
+            flat = flat + (np.arange(n, dtype=np.int64) * stride).reshape(
+                [n if l == label else 1 for l in free])
+            stride *= n
+        stride = math.prod(shape)
+        for n in shape:
+            stride //= n
+            digit = (flat // stride) % n if n > 1 else np.zeros([1] * len(free), np.int64)
+            digit = digit.astype(np.int32 if idx == 4 else np.int64)
+            if xp is not NUMPY:
+                import torch
+
+                digit = torch.from_numpy(digit).to(xp.device)
+            xp.copy_into(coords[d].reshape(free_shape), digit)
+            d += 1
+        del flat
+    return coords
+
+
+def pattern(term: T.Term, structure: Structure, fmt: formats.Format, out_shape, inp_shape,
+            xp=NUMPY) -> Any:
+    """The index arrays of one direct term in ``fmt`` (torch tensors for a torch format)."""
+    if fmt.layout is formats.COO:
+        idx = fmt.index_itemsize(structure.nnz, out_shape, inp_shape)
+        coords = coo_pattern(term, structure, out_shape, inp_shape, idx, xp)
+        return formats._tensor(coords) if fmt.on_torch else coords
+    return fmt.write_pattern(structure, xp)
+
+
+def values(term: T.Term, structure: Structure, fl: Sequence[int], fmt: formats.Format,
+           dtype: "torch.dtype", xp=NUMPY) -> Any:
+    """The values of one direct term, in ``fmt``'s order (CSC: that of ``J.T``)."""
+    value = xp_dtype(dtype, xp)
+    data = xp.empty(structure.nnz, value)
+    formats.fill_values(fmt.layout.target(structure), factor_on(term, dtype, xp), fl, data, xp)
+    if xp is NUMPY and fmt.value_dtype(data.dtype) != data.dtype:
+        data = data.astype(fmt.value_dtype(data.dtype))
+    return data
+
+
+def xp_dtype(dtype: "torch.dtype", xp) -> Any:
+    return _numpy_dtype(dtype) if xp is NUMPY else dtype
+
+
+def write(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence[int],
+          labels: T.Labels, dtype: "torch.dtype", fmt: Any, device: Any = None) -> Any:
+    """The sum of ``terms`` in the container of ``fmt`` (see the module's docstring)."""
+    fmt = formats.get(fmt, require=False)
+    out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
+    if direct(terms, labels):
+        xp = backend(fmt, device)
+        structure, fl = T._structure(terms[0], labels)
+        p = pattern(terms[0], structure, fmt, out_shape, inp_shape, xp)
+        data = values(terms[0], structure, fl, fmt, dtype, xp)
+        if fmt.on_torch and xp is NUMPY:
+            data = formats._tensor(data)
+        return fmt.container(p, data, out_shape, inp_shape)
+    csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
+    return on_device(fmt.from_csr(csr, out_shape, inp_shape), fmt, device)
+
+
+def on_device(result: Any, fmt: formats.Format, device: Any) -> Any:
+    """A torch-format result moved to ``device`` (once, at the end) where that is a GPU."""
+    if fmt.on_torch and device is not None and getattr(device, "type", "cpu") == "cuda":
+        moved = result.to(device)
+        setattr(moved, formats.OUT_NDIM, getattr(result, formats.OUT_NDIM))
+        return moved
+    return result
+
+
+def nbytes(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence[int],
+           labels: T.Labels, dtype: "torch.dtype", fmt: Any) -> tuple[int, int]:
+    """``(peak, kept)``: the bytes :func:`write` holds at its peak, and those its result keeps
+    (the factor itself, alive already, not counted)."""
+    fmt = formats.get(fmt, require=False)
+    out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
+    itemsize = dtype.itemsize
+    if direct(terms, labels):
+        structure, fl = T._structure(terms[0], labels)
+        nnz = structure.nnz
+        value = np.dtype(fmt.value_dtype(_numpy_dtype(dtype))).itemsize
+        kept = fmt.nbytes(nnz, out_shape, inp_shape, value)
+        if fmt.layout is formats.COO:
+            idx = fmt.index_itemsize(nnz, out_shape, inp_shape)
+            # the coordinates, a side's flat-index table and one digit of it (int64 and cast)
+            ramp = max(math.prod(out_shape), math.prod(inp_shape)) * (8 + 8 + 8 + idx) * bool(nnz)
+            build = nnz * (len(out_shape) + len(inp_shape)) * idx + ramp
+        else:
+            build = fmt.pattern_peak_nbytes(structure)
+        copy = T._copy_nbytes(terms[0], fmt.layout.target(structure), fl, dtype)
+        upcast = nnz * itemsize if value != itemsize else 0  # float16 values held as float32
+        return max(build, kept + copy + upcast), kept
+    peak, csr_bytes = T.materialise_nbytes(terms, out_shape, inp_shape, labels, dtype)
+    nnz = sum(t.nnz(labels) for t in terms)
+    extra, final = fmt.from_csr_nbytes(nnz, out_shape, inp_shape, itemsize, csr_bytes)
+    return max(peak, csr_bytes + extra), final
