@@ -628,3 +628,32 @@ def test_intermediate_terms_are_freed_when_the_program_drops_them():
     gc.collect()
     assert ref() is None and len(tracer._traced) == 2  # x and z remain
     assert tracer.live_bytes() > 0
+
+
+@pytest.mark.parametrize("case", ["attention", "column_sums", "not_nested"])
+def test_sums_of_nested_terms_are_written_directly(case):
+    """A Jacobian whose terms' patterns lie in the largest one's (attention: the query path's
+    token-diagonal inside the key and value paths' all-pairs) is one direct block, in every
+    format and in a plan's refill; terms that do not nest are merged as before."""
+    from sparsejac.programs import api, write
+
+    g = torch.Generator().manual_seed(3)
+    wq, wk, wv = (torch.randn(6, 6, generator=g, dtype=D) for _ in range(3))
+    fns = {
+        "attention": lambda x: torch.softmax((x @ wq) @ (x @ wk).transpose(-1, -2), -1) @ (x @ wv),
+        "column_sums": lambda x: x.sum(0, keepdim=True) * x,
+        "not_nested": lambda x: x * x.sum(0, keepdim=True) + x * x.sum(1, keepdim=True),
+    }
+    fn, x = fns[case], torch.randn(2, 4, 6, generator=g, dtype=D)
+    if case != "attention":
+        x = x[0]
+    c = api._jacobian_blocks(fn, (x,), 0, None)
+    assert len(c.blocks[0]) >= 2
+    assert write.direct(c.blocks[0], c.labels) == (case != "not_nested")
+    check(fn, x, exact_nnz=False)
+    plan = sparsejac.plan_of(fn, x)
+    x2 = torch.randn(x.shape, generator=g, dtype=D)
+    ref = reference(fn, (x2,), 0)
+    for fmt in ("coo", "csr", "csc", "torch", "torch_csr"):
+        M = sparsejac.to_scipy(plan.jacobian(x2, format=fmt), out_ndim=fn(x).dim())
+        np.testing.assert_allclose(M.toarray(), ref.reshape(M.shape), rtol=RTOL, atol=ATOL)

@@ -367,7 +367,9 @@ class _Block:
         self.cache: dict[str, Any] = {}
         self.patterns: dict[tuple, Any] = {}  # direct blocks: each format's kept pattern
         if self.direct or not terms:
-            csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
+            # the largest term's pattern holds the others' (W.nesting)
+            csr = T.materialise([W.largest(terms, labels)] if terms else [], out_shape,
+                                inp_shape, labels, dtype)
             self.slot = None
         else:  # several terms or index maps: coordinates once, then each value's slot
             rows, cols, keeps = [], [], []
@@ -412,18 +414,19 @@ class _Block:
         the format's order (:mod:`.write`)."""
         f = formats.get(fmt, require=False)
         xp = W.backend(f, device)
-        structure, fl = T._structure(terms[0], labels)
+        term = W.largest(terms, labels)
+        structure, _ = T._structure(term, labels)
         key = (f.name, xp.name, str(device))
         if key not in self.patterns:
             if f.layout is formats.CSR and xp is W.NUMPY:
                 pattern = self.csr  # the kept CSR arrays themselves
             else:
-                pattern = W.pattern(terms[0], structure, f, self.out_shape, self.inp_shape, xp)
+                pattern = W.pattern(term, structure, f, self.out_shape, self.inp_shape, xp)
                 for a in f.layout.arrays(pattern):
                     if isinstance(a, np.ndarray):
                         a.flags.writeable = False  # shared by every refill: read-only
             self.patterns[key] = pattern
-        data = W.values(terms[0], structure, fl, f, dtype, xp)
+        data = W.values(terms, labels, f, dtype, xp)
         if f.on_torch and xp is W.NUMPY:
             data = formats._tensor(data)
         return f.container(self.patterns[key], data, self.out_shape, self.inp_shape)
@@ -448,10 +451,7 @@ class _Block:
     def _data(self, terms, labels, dtype) -> np.ndarray:
         np_dtype = _np_dtype(dtype)
         if self.direct:
-            s, fl = T._structure(terms[0], labels)
-            data = np.empty(self.nnz, dtype=np_dtype)
-            formats.fill_values(s, T._numpy_factor(terms[0], dtype), fl, data)
-            return data
+            return W.values(terms, labels, formats.get("csr", require=False), dtype)
         if not terms:
             return np.zeros(0, dtype=np_dtype)
         parts = []

@@ -39,8 +39,59 @@ if TYPE_CHECKING:
 
 
 def direct(terms: Sequence[T.Term], labels: T.Labels) -> bool:
-    """Whether the block is written directly: one term, no index map."""
-    return len(terms) == 1 and not terms[0].mapped(labels)
+    """Whether the block is written directly: one term, or terms whose patterns all lie in
+    the largest one's (:func:`nesting`), without index maps."""
+    if not terms or any(t.mapped(labels) for t in terms):
+        return False
+    big = largest(terms, labels)
+    return all(t is big or nesting(big, t, labels) is not None for t in terms)
+
+
+def largest(terms: Sequence[T.Term], labels: T.Labels) -> T.Term:
+    return max(terms, key=lambda t: t.nnz(labels))
+
+
+def nesting(big: T.Term, small: T.Term, labels: T.Labels) -> dict[int, int] | None:
+    """Where ``small``'s pattern lies in ``big``'s: the map from ``big``'s labels to
+    ``small``'s under which their atoms agree position by position (a label of ``small`` may
+    stand for several of ``big``'s: a diagonal of ``big``'s pattern), or None.
+
+    Attention's query path (the same token in and out) lies in its key and value paths (every
+    pair of tokens): the sum is one term, written directly."""
+    if len(big.out) != len(small.out) or len(big.inp) != len(small.inp):
+        return None
+    phi: dict[int, int] = {}
+    for b_axis, s_axis in zip(big.out + big.inp, small.out + small.inp):
+        if len(b_axis) != len(s_axis):
+            return None
+        for b, a in zip(b_axis, s_axis):
+            if phi.setdefault(b, a) != a or labels.sizes[b] != labels.sizes[a]:
+                return None
+    return phi
+
+
+def _add_nested(data, structure: Structure, big: T.Term, terms: Sequence[T.Term],
+                labels: T.Labels, dtype: "torch.dtype", xp) -> None:
+    """Add every term but ``big`` into ``data`` (``big``'s values, laid out over
+    ``structure.free``, big's labels renamed as :func:`terms._structure` renames them) on the
+    diagonal its pattern occupies: a strided view, one entry per assignment of its labels."""
+    import torch
+
+    rename = {l: k for k, l in enumerate(distinct(big.out_atoms + big.inp_atoms))}
+    free = structure.free
+    # torch's strided add on numpy's memory too (shared, no copy): numpy's ufuncs buffer
+    # strided operands, torch's do not
+    grid = (torch.from_numpy(data) if xp is NUMPY else data).reshape(structure.free_shape)
+    for t in terms:
+        if t is big:
+            continue
+        phi = nesting(big, t, labels)
+        own = t.free(labels)
+        strides = [sum(grid.stride(free.index(rename[l])) for l in phi if phi[l] == a)
+                   for a in own]
+        # distinct assignments of ``own`` land on distinct entries: an in-place add is exact
+        value = T._aligned(t, own).detach().to(dtype=grid.dtype, device=grid.device)
+        grid.as_strided(labels.shape(own), strides).add_(value)
 
 
 def backend(fmt: formats.Format, device: Any):
@@ -107,12 +158,17 @@ def pattern(term: T.Term, structure: Structure, fmt: formats.Format, out_shape, 
     return fmt.write_pattern(structure, xp)
 
 
-def values(term: T.Term, structure: Structure, fl: Sequence[int], fmt: formats.Format,
+def values(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
            dtype: "torch.dtype", xp=NUMPY) -> Any:
-    """The values of one direct term, in ``fmt``'s order (CSC: that of ``J.T``)."""
-    value = xp_dtype(dtype, xp)
-    data = xp.empty(structure.nnz, value)
-    formats.fill_values(fmt.layout.target(structure), factor_on(term, dtype, xp), fl, data, xp)
+    """The values of a direct block, in ``fmt``'s order (CSC: that of ``J.T``): the largest
+    term's spread from its factor, the nested ones added where they lie."""
+    big = largest(terms, labels)
+    structure, fl = T._structure(big, labels)
+    target = fmt.layout.target(structure)
+    data = xp.empty(structure.nnz, xp_dtype(dtype, xp))
+    formats.fill_values(target, factor_on(big, dtype, xp), fl, data, xp)
+    if len(terms) > 1:
+        _add_nested(data, target, big, terms, labels, dtype, xp)
     if xp is NUMPY and fmt.value_dtype(data.dtype) != data.dtype:
         data = data.astype(fmt.value_dtype(data.dtype))
     return data
@@ -129,9 +185,10 @@ def write(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence
     out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
     if direct(terms, labels):
         xp = backend(fmt, device)
-        structure, fl = T._structure(terms[0], labels)
-        p = pattern(terms[0], structure, fmt, out_shape, inp_shape, xp)
-        data = values(terms[0], structure, fl, fmt, dtype, xp)
+        term = largest(terms, labels)
+        structure, _ = T._structure(term, labels)
+        p = pattern(term, structure, fmt, out_shape, inp_shape, xp)
+        data = values(terms, labels, fmt, dtype, xp)
         if fmt.on_torch and xp is NUMPY:
             data = formats._tensor(data)
         return fmt.container(p, data, out_shape, inp_shape)
@@ -156,7 +213,8 @@ def nbytes(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequenc
     out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
     itemsize = dtype.itemsize
     if direct(terms, labels):
-        structure, fl = T._structure(terms[0], labels)
+        term = largest(terms, labels)
+        structure, fl = T._structure(term, labels)
         nnz = structure.nnz
         value = np.dtype(fmt.value_dtype(_numpy_dtype(dtype))).itemsize
         kept = fmt.nbytes(nnz, out_shape, inp_shape, value)
@@ -167,7 +225,7 @@ def nbytes(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequenc
             build = nnz * (len(out_shape) + len(inp_shape)) * idx + ramp
         else:
             build = fmt.pattern_peak_nbytes(structure)
-        copy = T._copy_nbytes(terms[0], fmt.layout.target(structure), fl, dtype)
+        copy = T._copy_nbytes(term, fmt.layout.target(structure), fl, dtype)
         upcast = nnz * itemsize if value != itemsize else 0  # float16 values held as float32
         return max(build, kept + copy + upcast), kept
     peak, csr_bytes = T.materialise_nbytes(terms, out_shape, inp_shape, labels, dtype)
