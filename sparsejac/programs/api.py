@@ -174,17 +174,24 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     steps = [(r, p, res if isinstance(res, torch.Tensor) else res[0])
              for r, p, res in tracer.tape]
     steps = [st for st in steps if st[2].requires_grad]
+    tracer.tape = None  # ``steps`` holds what is still needed, and lets go of it step by step
     if out.requires_grad and steps:
-        adjoints = torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
-                                       allow_unused=True)
-        for (rule, params, result), ybar in zip(steps, adjoints):
-            if ybar is None:
-                continue  # the output does not depend on this step
-            labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
-            for k1, k2, term in rule.second(tracer, result.detach(), ybar.detach().to(dtype),
-                                            **params):
-                found.setdefault((k1, k2), []).append(term)
+        adjoints = list(torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
+                                            allow_unused=True))
+        for i in range(len(steps)):
+            (rule, params, result), ybar = steps[i], adjoints[i]
+            # each step's tensors (and, through the tracer's weak references, the first-order
+            # terms of those no later step uses) are freed once its terms are formed: at a
+            # million variables every intermediate and its factor is 8 MB
+            steps[i] = adjoints[i] = None
+            if ybar is not None:  # None: the output does not depend on this step
+                labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
+                for k1, k2, term in rule.second(tracer, result.detach(),
+                                                ybar.detach().to(dtype), **params):
+                    found.setdefault((k1, k2), []).append(term)
+            del rule, params, result, ybar
         labels.prefix = PREFIX
+    del steps
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
     shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
     index, blocks, shapes, sym, what = {}, [], [], [], []
@@ -343,9 +350,14 @@ class _Block:
         shape = (math.prod(out_shape), math.prod(inp_shape))
         self.direct = len(terms) == 1 and not terms[0].mapped(labels)
         self.cache: dict[str, Any] = {}
+        self.slots = None  # per term, where its kept values go (terms one entry a row)
         if self.direct or not terms:
             csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
             self.slot = None
+        elif any(t.mapped(labels) for t in terms) and T.by_rows_applies(terms, shape, labels):
+            # the union merged row by row: no coordinates, and distinct slots within a term
+            indptr, indices, self.slots, self.keeps = T.rows_pattern(terms, shape, labels)
+            csr = T._csr(np.zeros(len(indices), dtype=_np_dtype(dtype)), indices, indptr, shape)
         else:  # several terms or index maps: coordinates once, then each value's slot
             rows, cols, keeps = [], [], []
             for term in terms:
@@ -409,6 +421,11 @@ class _Block:
             return data
         if not terms:
             return np.zeros(0, dtype=np_dtype)
+        if self.slots is not None:
+            data = np.zeros(self.nnz, dtype=np_dtype)
+            for term, slot, keep in zip(terms, self.slots, self.keeps):
+                T.add_values(data, slot, term, labels, dtype, keep)
+            return data
         parts = []
         for term, keep in zip(terms, self.keeps):
             if keep is None:

@@ -68,6 +68,7 @@ class Labels:
         self.derived: dict[int, tuple["torch.Tensor", tuple[int, ...]]] = {}
         self._maps: dict[tuple, list[int]] = {}
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
+        self._one_to_one: dict[int, bool] = {}  # memo of :func:`_one_to_one`
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
@@ -704,6 +705,12 @@ def materialise(
     if not terms:
         return scipy.sparse.csr_array(shape, dtype=np_dtype)
     if any(t.mapped(labels) for t in terms):
+        if by_rows_applies(terms, shape, labels):
+            indptr, indices, slots, keeps = rows_pattern(terms, shape, labels)
+            data = np.zeros(len(indices), dtype=np_dtype)
+            for term, slot, keep in zip(terms, slots, keeps):
+                add_values(data, slot, term, labels, dtype, keep)
+            return _csr(data, indices, indptr, shape)
         return _materialise_mapped(terms, shape, labels, dtype)
     structures = [_structure(term, labels) for term in terms]
     if len(terms) == 1:
@@ -730,6 +737,179 @@ def materialise(
     coo = scipy.sparse.coo_array((data, (rows, cols)), shape=shape)
     del rows, cols, data
     return coo.tocsr()  # canonical: sums duplicates, keeping sums that are zero
+
+
+def _csr(data, indices, indptr, shape) -> scipy.sparse.csr_array:
+    """A CSR array around arrays that are canonical by construction (no copy, no scan)."""
+    csr = scipy.sparse.csr_array((data, indices, indptr), shape=shape, copy=False)
+    csr.has_sorted_indices = True
+    csr.has_canonical_format = True
+    return csr
+
+
+def _one_to_one(atom: int, labels: Labels) -> bool:
+    """Whether a derived label is an injective map of one base label (its entries that exist
+    are distinct), so that the base label can be read back from it."""
+    if atom not in labels._one_to_one:
+        table, over = labels.derived[atom]
+        ok = len(over) == 1
+        if ok:
+            t = table.cpu().numpy()
+            valid = t[t >= 0] if t.min(initial=0) < 0 else t
+            # slices and shifts are increasing: no count needed
+            ok = bool((valid[1:] > valid[:-1]).all()) or (
+                not valid.size or int(np.bincount(valid, minlength=labels.sizes[atom]).max()) <= 1)
+        labels._one_to_one[atom] = ok
+    return labels._one_to_one[atom]
+
+
+def _placed_numpy(term: Term, labels: Labels):
+    """``(rows, cols, keep)`` as :func:`placed`, in numpy and with fewer temporaries: an
+    axis of one atom over ``V`` in order is its table itself (a view); ``keep`` is None where
+    every entry has a place."""
+    free = term.free(labels)
+    shape = labels.shape(free)
+
+    def side(axes):
+        flat, bad = None, None
+        for atom in (a for ax in axes for a in ax):
+            if atom in labels.derived:
+                table, over = labels.derived[atom]
+                v = _align(table, over, free).cpu().numpy()
+                if v.min(initial=0) < 0:
+                    bad = (v < 0) if bad is None else (bad | (v < 0))
+            else:
+                v = np.arange(labels.sizes[atom], dtype=np.int64).reshape(
+                    [labels.sizes[atom] if l == atom else 1 for l in free])
+            flat = v if flat is None else flat * labels.sizes[atom] + v
+        if flat is None:  # no atoms: a single row or column
+            flat = np.zeros((1,) * len(free), dtype=np.int64)
+        return np.broadcast_to(flat, shape).reshape(-1), bad
+
+    rows, bad_r = side(term.out)
+    cols, bad_c = side(term.inp)
+    bad = bad_r if bad_c is None else (bad_c if bad_r is None else bad_r | bad_c)
+    keep = None if bad is None else ~np.broadcast_to(bad, shape).reshape(-1)
+    return rows, cols, keep
+
+
+def rows_injective(term: Term, labels: Labels) -> bool:
+    """Whether the term has at most one entry in each row: every base label of ``V`` can be
+    read back from the output side (a plain atom there, or an injective index map of it
+    alone), so distinct assignments of ``V`` land on distinct rows."""
+    read = set()
+    for a in term.out_atoms:
+        if a not in labels.derived:
+            read.add(a)
+        elif _one_to_one(a, labels):
+            read.add(labels.derived[a][1][0])
+    return set(term.free(labels)) <= read
+
+
+def by_rows_applies(terms: Sequence[Term], shape: tuple[int, int], labels: Labels) -> bool:
+    """Whether :func:`rows_pattern` writes these terms: each has at most one entry per row,
+    and its per-row tables (one column per term and row) are not much larger than the
+    coordinates of every entry would be (few entries in many rows go by coordinates)."""
+    n = sum(t.nnz(labels) for t in terms)
+    return (len(terms) * shape[0] <= 4 * max(n, 1)
+            and all(rows_injective(t, labels) for t in terms))
+
+
+def rows_pattern(terms: Sequence[Term], shape: tuple[int, int], labels: Labels):
+    """``(indptr, indices, slots, keeps)``: the canonical CSR pattern of the union of terms
+    that have at most one entry per row (:func:`rows_injective`), built without coordinates
+    of the union: one column per term and row, merged row by row. ``slots[k]`` is where each
+    kept entry of term ``k`` (in :func:`placed`'s order, ``keeps[k]`` the entries kept, None
+    for all) lands in the data; within one term the slots are distinct (one entry a row).
+    :func:`rows_pattern_nbytes` predicts what this allocates: keep the two in step."""
+    nrows, ncols = shape
+    n = sum(t.nnz(labels) for t in terms)
+    idx = formats.index_dtype(n, shape)
+    cols = np.full((len(terms), nrows), -1, dtype=idx)  # term k's column in each row, or -1
+    rows, keeps = [], []
+    for k, term in enumerate(terms):
+        r, c, keep = _placed_numpy(term, labels)
+        if keep is not None:
+            r, c = r[keep], c[keep]
+        cols[k, r] = c
+        del c
+        rows.append(r.astype(idx))  # int64 from the index maps: narrowed for the slots
+        keeps.append(keep)
+        del r
+    # ``new[k]``: term k's column is one no earlier term has in that row (the union's entry)
+    new = cols >= 0
+    for k in range(1, len(terms)):
+        for j in range(k):
+            new[k] &= cols[j] != cols[k]
+    indptr = np.zeros(nrows + 1, dtype=idx)
+    np.cumsum(new.sum(0, dtype=idx), out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype=idx)
+    slots = []
+    rank = np.empty(nrows, dtype=idx)
+    for k in range(len(terms)):
+        # the place of term k's column in its row: the union's columns below it come first
+        np.copyto(rank, indptr[:-1])
+        for j in range(len(terms)):
+            if j != k:
+                rank += new[j] & (cols[j] < cols[k])
+        indices[rank[new[k]]] = cols[k][new[k]]
+        slots.append(rank[rows[k]])
+        rows[k] = None
+    return indptr, indices, slots, keeps
+
+
+def _placed_numpy_nbytes(term: Term, labels: Labels) -> int:
+    """A bound on what :func:`_placed_numpy` allocates for ``term``: per side, the mixed-radix
+    sums of several atoms, the copy of a side that does not span ``V``, the marks of entries
+    without a place; then what is kept of the rows and columns (tables are read in place)."""
+    free = term.free(labels)
+    m = labels.size(free)
+    total, marked = 0, False
+    for axes in (term.out, term.inp):
+        atoms = [a for ax in axes for a in ax]
+        total += 2 * 8 * m * max(len(atoms) - 1, 0)
+        derived = [a for a in atoms if a in labels.derived]
+        if len(atoms) != 1 or set(labels.base(atoms)) != set(free):
+            total += 8 * m  # broadcast to V: a copy
+        for a in derived:
+            if labels.derived[a][0].min() < 0:
+                marked = True
+                total += 2 * m
+    if marked:  # the kept flags, and the kept rows and columns
+        total += m + 2 * 8 * m
+    return total
+
+
+def rows_pattern_nbytes(terms: Sequence[Term], shape: tuple[int, int], labels: Labels,
+                        dtype: "torch.dtype") -> tuple[int, int]:
+    """``(peak, kept)`` bytes of :func:`materialise` through :func:`rows_pattern` (a bound: an
+    entry enumerated counts as kept): the per-row tables (a column and a flag per term and
+    row); first one term's coordinates at a time beside the rows of those before it; then the
+    merge's row-sized temporaries, the pattern and the slots (which replace the rows); last,
+    the values beside the slots, each term's values with its copy and numpy's indexed add."""
+    nrows = shape[0]
+    sizes = [t.nnz(labels) for t in terms]
+    n, big = sum(sizes), max(sizes)
+    idx = formats.index_dtype(n, shape).itemsize
+    itemsize = dtype.itemsize
+    tables = len(terms) * nrows * (idx + 1)
+    first = tables + max(sum(sizes[:k]) * idx + _placed_numpy_nbytes(t, labels) + m * idx
+                         for k, (t, m) in enumerate(zip(terms, sizes)))
+    pattern = (nrows + 1) * idx + n * idx  # indptr, indices (the union: at most every entry)
+    merge = tables + (n + big) * idx + nrows * (3 * idx + 2) + pattern
+    kept = pattern + n * itemsize
+    values = kept + n * idx + 2 * big * itemsize
+    return max(first, merge, values), kept
+
+
+def add_values(data: np.ndarray, slot: np.ndarray, term: Term, labels: Labels,
+               dtype: "torch.dtype", keep=None) -> None:
+    """Add a term's values (:func:`values`' order, ``keep``: those kept) at ``slot`` in
+    ``data`` (distinct slots: a plain indexed add)."""
+    import torch
+
+    v = values(term, labels, dtype, None if keep is None else torch.from_numpy(keep))
+    data[slot] += v.detach().cpu().resolve_conj().resolve_neg().numpy()
 
 
 def _materialise_mapped(terms, shape, labels, dtype) -> scipy.sparse.csr_array:
@@ -808,7 +988,10 @@ def materialise_nbytes(
     nrows, ncols = shape
     if not terms:
         return (nrows + 1) * 4, (nrows + 1) * 4
-    if any(t.mapped(labels) for t in terms):  # an upper bound: coordinates, then the CSR
+    if any(t.mapped(labels) for t in terms):
+        if by_rows_applies(terms, shape, labels):
+            return rows_pattern_nbytes(terms, shape, labels, dtype)
+        # an upper bound: coordinates, then the CSR
         n = sum(t.nnz(labels) for t in terms)
         return n * (3 * 8 + 3 * (8 + itemsize)) + (nrows + 1) * 8, n * (8 + itemsize) + (nrows + 1) * 8
     structures = [_structure(term, labels) for term in terms]
