@@ -178,6 +178,7 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     if out.requires_grad and steps:
         adjoints = list(torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
                                             allow_unused=True))
+        tracer._forget(id(out))  # the output's own first-order terms (a gradient): unused
         for i in range(len(steps)):
             (rule, params, result), ybar = steps[i], adjoints[i]
             # each step's tensors (and, through the tracer's weak references, the first-order
@@ -390,10 +391,34 @@ class _Block:
         self.csr = csr
         self.nnz = csr.nnz
         self.mirror = None  # for a symmetric block: where each entry's mirror image is
+        self.swap = None  # or, for one plain term, the axes of V that transposing swaps
         if symmetric:
             t = self._transpose_order()
             if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
                 self.mirror = t.data
+                if self.direct:
+                    self._swap(terms[0], labels)
+
+    def _swap(self, term, labels) -> None:
+        """Where the block is one plain term whose transpose swaps labels of ``V`` (rows
+        ``(b, i)`` and columns ``(b, k)``: ``V = (b, i, k)``, the mirror of ``v`` is ``v``
+        with ``i`` and ``k`` swapped), keep that permutation of ``V``'s axes instead of the
+        mirror's index array: the values are then averaged with a transposed view of
+        themselves, without a gather. Checked against the mirror found from the pattern."""
+        out, inp = term.out_atoms, term.inp_atoms
+        sigma: dict[int, int] = {}
+        for a, b in zip(out, inp):
+            if sigma.setdefault(a, b) != b or sigma.setdefault(b, a) != a:
+                return  # a label paired with two others: no permutation of V says it
+        free = term.free(labels)
+        if len(out) != len(inp) or set(sigma) != set(free):
+            return
+        perm = tuple(free.index(sigma[l]) for l in free)
+        shape = labels.shape(free)
+        order = np.arange(self.nnz, dtype=np.int64).reshape(shape).transpose(perm).reshape(-1)
+        if np.array_equal(order, self.mirror):
+            self.swap = (shape, perm)
+            self.mirror = None
 
     def _transpose_order(self):
         """The transposed pattern, its data the position of each entry in this block's."""
@@ -407,6 +432,15 @@ class _Block:
         return t
 
     def data(self, terms, labels, dtype) -> np.ndarray:
+        if self.swap is not None:  # exactly symmetric: (a + b) / 2 with b a's mirror
+            shape, perm = self.swap
+            s, fl = T._structure(terms[0], labels)
+            spread = s.spread(T._numpy_factor(terms[0], dtype), fl)
+            data = np.empty(self.nnz, dtype=_np_dtype(dtype))
+            view = data.reshape(shape)
+            np.add(spread, spread.transpose(perm), out=view)
+            np.multiply(view, 0.5, out=view)
+            return data
         data = self._data(terms, labels, dtype)
         if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
             data = (data + data[self.mirror]) * 0.5

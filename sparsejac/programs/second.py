@@ -138,6 +138,14 @@ def elementwise(call, traced: Sequence[str], closed=None):
     return second
 
 
+def cross(fn):
+    """Mark a second-order rule whose terms are cross terms between two traced operands
+    only: a step with fewer traced operands has none, and the tracer does not record it."""
+    fn.cross = True
+    return fn
+
+
+@cross
 def product(hx, result, ybar, input, other) -> list:
     """The second order of ``input * other``: only the cross term, ``W = ybar``."""
     from . import sums as S
@@ -171,4 +179,4 @@ def bilinear(spec_of):
                              hx.terms(operands[k2]), e.inputs[k2], others)
         return out
 
-    return second
+    return cross(second)

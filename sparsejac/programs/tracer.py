@@ -87,6 +87,11 @@ class Tracer:
                         total += key[1]
         return total
 
+    def _operands(self, rule: Any, params: dict) -> int:
+        """How many traced tensors ``params`` pass in the rule's traced parameters."""
+        return sum(1 for name in rule.traced for x in leaves(params.get(name))
+                   if self.terms(x) is not None)
+
     def traced(self, obj: Any) -> bool:
         return any(self.terms(x) is not None for x in leaves(obj))
 
@@ -168,7 +173,10 @@ class Tracer:
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
-            if second and rule.second != "linear":
+            if second and rule.second != "linear" and not (
+                    getattr(rule.second, "cross", False) and self._operands(rule, params) < 2):
+                # (a cross term needs two traced operands: a product or matmul with a
+                # constant is linear, and taping it would keep its input and terms alive)
                 self.tape.append((rule, params, result))
         except T.TooManyLabelsError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
