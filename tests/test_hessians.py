@@ -271,3 +271,31 @@ def test_row_by_row_writer_allocates_no_more_than_predicted():
     result = csr.data.nbytes + csr.indices.nbytes + csr.indptr.nbytes
     assert csr.nnz == 3 * n - 2 and kept >= result
     assert peak <= predicted <= 2 * peak, (peak, predicted)
+
+
+# --- pairs of the same broadcast terms: contracted once (second.defer) ----------------------
+
+
+def test_steps_through_one_shared_weight_contract_once():
+    """tanh's pair and the square's after it are both ``J^T diag(.) J`` with ``J`` the
+    batch-shared ``W``: one term, one einsum (the square's ``diag(tanh')`` folded into its
+    weight), values as torch's."""
+    from sparsejac.programs import api
+
+    fn = lambda x: (torch.tanh(x @ W) ** 2).sum()  # noqa: E731
+    c = api._hessian_blocks(fn, (x,), 0, None)
+    assert len(c.blocks[0]) == 1
+    check(fn, x)
+    plan = sparsejac.plan_of(fn, x, order=2)
+    z = rand(6, 4, seed=11)
+    np.testing.assert_allclose(plan.jacobian(z, format="coo").todense(),
+                               torch.func.hessian(fn)(z).numpy(), rtol=1e-9, atol=1e-11)
+
+
+def test_products_of_scaled_terms_fold_their_scales():
+    """A product's cross terms between two elementwise steps of shared weights (and a step
+    applied twice): every scale folded, against torch."""
+    W2 = rand(4, 3, seed=12)
+    check(lambda x: (torch.tanh(x @ W) * torch.sin(x @ W2)).sum()
+          + torch.sigmoid(torch.tanh(x @ W)).sum(), x)
+    check_blocks(lambda x, w: (torch.tanh(x @ w) * torch.sin(x @ W2)).sum(), x, W)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
+from . import second
 from . import terms as T
 from .tracer import LOCK, PREFIX, make_tracer
 
@@ -179,6 +180,7 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
         adjoints = list(torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
                                             allow_unused=True))
         tracer._forget(id(out))  # the output's own first-order terms (a gradient): unused
+        tracer.pending = {}
         for i in range(len(steps)):
             (rule, params, result), ybar = steps[i], adjoints[i]
             # each step's tensors (and, through the tracer's weak references, the first-order
@@ -191,6 +193,9 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
                                                 ybar.detach().to(dtype), **params):
                     found.setdefault((k1, k2), []).append(term)
             del rule, params, result, ybar
+        labels.prefix = f"{PREFIX}second order: "
+        for k1, k2, term in second.flush(tracer):
+            found.setdefault((k1, k2), []).append(term)
         labels.prefix = PREFIX
     del steps
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))

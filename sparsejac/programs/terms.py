@@ -28,6 +28,7 @@ Jacobian is a list of terms (a sum); ``merge`` adds terms with the same axes int
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -69,6 +70,8 @@ class Labels:
         self._maps: dict[tuple, list[int]] = {}
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
         self._one_to_one: dict[int, bool] = {}  # memo of :func:`_one_to_one`
+        # id of a factor made by :func:`scale` -> (weak reference to it, the term scaled, g)
+        self.scaled: dict[int, tuple] = {}
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
@@ -532,7 +535,26 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     carried = set(term.flabels) | set(gl)
     fl = tuple(l for l in term.free(labels) if l in carried)
     factor = _einsum([(term.factor, term.flabels), (gv, gl)], fl, labels)
+    if term.factor.numel() + g.numel() < factor.numel():
+        # the product spreads a smaller factor (a weight shared by a batch): remember its
+        # parts, so that the second order can fold ``g`` into a step's weight and contract
+        # the unscaled term (:func:`unscaled`); kept only while the product lives
+        key = id(factor)
+        labels.scaled[key] = (weakref.ref(factor, lambda _, key=key: labels.scaled.pop(key, None)),
+                              term, g.detach())
     return Term(term.out, term.inp, factor, fl)
+
+
+def unscaled(term: Term, labels: Labels):
+    """``(base, g)`` where ``term`` is :func:`scale` of ``base`` by ``g`` (on its output's
+    trailing axes) with its axes unchanged since; else ``(term, None)``."""
+    entry = labels.scaled.get(id(term.factor))
+    if entry is None or entry[0]() is not term.factor:
+        return term, None
+    base, g = entry[1], entry[2]
+    if base.out != term.out or base.inp != term.inp:
+        return term, None
+    return base, g
 
 
 def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:

@@ -59,6 +59,8 @@ class Tracer:
         # For the second order: the steps taken, (rule, params, result), in order; None when
         # only first derivatives are wanted.
         self.tape: list | None = None
+        # Hessian pairs kept to be contracted together (:func:`second.defer`); None: none kept
+        self.pending: dict | None = None
 
     def record(self, tensor: Any, terms: Terms | None) -> None:
         terms = {k: v for k, v in (terms or {}).items() if v}
