@@ -95,8 +95,12 @@ class Labels:
         # batch label to itself, whatever the table was computed over)
         keep = []
         for d in range(table.dim()):
-            first = table.narrow(d, 0, 1) if table.shape[d] else table
-            if table.shape[d] > 1 and not bool((table == first).all()):
+            if table.shape[d] <= 1:
+                continue
+            first = table.narrow(d, 0, 1)
+            # the first and last slices differ for most maps (a slice, a shift): no full scan
+            if (bool((first != table.narrow(d, table.shape[d] - 1, 1)).any())
+                    or not bool((table == first).all())):
                 keep.append(d)
         if len(keep) < table.dim():
             index = tuple(slice(None) if d in keep else 0 for d in range(table.dim()))
@@ -104,6 +108,7 @@ class Labels:
                 table = table[index]
                 over = tuple(over[d] for d in keep)
         if (len(over) == 1 and self.sizes[over[0]] == size and table.dim() == 1
+                and (not table.numel() or (int(table[0]) == 0 and int(table[-1]) == size - 1))
                 and bool((table == _arange(size, table)).all())):
             return over[0]
         # the same map gets the same label, so that terms through it merge
@@ -858,25 +863,39 @@ def rows_pattern(terms: Sequence[Term], shape: tuple[int, int], labels: Labels):
         rows.append(r.astype(idx))  # int64 from the index maps: narrowed for the slots
         keeps.append(keep)
         del r
+    # ``same[k]``: the first term with term k's column in every row (terms through the same
+    # maps: Rosenbrock's two diagonal steps), whose places term k shares
+    same = list(range(len(terms)))
+    for k in range(1, len(terms)):
+        same[k] = next((j for j in range(k) if same[j] == j and np.array_equal(cols[j], cols[k])),
+                       k)
+    unique = [k for k in range(len(terms)) if same[k] == k]
     # ``new[k]``: term k's column is one no earlier term has in that row (the union's entry)
     new = cols >= 0
-    for k in range(1, len(terms)):
-        for j in range(k):
+    for k in range(len(terms)):
+        if same[k] != k:
+            new[k] = False
+            continue
+        for j in unique:
+            if j >= k:
+                break
             new[k] &= cols[j] != cols[k]
     indptr = np.zeros(nrows + 1, dtype=idx)
     np.cumsum(new.sum(0, dtype=idx), out=indptr[1:])
     indices = np.empty(int(indptr[-1]), dtype=idx)
-    slots = []
+    slots: list = [None] * len(terms)
     rank = np.empty(nrows, dtype=idx)
-    for k in range(len(terms)):
+    for k in unique:
         # the place of term k's column in its row: the union's columns below it come first
         np.copyto(rank, indptr[:-1])
-        for j in range(len(terms)):
+        for j in unique:
             if j != k:
                 rank += new[j] & (cols[j] < cols[k])
         indices[rank[new[k]]] = cols[k][new[k]]
-        slots.append(rank[rows[k]])
-        rows[k] = None
+        for m in range(k, len(terms)):
+            if same[m] == k:
+                slots[m] = rank[rows[m]]
+                rows[m] = None
     return indptr, indices, slots, keeps
 
 
@@ -1219,11 +1238,18 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
     over = tuple(a for ax in new_axes for a in ax)
     table = index.long().reshape(labels.shape(over))
     valid = table >= 0
+    every = bool(valid.all())
     subs, stride = {}, labels.size(atoms)
-    for a in atoms:
+    for i, a in enumerate(atoms):
         n = labels.sizes[a]
         stride //= n
-        digit = ((table // stride) % n).masked_fill(~valid, -1)
+        # (integer division is slow at a million entries: skipped where it is the identity,
+        # the first digit needing no modulo as the table is below the axis' size)
+        digit = table if stride == 1 else table // stride
+        if i:
+            digit = digit % n
+        if not every:
+            digit = digit.masked_fill(~valid, -1)
         if a in labels.derived:
             a, inverse = _injective(a, labels)
             digit = inverse[digit.clamp(min=0)].masked_fill(digit < 0, -1)
