@@ -176,6 +176,9 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
              for r, p, res in tracer.tape]
     steps = [st for st in steps if st[2].requires_grad]
     tracer.tape = None  # ``steps`` holds what is still needed, and lets go of it step by step
+    # only the first-order terms of the steps' inputs are read from here on: the others (a
+    # step's result feeding only linear steps, kept alive by the tape) are dropped now
+    tracer.keep_only([params for _, params, _ in steps])
     if out.requires_grad and steps:
         adjoints = list(torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
                                             allow_unused=True))
@@ -239,7 +242,9 @@ def _symmetrise(csr):
     t = csr.T.tocsr()
     t.sort_indices()
     if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
-        csr.data = (csr.data + t.data) * 0.5
+        # in place: the mirror's values are t's copy (at 3e6 entries each temporary is 24 MB)
+        np.add(csr.data, t.data, out=csr.data)
+        np.multiply(csr.data, 0.5, out=csr.data)
     return csr
 
 

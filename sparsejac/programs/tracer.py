@@ -89,6 +89,12 @@ class Tracer:
                         total += key[1]
         return total
 
+    def keep_only(self, obj: Any) -> None:
+        """Drop the terms of every traced tensor but the leaves of ``obj``."""
+        kept = {id(x) for x in leaves(obj)}
+        for key in [k for k in self._traced if k not in kept]:
+            self._forget(key)
+
     def _operands(self, rule: Any, params: dict) -> int:
         """How many traced tensors ``params`` pass in the rule's traced parameters."""
         return sum(1 for name in rule.traced for x in leaves(params.get(name))
