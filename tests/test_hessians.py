@@ -189,3 +189,113 @@ def test_conv_transpose_cross_term():
         return (torch.sin(F.conv_transpose1d(x, w, stride=2, padding=1)) ** 2).sum()
 
     check_blocks(loss, rand(2, 3, 5), rand(3, 2, 3, seed=1))
+
+
+# --- terms with one entry a row: the union merged row by row (terms.rows_pattern) ------------
+
+
+def _no_coordinates(monkeypatch):
+    """Make the coordinate writer fail, so that a passing check took the row-by-row one."""
+    from sparsejac.programs import terms as T
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the coordinate writer was used")
+
+    monkeypatch.setattr(T, "_materialise_mapped", refuse)
+
+
+def test_shifted_and_strided_terms_merge_row_by_row(monkeypatch):
+    """Several Hessian terms through slice maps (shifts on both axes, a stride, a product of
+    two shifts): each has one entry a row, and their union is written without coordinates;
+    values, symmetry and sorted rows as torch and the package's rules want them."""
+    _no_coordinates(monkeypatch)
+
+    def fn(z):
+        return (((z[:, 1:] - z[:, :-1] ** 2) ** 2).sum() + torch.sin(z[1:] * z[:-1]).sum()
+                + (z[::2] ** 3).sum() + torch.tanh(z[:, 2:]).sum())
+
+    check(fn, rand(6, 7, seed=4))
+
+
+def test_rosenbrock_plan_refills_row_by_row(monkeypatch):
+    _no_coordinates(monkeypatch)
+
+    def rosen(z):
+        return (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()
+
+    n = 40
+    plan = sparsejac.plan_of(rosen, rand(n, seed=5), order=2)
+    assert plan._blocks[0].slots is not None  # the row-by-row refill
+    z = rand(n, seed=6)
+    H = plan.jacobian(z, format="csr")
+    np.testing.assert_allclose(H.toarray(), torch.func.hessian(rosen)(z).numpy(),
+                               rtol=1e-9, atol=1e-11)
+    assert H.has_canonical_format and (H != H.T).nnz == 0 and H.nnz == 3 * n - 2
+
+
+def test_repeated_selection_goes_by_coordinates():
+    """A selection that repeats entries puts two entries of one term in a row: the row-by-row
+    writer does not apply, the coordinate one sums them."""
+    from sparsejac.programs import terms as T
+
+    idx = torch.tensor([0, 2, 2, 5, 1, 0])
+    fn = lambda z: (torch.tanh(z[idx]) ** 2).sum() + (z[1:] * z[:-1]).sum()  # noqa: E731
+    M = check(fn, rand(7, seed=7))
+    assert M.nnz == 4 + 2 * 6  # the diagonal at the 4 entries selected, the product's bands
+    z = rand(7, seed=8)
+    c = sparsejac.programs.api._hessian_blocks(fn, (z,), 0, None)
+    assert not T.by_rows_applies(c.blocks[0], (7, 7), c.labels)
+
+
+def test_row_by_row_writer_allocates_no_more_than_predicted():
+    """The guard's prediction for the row-by-row writer bounds what it allocates (numpy's
+    arrays, measured by tracemalloc; torch's tensors it reads are the terms' own)."""
+    import tracemalloc
+
+    from sparsejac.programs import api, terms as T
+
+    def rosen(z):
+        return (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()
+
+    n = 200_000
+    c = api._hessian_blocks(rosen, (rand(n, seed=9),), 0, None)
+    terms = c.blocks[0]
+    assert T.by_rows_applies(terms, (n, n), c.labels)
+    predicted, kept = T.materialise_nbytes(terms, (n,), (n,), c.labels, D)
+    tracemalloc.start()
+    try:
+        csr = T.materialise(terms, (n,), (n,), c.labels, D)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    result = csr.data.nbytes + csr.indices.nbytes + csr.indptr.nbytes
+    assert csr.nnz == 3 * n - 2 and kept >= result
+    assert peak <= predicted <= 2 * peak, (peak, predicted)
+
+
+# --- pairs of the same broadcast terms: contracted once (second.defer) ----------------------
+
+
+def test_steps_through_one_shared_weight_contract_once():
+    """tanh's pair and the square's after it are both ``J^T diag(.) J`` with ``J`` the
+    batch-shared ``W``: one term, one einsum (the square's ``diag(tanh')`` folded into its
+    weight), values as torch's."""
+    from sparsejac.programs import api
+
+    fn = lambda x: (torch.tanh(x @ W) ** 2).sum()  # noqa: E731
+    c = api._hessian_blocks(fn, (x,), 0, None)
+    assert len(c.blocks[0]) == 1
+    check(fn, x)
+    plan = sparsejac.plan_of(fn, x, order=2)
+    z = rand(6, 4, seed=11)
+    np.testing.assert_allclose(plan.jacobian(z, format="coo").todense(),
+                               torch.func.hessian(fn)(z).numpy(), rtol=1e-9, atol=1e-11)
+
+
+def test_products_of_scaled_terms_fold_their_scales():
+    """A product's cross terms between two elementwise steps of shared weights (and a step
+    applied twice): every scale folded, against torch."""
+    W2 = rand(4, 3, seed=12)
+    check(lambda x: (torch.tanh(x @ W) * torch.sin(x @ W2)).sum()
+          + torch.sigmoid(torch.tanh(x @ W)).sum(), x)
+    check_blocks(lambda x, w: (torch.tanh(x @ w) * torch.sin(x @ W2)).sum(), x, W)

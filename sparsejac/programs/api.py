@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
+from . import second
 from . import terms as T
 from . import write as W
 from .tracer import LOCK, PREFIX, make_tracer
@@ -178,17 +179,32 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     steps = [(r, p, res if isinstance(res, torch.Tensor) else res[0])
              for r, p, res in tracer.tape]
     steps = [st for st in steps if st[2].requires_grad]
+    tracer.tape = None  # ``steps`` holds what is still needed, and lets go of it step by step
+    # only the first-order terms of the steps' inputs are read from here on: the others (a
+    # step's result feeding only linear steps, kept alive by the tape) are dropped now
+    tracer.keep_only([params for _, params, _ in steps])
     if out.requires_grad and steps:
-        adjoints = torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
-                                       allow_unused=True)
-        for (rule, params, result), ybar in zip(steps, adjoints):
-            if ybar is None:
-                continue  # the output does not depend on this step
-            labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
-            for k1, k2, term in rule.second(tracer, result.detach(), ybar.detach().to(dtype),
-                                            **params):
-                found.setdefault((k1, k2), []).append(term)
+        adjoints = list(torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
+                                            allow_unused=True))
+        tracer._forget(id(out))  # the output's own first-order terms (a gradient): unused
+        tracer.pending = {}
+        for i in range(len(steps)):
+            (rule, params, result), ybar = steps[i], adjoints[i]
+            # each step's tensors (and, through the tracer's weak references, the first-order
+            # terms of those no later step uses) are freed once its terms are formed: at a
+            # million variables every intermediate and its factor is 8 MB
+            steps[i] = adjoints[i] = None
+            if ybar is not None:  # None: the output does not depend on this step
+                labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
+                for k1, k2, term in rule.second(tracer, result.detach(),
+                                                ybar.detach().to(dtype), **params):
+                    found.setdefault((k1, k2), []).append(term)
+            del rule, params, result, ybar
+        labels.prefix = f"{PREFIX}second order: "
+        for k1, k2, term in second.flush(tracer):
+            found.setdefault((k1, k2), []).append(term)
         labels.prefix = PREFIX
+    del steps
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
     shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
     index, blocks, shapes, sym, what = {}, [], [], [], []
@@ -232,7 +248,9 @@ def _symmetrise(csr):
     t = csr.T.tocsr()
     t.sort_indices()
     if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
-        csr.data = (csr.data + t.data) * 0.5
+        # in place: the mirror's values are t's copy (at 3e6 entries each temporary is 24 MB)
+        np.add(csr.data, t.data, out=csr.data)
+        np.multiply(csr.data, 0.5, out=csr.data)
     return csr
 
 
@@ -366,11 +384,16 @@ class _Block:
         self.direct = W.direct(terms, labels)
         self.cache: dict[str, Any] = {}
         self.patterns: dict[tuple, Any] = {}  # direct blocks: each format's kept pattern
+        self.slots = None  # per term, where its kept values go (terms one entry a row)
         if self.direct or not terms:
             # the largest term's pattern holds the others' (W.nesting)
             csr = T.materialise([W.largest(terms, labels)] if terms else [], out_shape,
                                 inp_shape, labels, dtype)
             self.slot = None
+        elif any(t.mapped(labels) for t in terms) and T.by_rows_applies(terms, shape, labels):
+            # the union merged row by row: no coordinates, and distinct slots within a term
+            indptr, indices, self.slots, self.keeps = T.rows_pattern(terms, shape, labels)
+            csr = T._csr(np.zeros(len(indices), dtype=_np_dtype(dtype)), indices, indptr, shape)
         else:  # several terms or index maps: coordinates once, then each value's slot
             rows, cols, keeps = [], [], []
             for term in terms:
@@ -403,10 +426,34 @@ class _Block:
         self.csr = csr
         self.nnz = csr.nnz
         self.mirror = None  # for a symmetric block: where each entry's mirror image is
+        self.swap = None  # or, for one plain term, the axes of V that transposing swaps
         if symmetric:
             t = self._transpose_order()
             if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
                 self.mirror = t.data
+                if self.direct:
+                    self._swap(W.largest(terms, labels), labels)
+
+    def _swap(self, term, labels) -> None:
+        """Where the block is one plain term whose transpose swaps labels of ``V`` (rows
+        ``(b, i)`` and columns ``(b, k)``: ``V = (b, i, k)``, the mirror of ``v`` is ``v``
+        with ``i`` and ``k`` swapped), keep that permutation of ``V``'s axes instead of the
+        mirror's index array: the values are then averaged with a transposed view of
+        themselves, without a gather. Checked against the mirror found from the pattern."""
+        out, inp = term.out_atoms, term.inp_atoms
+        sigma: dict[int, int] = {}
+        for a, b in zip(out, inp):
+            if sigma.setdefault(a, b) != b or sigma.setdefault(b, a) != a:
+                return  # a label paired with two others: no permutation of V says it
+        free = term.free(labels)
+        if len(out) != len(inp) or set(sigma) != set(free):
+            return
+        perm = tuple(free.index(sigma[l]) for l in free)
+        shape = labels.shape(free)
+        order = np.arange(self.nnz, dtype=np.int64).reshape(shape).transpose(perm).reshape(-1)
+        if np.array_equal(order, self.mirror):
+            self.swap = (shape, perm)
+            self.mirror = None
 
     def write(self, terms, labels, dtype, fmt: str, device) -> Any:
         """A direct block (one term, no index map) written in ``fmt``: its pattern for that
@@ -443,6 +490,19 @@ class _Block:
         return t
 
     def data(self, terms, labels, dtype) -> np.ndarray:
+        if self.swap is not None:  # exactly symmetric: (a + b) / 2 with b a's mirror
+            shape, perm = self.swap
+            if len(terms) == 1:  # the values are the factor spread: a view, no copy
+                s, fl = T._structure(terms[0], labels)
+                spread = s.spread(T._numpy_factor(terms[0], dtype), fl)
+            else:  # nested terms (W.nesting): the largest's values with the others added
+                spread = W.values(terms, labels, formats.get("csr", require=False),
+                                  dtype).reshape(shape)
+            data = np.empty(self.nnz, dtype=_np_dtype(dtype))
+            view = data.reshape(shape)
+            np.add(spread, spread.transpose(perm), out=view)
+            np.multiply(view, 0.5, out=view)
+            return data
         data = self._data(terms, labels, dtype)
         if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
             data = (data + data[self.mirror]) * 0.5
@@ -454,6 +514,11 @@ class _Block:
             return W.values(terms, labels, formats.get("csr", require=False), dtype)
         if not terms:
             return np.zeros(0, dtype=np_dtype)
+        if self.slots is not None:
+            data = np.zeros(self.nnz, dtype=np_dtype)
+            for term, slot, keep in zip(terms, self.slots, self.keeps):
+                T.add_values(data, slot, term, labels, dtype, keep)
+            return data
         parts = []
         for term, keep in zip(terms, self.keeps):
             if keep is None:
@@ -590,7 +655,8 @@ class ProgramPlan:
             results = []
             for i, tr in self._layout:
                 b, terms = self._blocks[i], c.blocks[i]
-                if b.direct and b.mirror is None and i not in transposed:
+                plain = b.mirror is None and b.swap is None  # not averaged with a mirror
+                if b.direct and plain and i not in transposed:
                     results.append(b.write(terms, c.labels, c.dtype, format, c.device))
                     continue
                 if i not in data:

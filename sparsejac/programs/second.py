@@ -82,13 +82,57 @@ def pair(t1: T.Term, l1: Sequence[int], t2: T.Term, l2: Sequence[int],
 
 
 def pairs(hx: Tracer, left, l1, right, l2, others) -> list:
-    """Every ``(key1, key2, term)`` of ``pair`` over the terms of two Jacobians (dicts)."""
+    """Every ``(key1, key2, term)`` of ``pair`` over the terms of two Jacobians (dicts); the
+    pairs :func:`defer` takes are left to :func:`flush`."""
     out = []
     for k1, ts1 in left.items():
         for k2, ts2 in right.items():
             for t1 in ts1:
                 for t2 in ts2:
-                    out.append((k1, k2, pair(t1, l1, t2, l2, others, hx.labels)))
+                    if not defer(hx, k1, t1, l1, k2, t2, l2, others):
+                        out.append((k1, k2, pair(t1, l1, t2, l2, others, hx.labels)))
+    return out
+
+
+def defer(hx: Tracer, k1, t1: T.Term, l1, k2, t2: T.Term, l2, others) -> bool:
+    """Keep a pair with a diagonal weight (``others`` one value on all the letters, as
+    elementwise steps and products have) in ``hx.pending`` instead of contracting it, where
+    its terms spread a smaller factor over more entries (a weight shared by a batch).
+
+    Such a term that is ``diag(g) J`` (an elementwise step's Jacobian, :func:`terms.unscaled`)
+    is replaced by ``J``, ``g`` moving into the weight; pairs of the same two terms (from
+    several steps: ``tanh`` and the square after it) then add their weights and are
+    contracted once, by :func:`flush`: ``J^T (W1 + g W2 g) J`` in one einsum, not two."""
+    if hx.pending is None or len(others) != 1:
+        return False
+    w, letters = others[0]
+    letters = tuple(letters)
+    if not (tuple(l1) == tuple(l2) == letters) or tuple(w.shape) != tuple(
+            n for axis in t1.out for n in [hx.labels.size(axis)]):
+        return False
+    (b1, g1), (b2, g2) = T.unscaled(t1, hx.labels), T.unscaled(t2, hx.labels)
+    labels = hx.labels
+    if (b1.mapped(labels) or b2.mapped(labels)
+            or b1.factor.numel() + b2.factor.numel() + w.numel() > min(b1.nnz(labels),
+                                                                       b2.nnz(labels))):
+        return False
+    w = w.detach().to(b1.factor.dtype)
+    for g in (g1, g2):
+        if g is not None:
+            w = w * g
+    key = (k1, k2, letters) + tuple((id(b.factor), b.out, b.inp, b.flabels) for b in (b1, b2))
+    if key in hx.pending:
+        w = hx.pending[key][2] + w
+    hx.pending[key] = (b1, b2, w)
+    return True
+
+
+def flush(hx: Tracer) -> list:
+    """The terms of the pairs :func:`defer` kept, each contracted once."""
+    out = []
+    for (k1, k2, letters, *_), (t1, t2, w) in hx.pending.items():
+        out.append((k1, k2, pair(t1, letters, t2, letters, [(w, letters)], hx.labels)))
+    hx.pending.clear()
     return out
 
 
@@ -138,6 +182,14 @@ def elementwise(call, traced: Sequence[str], closed=None):
     return second
 
 
+def cross(fn):
+    """Mark a second-order rule whose terms are cross terms between two traced operands
+    only: a step with fewer traced operands has none, and the tracer does not record it."""
+    fn.cross = True
+    return fn
+
+
+@cross
 def product(hx, result, ybar, input, other) -> list:
     """The second order of ``input * other``: only the cross term, ``W = ybar``."""
     from . import sums as S
@@ -171,4 +223,4 @@ def bilinear(spec_of):
                              hx.terms(operands[k2]), e.inputs[k2], others)
         return out
 
-    return second
+    return cross(second)

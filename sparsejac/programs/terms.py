@@ -28,6 +28,7 @@ Jacobian is a list of terms (a sum); ``merge`` adds terms with the same axes int
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -68,6 +69,9 @@ class Labels:
         self.derived: dict[int, tuple["torch.Tensor", tuple[int, ...]]] = {}
         self._maps: dict[tuple, list[int]] = {}
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
+        self._one_to_one: dict[int, bool] = {}  # memo of :func:`_one_to_one`
+        # id of a factor made by :func:`scale` -> (weak reference to it, the term scaled, g)
+        self.scaled: dict[int, tuple] = {}
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
@@ -91,8 +95,12 @@ class Labels:
         # batch label to itself, whatever the table was computed over)
         keep = []
         for d in range(table.dim()):
-            first = table.narrow(d, 0, 1) if table.shape[d] else table
-            if table.shape[d] > 1 and not bool((table == first).all()):
+            if table.shape[d] <= 1:
+                continue
+            first = table.narrow(d, 0, 1)
+            # the first and last slices differ for most maps (a slice, a shift): no full scan
+            if (bool((first != table.narrow(d, table.shape[d] - 1, 1)).any())
+                    or not bool((table == first).all())):
                 keep.append(d)
         if len(keep) < table.dim():
             index = tuple(slice(None) if d in keep else 0 for d in range(table.dim()))
@@ -100,6 +108,7 @@ class Labels:
                 table = table[index]
                 over = tuple(over[d] for d in keep)
         if (len(over) == 1 and self.sizes[over[0]] == size and table.dim() == 1
+                and (not table.numel() or (int(table[0]) == 0 and int(table[-1]) == size - 1))
                 and bool((table == _arange(size, table)).all())):
             return over[0]
         # the same map gets the same label, so that terms through it merge
@@ -611,7 +620,26 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     carried = set(term.flabels) | set(gl)
     fl = tuple(l for l in term.free(labels) if l in carried)
     factor = _einsum([(term.factor, term.flabels), (gv, gl)], fl, labels)
+    if term.factor.numel() + g.numel() < factor.numel():
+        # the product spreads a smaller factor (a weight shared by a batch): remember its
+        # parts, so that the second order can fold ``g`` into a step's weight and contract
+        # the unscaled term (:func:`unscaled`); kept only while the product lives
+        key = id(factor)
+        labels.scaled[key] = (weakref.ref(factor, lambda _, key=key: labels.scaled.pop(key, None)),
+                              term, g.detach())
     return Term(term.out, term.inp, factor, fl)
+
+
+def unscaled(term: Term, labels: Labels):
+    """``(base, g)`` where ``term`` is :func:`scale` of ``base`` by ``g`` (on its output's
+    trailing axes) with its axes unchanged since; else ``(term, None)``."""
+    entry = labels.scaled.get(id(term.factor))
+    if entry is None or entry[0]() is not term.factor:
+        return term, None
+    base, g = entry[1], entry[2]
+    if base.out != term.out or base.inp != term.inp:
+        return term, None
+    return base, g
 
 
 def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
@@ -784,6 +812,12 @@ def materialise(
     if not terms:
         return scipy.sparse.csr_array(shape, dtype=np_dtype)
     if any(t.mapped(labels) for t in terms):
+        if by_rows_applies(terms, shape, labels):
+            indptr, indices, slots, keeps = rows_pattern(terms, shape, labels)
+            data = np.zeros(len(indices), dtype=np_dtype)
+            for term, slot, keep in zip(terms, slots, keeps):
+                add_values(data, slot, term, labels, dtype, keep)
+            return _csr(data, indices, indptr, shape)
         return _materialise_mapped(terms, shape, labels, dtype)
     structures = [_structure(term, labels) for term in terms]
     if len(terms) == 1:
@@ -810,6 +844,193 @@ def materialise(
     coo = scipy.sparse.coo_array((data, (rows, cols)), shape=shape)
     del rows, cols, data
     return coo.tocsr()  # canonical: sums duplicates, keeping sums that are zero
+
+
+def _csr(data, indices, indptr, shape) -> scipy.sparse.csr_array:
+    """A CSR array around arrays that are canonical by construction (no copy, no scan)."""
+    csr = scipy.sparse.csr_array((data, indices, indptr), shape=shape, copy=False)
+    csr.has_sorted_indices = True
+    csr.has_canonical_format = True
+    return csr
+
+
+def _one_to_one(atom: int, labels: Labels) -> bool:
+    """Whether a derived label is an injective map of one base label (its entries that exist
+    are distinct), so that the base label can be read back from it."""
+    if atom not in labels._one_to_one:
+        table, over = labels.derived[atom]
+        ok = len(over) == 1
+        if ok:
+            t = table.cpu().numpy()
+            valid = t[t >= 0] if t.min(initial=0) < 0 else t
+            # slices and shifts are increasing: no count needed
+            ok = bool((valid[1:] > valid[:-1]).all()) or (
+                not valid.size or int(np.bincount(valid, minlength=labels.sizes[atom]).max()) <= 1)
+        labels._one_to_one[atom] = ok
+    return labels._one_to_one[atom]
+
+
+def _placed_numpy(term: Term, labels: Labels):
+    """``(rows, cols, keep)`` as :func:`placed`, in numpy and with fewer temporaries: an
+    axis of one atom over ``V`` in order is its table itself (a view); ``keep`` is None where
+    every entry has a place."""
+    free = term.free(labels)
+    shape = labels.shape(free)
+
+    def side(axes):
+        flat, bad = None, None
+        for atom in (a for ax in axes for a in ax):
+            if atom in labels.derived:
+                table, over = labels.derived[atom]
+                v = _align(table, over, free).cpu().numpy()
+                if v.min(initial=0) < 0:
+                    bad = (v < 0) if bad is None else (bad | (v < 0))
+            else:
+                v = np.arange(labels.sizes[atom], dtype=np.int64).reshape(
+                    [labels.sizes[atom] if l == atom else 1 for l in free])
+            flat = v if flat is None else flat * labels.sizes[atom] + v
+        if flat is None:  # no atoms: a single row or column
+            flat = np.zeros((1,) * len(free), dtype=np.int64)
+        return np.broadcast_to(flat, shape).reshape(-1), bad
+
+    rows, bad_r = side(term.out)
+    cols, bad_c = side(term.inp)
+    bad = bad_r if bad_c is None else (bad_c if bad_r is None else bad_r | bad_c)
+    keep = None if bad is None else ~np.broadcast_to(bad, shape).reshape(-1)
+    return rows, cols, keep
+
+
+def rows_injective(term: Term, labels: Labels) -> bool:
+    """Whether the term has at most one entry in each row: every base label of ``V`` can be
+    read back from the output side (a plain atom there, or an injective index map of it
+    alone), so distinct assignments of ``V`` land on distinct rows."""
+    read = set()
+    for a in term.out_atoms:
+        if a not in labels.derived:
+            read.add(a)
+        elif _one_to_one(a, labels):
+            read.add(labels.derived[a][1][0])
+    return set(term.free(labels)) <= read
+
+
+def by_rows_applies(terms: Sequence[Term], shape: tuple[int, int], labels: Labels) -> bool:
+    """Whether :func:`rows_pattern` writes these terms: each has at most one entry per row,
+    and its per-row tables (one column per term and row) are not much larger than the
+    coordinates of every entry would be (few entries in many rows go by coordinates)."""
+    n = sum(t.nnz(labels) for t in terms)
+    return (len(terms) * shape[0] <= 4 * max(n, 1)
+            and all(rows_injective(t, labels) for t in terms))
+
+
+def rows_pattern(terms: Sequence[Term], shape: tuple[int, int], labels: Labels):
+    """``(indptr, indices, slots, keeps)``: the canonical CSR pattern of the union of terms
+    that have at most one entry per row (:func:`rows_injective`), built without coordinates
+    of the union: one column per term and row, merged row by row. ``slots[k]`` is where each
+    kept entry of term ``k`` (in :func:`placed`'s order, ``keeps[k]`` the entries kept, None
+    for all) lands in the data; within one term the slots are distinct (one entry a row).
+    :func:`rows_pattern_nbytes` predicts what this allocates: keep the two in step."""
+    nrows, ncols = shape
+    n = sum(t.nnz(labels) for t in terms)
+    idx = formats.index_dtype(n, shape)
+    cols = np.full((len(terms), nrows), -1, dtype=idx)  # term k's column in each row, or -1
+    rows, keeps = [], []
+    for k, term in enumerate(terms):
+        r, c, keep = _placed_numpy(term, labels)
+        if keep is not None:
+            r, c = r[keep], c[keep]
+        cols[k, r] = c
+        del c
+        rows.append(r.astype(idx))  # int64 from the index maps: narrowed for the slots
+        keeps.append(keep)
+        del r
+    # ``same[k]``: the first term with term k's column in every row (terms through the same
+    # maps: Rosenbrock's two diagonal steps), whose places term k shares
+    same = list(range(len(terms)))
+    for k in range(1, len(terms)):
+        same[k] = next((j for j in range(k) if same[j] == j and np.array_equal(cols[j], cols[k])),
+                       k)
+    unique = [k for k in range(len(terms)) if same[k] == k]
+    # ``new[k]``: term k's column is one no earlier term has in that row (the union's entry)
+    new = cols >= 0
+    for k in range(len(terms)):
+        if same[k] != k:
+            new[k] = False
+            continue
+        for j in unique:
+            if j >= k:
+                break
+            new[k] &= cols[j] != cols[k]
+    indptr = np.zeros(nrows + 1, dtype=idx)
+    np.cumsum(new.sum(0, dtype=idx), out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype=idx)
+    slots: list = [None] * len(terms)
+    rank = np.empty(nrows, dtype=idx)
+    for k in unique:
+        # the place of term k's column in its row: the union's columns below it come first
+        np.copyto(rank, indptr[:-1])
+        for j in unique:
+            if j != k:
+                rank += new[j] & (cols[j] < cols[k])
+        indices[rank[new[k]]] = cols[k][new[k]]
+        for m in range(k, len(terms)):
+            if same[m] == k:
+                slots[m] = rank[rows[m]]
+                rows[m] = None
+    return indptr, indices, slots, keeps
+
+
+def _placed_numpy_nbytes(term: Term, labels: Labels) -> int:
+    """A bound on what :func:`_placed_numpy` allocates for ``term``: per side, the mixed-radix
+    sums of several atoms, the copy of a side that does not span ``V``, the marks of entries
+    without a place; then what is kept of the rows and columns (tables are read in place)."""
+    free = term.free(labels)
+    m = labels.size(free)
+    total, marked = 0, False
+    for axes in (term.out, term.inp):
+        atoms = [a for ax in axes for a in ax]
+        total += 2 * 8 * m * max(len(atoms) - 1, 0)
+        derived = [a for a in atoms if a in labels.derived]
+        if len(atoms) != 1 or set(labels.base(atoms)) != set(free):
+            total += 8 * m  # broadcast to V: a copy
+        for a in derived:
+            if labels.derived[a][0].min() < 0:
+                marked = True
+                total += 2 * m
+    if marked:  # the kept flags, and the kept rows and columns
+        total += m + 2 * 8 * m
+    return total
+
+
+def rows_pattern_nbytes(terms: Sequence[Term], shape: tuple[int, int], labels: Labels,
+                        dtype: "torch.dtype") -> tuple[int, int]:
+    """``(peak, kept)`` bytes of :func:`materialise` through :func:`rows_pattern` (a bound: an
+    entry enumerated counts as kept): the per-row tables (a column and a flag per term and
+    row); first one term's coordinates at a time beside the rows of those before it; then the
+    merge's row-sized temporaries, the pattern and the slots (which replace the rows); last,
+    the values beside the slots, each term's values with its copy and numpy's indexed add."""
+    nrows = shape[0]
+    sizes = [t.nnz(labels) for t in terms]
+    n, big = sum(sizes), max(sizes)
+    idx = formats.index_dtype(n, shape).itemsize
+    itemsize = dtype.itemsize
+    tables = len(terms) * nrows * (idx + 1)
+    first = tables + max(sum(sizes[:k]) * idx + _placed_numpy_nbytes(t, labels) + m * idx
+                         for k, (t, m) in enumerate(zip(terms, sizes)))
+    pattern = (nrows + 1) * idx + n * idx  # indptr, indices (the union: at most every entry)
+    merge = tables + (n + big) * idx + nrows * (3 * idx + 2) + pattern
+    kept = pattern + n * itemsize
+    values = kept + n * idx + 2 * big * itemsize
+    return max(first, merge, values), kept
+
+
+def add_values(data: np.ndarray, slot: np.ndarray, term: Term, labels: Labels,
+               dtype: "torch.dtype", keep=None) -> None:
+    """Add a term's values (:func:`values`' order, ``keep``: those kept) at ``slot`` in
+    ``data`` (distinct slots: a plain indexed add)."""
+    import torch
+
+    v = values(term, labels, dtype, None if keep is None else torch.from_numpy(keep))
+    data[slot] += v.detach().cpu().resolve_conj().resolve_neg().numpy()
 
 
 def _materialise_mapped(terms, shape, labels, dtype) -> scipy.sparse.csr_array:
@@ -888,7 +1109,10 @@ def materialise_nbytes(
     nrows, ncols = shape
     if not terms:
         return (nrows + 1) * 4, (nrows + 1) * 4
-    if any(t.mapped(labels) for t in terms):  # an upper bound: coordinates, then the CSR
+    if any(t.mapped(labels) for t in terms):
+        if by_rows_applies(terms, shape, labels):
+            return rows_pattern_nbytes(terms, shape, labels, dtype)
+        # an upper bound: coordinates, then the CSR
         n = sum(t.nnz(labels) for t in terms)
         return n * (3 * 8 + 3 * (8 + itemsize)) + (nrows + 1) * 8, n * (8 + itemsize) + (nrows + 1) * 8
     structures = [_structure(term, labels) for term in terms]
@@ -1094,11 +1318,18 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
     over = tuple(a for ax in new_axes for a in ax)
     table = index.long().reshape(labels.shape(over))
     valid = table >= 0
+    every = bool(valid.all())
     subs, stride = {}, labels.size(atoms)
-    for a in atoms:
+    for i, a in enumerate(atoms):
         n = labels.sizes[a]
         stride //= n
-        digit = ((table // stride) % n).masked_fill(~valid, -1)
+        # (integer division is slow at a million entries: skipped where it is the identity,
+        # the first digit needing no modulo as the table is below the axis' size)
+        digit = table if stride == 1 else table // stride
+        if i:
+            digit = digit % n
+        if not every:
+            digit = digit.masked_fill(~valid, -1)
         if a in labels.derived:
             a, inverse = _injective(a, labels)
             digit = inverse[digit.clamp(min=0)].masked_fill(digit < 0, -1)

@@ -59,6 +59,8 @@ class Tracer:
         # For the second order: the steps taken, (rule, params, result), in order; None when
         # only first derivatives are wanted.
         self.tape: list | None = None
+        # Hessian pairs kept to be contracted together (:func:`second.defer`); None: none kept
+        self.pending: dict | None = None
 
     def record(self, tensor: Any, terms: Terms | None) -> None:
         terms = {k: v for k, v in (terms or {}).items() if v}
@@ -86,6 +88,17 @@ class Tracer:
                         seen.add(key)
                         total += key[1]
         return total
+
+    def keep_only(self, obj: Any) -> None:
+        """Drop the terms of every traced tensor but the leaves of ``obj``."""
+        kept = {id(x) for x in leaves(obj)}
+        for key in [k for k in self._traced if k not in kept]:
+            self._forget(key)
+
+    def _operands(self, rule: Any, params: dict) -> int:
+        """How many traced tensors ``params`` pass in the rule's traced parameters."""
+        return sum(1 for name in rule.traced for x in leaves(params.get(name))
+                   if self.terms(x) is not None)
 
     def traced(self, obj: Any) -> bool:
         return any(self.terms(x) is not None for x in leaves(obj))
@@ -168,7 +181,10 @@ class Tracer:
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
-            if second and rule.second != "linear":
+            if second and rule.second != "linear" and not (
+                    getattr(rule.second, "cross", False) and self._operands(rule, params) < 2):
+                # (a cross term needs two traced operands: a product or matmul with a
+                # constant is linear, and taping it would keep its input and terms alive)
                 self.tape.append((rule, params, result))
         except T.TooManyLabelsError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None

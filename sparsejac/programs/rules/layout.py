@@ -105,12 +105,16 @@ def place(cx, result, x, pos: torch.Tensor, part: bool = False):
     terms = S.of(cx, x)
     if not terms:
         return {}
-    index = pos.round().to(torch.int64) - 1
+    index = pos.round().to(torch.int64)
+    index -= 1  # (in place: at a million entries each temporary is 8 MB)
     n = math.prod(x.shape)
     flat = S.reshape(cx, terms, (n,))
     valid = index >= 0
-    chosen = index[valid]
-    injective = not chosen.numel() or int(torch.bincount(chosen, minlength=n).max()) <= 1
+    chosen = index if bool(valid.all()) else index[valid]
+    flat_chosen = chosen.reshape(-1)
+    # increasing positions (a slice) are distinct without counting them
+    injective = (flat_chosen.numel() <= 1 or bool((flat_chosen[1:] > flat_chosen[:-1]).all())
+                 or int(torch.bincount(flat_chosen, minlength=n).max()) <= 1)
     shape = tuple(result.shape)
     if injective and (chosen.numel() < index.numel() or part):
         # a part of the result (a concatenation, padding): send each entry to its place
