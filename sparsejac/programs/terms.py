@@ -28,6 +28,7 @@ Jacobian is a list of terms (a sum); ``merge`` adds terms with the same axes int
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -72,16 +73,34 @@ class Labels:
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
         self.live: Callable[[], int] = lambda: 0
+        # the most bytes one guarded allocation brought the live factors to: the trace's peak,
+        # known once it has run (what a plan refuses a refill by, before tracing again)
+        self.peak = 0
+        # factors made here and still referenced: a rule's new terms are in use before the
+        # tracer records them (attention's matmul holds one per path, then sums them)
+        self._made: dict[int, weakref.ref] = {}
 
     def guard(self, shape: Sequence[int], itemsize: int, what: str = "a Jacobian factor") -> None:
         """Refuse, before it is allocated, a tensor of ``shape`` that would take the bytes in
-        use (the live factors) over the memory limit."""
+        use (the live factors) over the memory limit; record the peak it would reach."""
         nbytes = math.prod(shape) * itemsize
-        if self.limit is not None and nbytes > self.limit - self.live():
-            live = self.live()
+        live = self.live()
+        self.peak = max(self.peak, live + nbytes)
+        if self.limit is not None and nbytes > self.limit - live:
             alive = f" beside {live:,} bytes of live Jacobian factors" if live else ""
             options.guard(nbytes, self.limit - live, self.prefix,
                           f"{what} of shape {tuple(shape)}{alive}")
+
+    def made(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        """``tensor``, a factor just allocated, counted as in use for as long as it lives."""
+        key = id(tensor)
+        self._made[key] = weakref.ref(tensor, lambda _, key=key: self._made.pop(key, None))
+        return tensor
+
+    def in_use(self) -> list["torch.Tensor"]:
+        """The factors made here that are still alive (see :meth:`made`)."""
+        alive = (ref() for ref in list(self._made.values()))
+        return [t for t in alive if t is not None]
 
     def derive(self, table: "torch.Tensor", over: Sequence[int], size: int) -> int:
         """A derived label of ``size`` whose value is ``table`` over the base labels ``over``;
@@ -218,9 +237,9 @@ def _einsum(
         if len(pairs) == 2:
             laid = _matmul_pair(*pairs[0], *pairs[1], keep)
             if laid is not None:
-                return laid
+                return labels.made(laid)
         args: list = [a for tensor, ls in pairs for a in (tensor, [rename[l] for l in ls])]
-        return torch.einsum(*args, [rename[l] for l in keep])
+        return labels.made(torch.einsum(*args, [rename[l] for l in keep]))
 
     acc, acc_ls = operands[0]
     rest = list(operands[1:])
@@ -410,11 +429,11 @@ def onehot(atom: int, private: int, labels: Labels, like: "torch.Tensor"):
     n = labels.sizes[atom]
     if atom not in labels.derived:
         labels.guard((n, n), like.element_size(), "an identity matrix")
-        return torch.eye(n, dtype=like.dtype, device=like.device), (private, atom)
+        return labels.made(torch.eye(n, dtype=like.dtype, device=like.device)), (private, atom)
     table, over = labels.derived[atom]
     labels.guard((n,) + tuple(table.shape), like.element_size(), "a one-hot index map")
     hot = table.to(like.device).unsqueeze(0) == _arange(n, table).reshape((n,) + (1,) * table.dim())
-    return hot.to(like.dtype), (private,) + tuple(over)
+    return labels.made(hot.to(like.dtype)), (private,) + tuple(over)
 
 
 def _arange(n: int, like: "torch.Tensor") -> "torch.Tensor":
@@ -588,7 +607,7 @@ def on_base(value: "torch.Tensor", atoms: Sequence[int], labels: Labels):
         k = len(ls)
         labels.guard(tuple(value.shape[:k]) + tuple(table.shape) + tuple(value.shape[k + 1 :]),
                      value.element_size(), "a gathered value")
-        picked = value.index_select(k, table.clamp(min=0).reshape(-1).to(value.device))
+        picked = labels.made(value.index_select(k, table.clamp(min=0).reshape(-1).to(value.device)))
         value = picked.reshape(tuple(value.shape[:k]) + tuple(table.shape)
                                + tuple(value.shape[k + 1 :]))
         ls.extend(over)
@@ -612,7 +631,7 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
 def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
     """The term times a scalar ``c`` (a new factor of the same shape)."""
     labels.guard(tuple(term.factor.shape), term.factor.element_size())
-    return replace(term, factor=term.factor * c)
+    return replace(term, factor=labels.made(term.factor * c))
 
 
 def _bind(term: Term, letters: Sequence[int], labels: Labels):
@@ -732,14 +751,14 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
         present = {l for t in renamed for l in t.flabels}
         union = tuple(l for l in free if l in present)
         aligned = [_aligned(t, union) for t in renamed]
-        # each partial sum is a new tensor of the broadcast shape (at most the union's)
-        labels.guard(
-            np.broadcast_shapes(*(tuple(a.shape) for a in aligned)),  # torch's imports sympy
-            max(a.element_size() for a in aligned),
-        )
+        # each partial sum is a new tensor of the broadcast shape (at most the union's), made
+        # while the one before it is alive
+        shape = np.broadcast_shapes(*(tuple(a.shape) for a in aligned))  # torch's imports sympy
+        itemsize = max(a.element_size() for a in aligned)
         total = aligned[0]
         for a in aligned[1:]:
-            total = total + a
+            labels.guard(shape, itemsize)
+            total = labels.made(total + a)
         merged.append(Term(first.out, first.inp, total, union))
     return merged
 
