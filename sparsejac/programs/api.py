@@ -189,6 +189,10 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
                                             **params):
                 found.setdefault((k1, k2), []).append(term)
         labels.prefix = PREFIX
+    # The steps' results hold their first-order terms in the tracer (and the tracer and the
+    # labels hold each other: only the cyclic collector would free them): let them go before
+    # the blocks are merged and written.
+    tracer.tape = steps = adjoints = params = result = ybar = None  # noqa: F841
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
     shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
     index, blocks, shapes, sym, what = {}, [], [], [], []
@@ -458,7 +462,12 @@ class _Block:
     def data(self, terms, labels, dtype) -> np.ndarray:
         data = self._data(terms, labels, dtype)
         if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
-            data = (data + data[self.mirror]) * 0.5
+            # in place on the mirrored copy: two arrays at once whether or not numpy elides
+            # the temporaries of (data + data[mirror]) * 0.5 (the same sums: + commutes)
+            mirrored = data[self.mirror]
+            mirrored += data
+            mirrored *= 0.5
+            data = mirrored
         return data
 
     def _data(self, terms, labels, dtype) -> np.ndarray:
@@ -561,8 +570,8 @@ class _Block:
                 parts += n
             wide = parts // it * 8 if it != 8 else 0  # bincount reads its weights as float64
             peak = max(peak, 2 * parts + wide + nnz * 8, parts + nnz * (8 + it))
-        if self.mirror is not None:  # (data + data[mirror]) * 0.5: two more at once
-            peak = max(peak, 3 * nnz * it)
+        if self.mirror is not None:  # the mirrored copy, averaged in place
+            peak = max(peak, 2 * nnz * it)
         return peak, nnz * it
 
     def result_nbytes(self, fmt: str, transposed: bool, itemsize: int) -> tuple[int, int]:
@@ -593,6 +602,10 @@ class _Block:
         if not f.layout.csr_order:
             peak, kept = max(peak, during + nnz * itemsize), kept + nnz * itemsize
         return peak, kept
+
+
+def _nothing_live() -> int:
+    return 0
 
 
 def _meta(factor):
@@ -638,6 +651,7 @@ class ProgramPlan:
                         for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes))]
         self._labels, self._device = c.labels, c.device  # what the shadow terms refer to
         self._measure(c)
+        c.labels.live = _nothing_live  # kept, the labels must not keep the tracer (its tape)
 
     def _measure(self, c: _Collected) -> None:
         """Keep what a trace showed: the peak its factors reached (checked before each
