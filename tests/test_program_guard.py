@@ -164,6 +164,21 @@ def test_predicted_peak_of_a_hessian_refill_matches_the_measured_one(fmt):
                 fmt, predicted, lower, upper, measured / predicted)
 
 
+@pytest.mark.parametrize("name, sizes", [
+    ("cnn", dict(b=2, h=8)),  # index maps; torch.matmul's broadcast copies of the operands
+    ("transformer", dict(b=2, t=16, d=32, heads=4, ff=128)),
+])
+def test_predicted_peak_matches_on_the_other_models_at_small_sizes(name, sizes):
+    fn, arg, arg_new = bench().torch_model(name, sizes)
+    plan = sparsejac.plan_of(fn, arg)
+    for _ in range(2):
+        predicted = plan.peak_nbytes("csr")
+        lower, upper = measured_peak(plan, (arg_new,), "csr")
+        for measured in (lower, upper):
+            assert abs(measured - predicted) <= 0.10 * predicted, (
+                name, predicted, lower, upper, measured / predicted)
+
+
 def test_a_plan_refuses_over_its_predicted_peak_before_tracing():
     fn, arg, arg_new = model("mlp_w")
     calls = []

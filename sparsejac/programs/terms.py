@@ -235,7 +235,7 @@ def _einsum(
     def step(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], keep: Sequence[int]):
         labels.guard([size[l] for l in keep], itemsize)
         if len(pairs) == 2:
-            laid = _matmul_pair(*pairs[0], *pairs[1], keep)
+            laid = _matmul_pair(*pairs[0], *pairs[1], keep, labels)
             if laid is not None:
                 return labels.made(laid)
         args: list = [a for tensor, ls in pairs for a in (tensor, [rename[l] for l in ls])]
@@ -254,7 +254,7 @@ def _einsum(
 
 
 def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequence[int],
-                 keep: Sequence[int]) -> torch.Tensor | None:
+                 keep: Sequence[int], labels: Labels | None = None) -> torch.Tensor | None:
     """``einsum(a, la, b, lb -> keep)`` as one broadcast ``torch.matmul`` whose result is
     already C-contiguous in ``keep`` order, or None where ``keep`` does not end in a run of one
     operand's own labels (then torch.einsum, which may return a permuted view).
@@ -303,12 +303,48 @@ def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequen
     P, M, N = list(keep[:m]), list(keep[m:n]), list(keep[n:])
     # a as (P..., M, K), b as (P..., K, N), size 1 where a P label is the other operand's.
     a2 = a.permute([la.index(l) for l in P if l in la] + [la.index(l) for l in M + K])
-    a2 = a2.reshape([size[l] if l in la else 1 for l in P] + [math.prod(size[l] for l in M),
-                                                             math.prod(size[l] for l in K)])
+    a2 = _laid(a2, [size[l] if l in la else 1 for l in P] + [math.prod(size[l] for l in M),
+                                                            math.prod(size[l] for l in K)], labels)
     b2 = b.permute([lb.index(l) for l in P if l in lb] + [lb.index(l) for l in K + N])
-    b2 = b2.reshape([size[l] if l in lb else 1 for l in P] + [math.prod(size[l] for l in K),
-                                                             math.prod(size[l] for l in N)])
+    b2 = _laid(b2, [size[l] if l in lb else 1 for l in P] + [math.prod(size[l] for l in K),
+                                                            math.prod(size[l] for l in N)], labels)
+    if labels is not None:  # torch.matmul's copies of the operands broadcast over P
+        labels.guard((_broadcast_copies(a2, b2) + math.prod(size[l] for l in keep),),
+                     max(a2.element_size(), b2.element_size()),
+                     "a product's result beside its operands broadcast over its batch")
     return torch_matmul(a2, b2).reshape([size[l] for l in keep])
+
+
+def _broadcast_copies(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Elements ``torch.matmul(a, b)`` copies: it expands each operand over the common batch
+    and folds that into one axis, a copy where the strides do not allow a view (an operand of
+    size 1 along a batch axis that is not the first, say). Matches the profiler's count on
+    torch's CPU matmul, operands of 1 to 3 batch axes."""
+    import torch
+
+    if a.dim() <= 2 and b.dim() <= 2:
+        return 0
+    batch = list(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    copies = 0
+    for t in (a, b):
+        expanded = t.expand(batch + list(t.shape[-2:]))
+        try:
+            expanded.view([math.prod(batch)] + list(t.shape[-2:]))
+        except RuntimeError:
+            copies += expanded.numel()
+    return copies
+
+
+def _laid(t: torch.Tensor, shape: Sequence[int], labels: Labels | None) -> torch.Tensor:
+    """``t`` reshaped to ``shape``: a view where its strides allow, else a copy, guarded (an
+    operand of a product permuted out of its order: as large as that operand)."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        if labels is None:
+            return t.reshape(shape)
+        labels.guard(tuple(t.shape), t.element_size(), "a factor laid out for a product")
+        return labels.made(t.reshape(shape))
 
 
 def torch_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
