@@ -315,7 +315,7 @@ class CoordinateLayout(Layout):
         previous quotient from the third axis on), the columns first widened to int64 where the
         CSR's are narrower. An unravelled array made for the purpose (the rows, the widened
         columns) is freed when the first quotient replaces it: the third quotient takes its
-        place (measured with tracemalloc, tests/test_guard.py)."""
+        place (tests/test_guard.py measures it)."""
         nrows = math.prod(out_shape)
         matrix_idx = index_dtype(nnz, (nrows, math.prod(inp_shape))).itemsize
         coords = nnz * (len(out_shape) + len(inp_shape)) * idx

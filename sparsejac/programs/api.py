@@ -521,7 +521,6 @@ class _Block:
         return f.container(pattern, data if f.layout.csr_order else data[perm], self.out_shape,
                            self.inp_shape)
 
-
     # --- what a refill allocates, predicted before it traces (the writers above, in step) ---
 
     def write_nbytes(self, fmt: str, dtype, labels: T.Labels, device) -> tuple[int, int]:
@@ -688,14 +687,17 @@ class ProgramPlan:
 
         >>> import torch, sparsejac
         >>> w = torch.randn(16, 16, dtype=torch.float64)
-        >>> p = sparsejac.plan_of(lambda x: torch.tanh(x @ w), torch.randn(32, 16, dtype=torch.float64))
+        >>> x = torch.randn(32, 16, dtype=torch.float64)
+        >>> p = sparsejac.plan_of(lambda x: torch.tanh(x @ w), x)
         >>> p.peak_nbytes("csr") >= p.nbytes("csr")
         True
         >>> try:
-        ...     p.jacobian(torch.randn(32, 16, dtype=torch.float64), memory_limit=p.peak_nbytes("coo") - 1)
+        ...     p.jacobian(x, format="coo", memory_limit=p.peak_nbytes("coo") - 1)
         ... except sparsejac.JacobianTooLargeError:
         ...     print("refused before tracing")
         refused before tracing
+        >>> p.jacobian(x, format="coo", memory_limit=p.peak_nbytes("coo")).nnz
+        8192
         """
         formats.get(format, PREFIX)  # the name, and its package installed
         return max(self._trace_peak, self._live_end + self._write_nbytes(format))
