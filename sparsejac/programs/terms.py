@@ -320,11 +320,10 @@ def _broadcast_copies(a: torch.Tensor, b: torch.Tensor) -> int:
     and folds that into one axis, a copy where the strides do not allow a view (an operand of
     size 1 along a batch axis that is not the first, say). Matches the profiler's count on
     torch's CPU matmul, operands of 1 to 3 batch axes."""
-    import torch
-
     if a.dim() <= 2 and b.dim() <= 2:
         return 0
-    batch = list(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    batch = list(np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])))  # not torch's:
+    # its first call imports sympy (a second)
     copies = 0
     for t in (a, b):
         expanded = t.expand(batch + list(t.shape[-2:]))
