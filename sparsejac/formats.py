@@ -310,9 +310,12 @@ class CoordinateLayout(Layout):
 
     def from_csr_nbytes(self, nnz, out_shape, inp_shape, itemsize, csr_bytes, idx):
         """As :func:`csr_to_coords` allocates: the coordinates, then the rows (int64, from an
-        arange and a diff of ``indptr``), then each side unravelled (:func:`unravel_into`:
-        the quotient and remainder of each divmod, and the previous quotient from the third
-        axis on), the columns first widened to int64 where the CSR's are narrower."""
+        arange and a diff of ``indptr``, cast to int64 for ``np.repeat``), then each side
+        unravelled (:func:`unravel_into`: the quotient and remainder of each divmod, and the
+        previous quotient from the third axis on), the columns first widened to int64 where the
+        CSR's are narrower. An unravelled array made for the purpose (the rows, the widened
+        columns) is freed when the first quotient replaces it: the third quotient takes its
+        place (tests/test_guard.py measures it)."""
         nrows = math.prod(out_shape)
         matrix_idx = index_dtype(nnz, (nrows, math.prod(inp_shape))).itemsize
         coords = nnz * (len(out_shape) + len(inp_shape)) * idx
@@ -320,8 +323,10 @@ class CoordinateLayout(Layout):
         def unravel(k: int) -> int:
             return nnz * (16 * (k >= 2) + 8 * (k >= 3))
 
-        rows = nnz * 8 + max(nrows * (8 + matrix_idx), unravel(len(out_shape)))
-        cols = nnz * 8 * (matrix_idx != 8) + unravel(len(inp_shape))
+        repeat = nrows * (8 + matrix_idx + 8 * (matrix_idx != 8))  # arange, diff, its cast
+        rows = max(nnz * 8 + repeat, nnz * (8 + 16 * (len(out_shape) >= 2)))
+        cols = (nnz * (8 + 16 * (len(inp_shape) >= 2)) if matrix_idx != 8
+                else unravel(len(inp_shape)))
         return coords + max(rows, cols), nnz * itemsize + coords
 
 

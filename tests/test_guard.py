@@ -90,3 +90,30 @@ def test_cast_operands_are_counted():
     assert guarded > p.peak_nbytes("csr", np.float64)  # the cast copy of x on top
     assert abs(peak - guarded) <= 0.10 * guarded, (peak, guarded)
     assert J.nnz == p.nnz
+
+
+@pytest.mark.parametrize("out_shape, inp_shape", [
+    ((50_000,), (1024,)), ((50, 1000), (32, 32)), ((10, 50, 100), (8, 8, 16)),
+    ((50_000,), (8, 8, 16)), ((10, 50, 100), (1024,)),
+])
+def test_coo_conversion_peak_matches_measured(out_shape, inp_shape):
+    """What converting a CSR (index arrays as the rule makes them) to N-D coordinates
+    allocates: each side unravelled by divmods, the rows (and columns widened to int64) freed
+    once the first quotient replaces them."""
+    from sparsejac import formats
+
+    nnz = 1_600_000
+    nrows, ncols = int(np.prod(out_shape)), int(np.prod(inp_shape))
+    index = formats.index_dtype(nnz, (nrows, ncols))
+    per_row = nnz // nrows
+    indptr = np.arange(0, nnz + 1, per_row).astype(index)
+    indices = np.tile(np.linspace(0, ncols - 1, per_row).astype(index), nrows)
+    idx = formats.get("coo").index_itemsize(nnz, out_shape, inp_shape)
+    tracemalloc.start()
+    try:
+        formats.csr_to_coords(indptr, indices, out_shape, inp_shape, np.dtype(f"int{8 * idx}"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    extra, _ = formats.COO.from_csr_nbytes(nnz, out_shape, inp_shape, 8, 0, idx)
+    assert abs(peak - extra) <= 0.02 * extra, (peak, extra, peak / extra)

@@ -204,7 +204,10 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
         for k1, k2, term in second.flush(tracer):
             found.setdefault((k1, k2), []).append(term)
         labels.prefix = PREFIX
-    del steps
+    # The steps' results hold their first-order terms in the tracer (and the tracer and the
+    # labels hold each other: only the cyclic collector would free them): let them go before
+    # the blocks are merged and written.
+    tracer.tape = steps = adjoints = None  # noqa: F841
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
     shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
     index, blocks, shapes, sym, what = {}, [], [], [], []
@@ -242,6 +245,15 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     return c
 
 
+def _factors_nbytes(c: _Collected) -> int:
+    """Bytes of the dense factors alive while the blocks are written: those of the blocks'
+    terms, or the tracer's live factors where it holds more."""
+    from .tracer import storage_nbytes
+
+    held = storage_nbytes([t.factor for terms in c.blocks for t in terms])
+    return max(held, c.labels.live())
+
+
 def _symmetrise(csr):
     """Average a matrix with its transpose in place, where its pattern is symmetric (the two
     halves of a Hessian block are summed in other orders, so they differ by rounding)."""
@@ -264,8 +276,10 @@ def _build(c: _Collected, fmt: str):
     """Write every block once (guarded), in ``fmt``: a block that is one term without index
     maps straight into the format's arrays (:mod:`.write`), the others merged once as CSR (a
     Hessian's diagonal blocks averaged with their transposes; its lower blocks transposed)."""
-    live = c.labels.live()  # the factors stay alive while the blocks are written
+    live = _factors_nbytes(c)  # the factors stay alive while the blocks are written
     alive = f", beside {live:,} bytes of live Jacobian factors," if live else ""
+    if c.labels.peak:  # what the trace itself reached (checked before each allocation)
+        alive += f" after a trace that peaked at {c.labels.peak:,} bytes of factors,"
     limit = None if c.limit is None else c.limit - live
     held, built = 0, []
     transposed = {b for b, tr in c.layout if tr}
@@ -382,6 +396,10 @@ class _Block:
         self.out_shape, self.inp_shape = tuple(out_shape), tuple(inp_shape)
         shape = (math.prod(out_shape), math.prod(inp_shape))
         self.direct = W.direct(terms, labels)
+        # the terms with their factors' shapes, strides and dtypes only: what a refill's
+        # writers allocate is predicted from them before tracing again (:meth:`write_nbytes`)
+        self.shadow = [T.Term(t.out, t.inp, _meta(t.factor), t.flabels) for t in terms]
+        self.kept: list[int | None] = [None] * len(terms)  # entries kept of each mapped term
         self.cache: dict[str, Any] = {}
         self.patterns: dict[tuple, Any] = {}  # direct blocks: each format's kept pattern
         self.slots = None  # per term, where its kept values go (terms one entry a row)
@@ -401,6 +419,7 @@ class _Block:
                     r, c, keep = T.placed(term, labels)
                     r, c = r[keep], c[keep]
                     keeps.append(keep)
+                    self.kept[len(keeps) - 1] = len(r)
                 else:
                     s, _ = T._structure(term, labels)
                     pattern = formats.csr_pattern(s)
@@ -455,6 +474,11 @@ class _Block:
             self.swap = (shape, perm)
             self.mirror = None
 
+    def writes_directly(self, transposed: bool) -> bool:
+        """Whether :meth:`write` writes this block: direct, used as it is (not also as a
+        transpose), and not averaged with its mirror image (a symmetric Hessian block)."""
+        return self.direct and self.mirror is None and self.swap is None and not transposed
+
     def write(self, terms, labels, dtype, fmt: str, device) -> Any:
         """A direct block (one term, no index map) written in ``fmt``: its pattern for that
         format and device made once and kept (read-only), the values written straight into
@@ -505,7 +529,12 @@ class _Block:
             return data
         data = self._data(terms, labels, dtype)
         if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
-            data = (data + data[self.mirror]) * 0.5
+            # in place on the mirrored copy: two arrays at once whether or not numpy elides
+            # the temporaries of (data + data[mirror]) * 0.5 (the same sums: + commutes)
+            mirrored = data[self.mirror]
+            mirrored += data
+            mirrored *= 0.5
+            data = mirrored
         return data
 
     def _data(self, terms, labels, dtype) -> np.ndarray:
@@ -561,6 +590,105 @@ class _Block:
         return f.container(pattern, data if f.layout.csr_order else data[perm], self.out_shape,
                            self.inp_shape)
 
+    # --- what a refill allocates, predicted before it traces (the writers above, in step) ---
+
+    def write_nbytes(self, fmt: str, dtype, labels: T.Labels, device) -> tuple[int, int]:
+        """``(peak, kept)`` bytes of :meth:`write`: the format's pattern where it is not kept
+        yet (then as :func:`.write.nbytes` predicts the first call's), else the values and the
+        factor's copies (cast, laid out in ``V`` order, float16 held as float32)."""
+        f = formats.get(fmt, require=False)
+        xp = W.backend(f, device)
+        if (f.name, xp.name, str(device)) not in self.patterns and not (
+                f.layout is formats.CSR and xp is W.NUMPY):
+            return W.nbytes(self.shadow, self.out_shape, self.inp_shape, labels, dtype, f)
+        big = W.largest(self.shadow, labels)
+        structure, fl = T._structure(big, labels)
+        nnz, itemsize = structure.nnz, dtype.itemsize
+        value = np.dtype(f.value_dtype(_np_dtype(dtype))).itemsize
+        fill = nnz * itemsize + T._copy_nbytes(big, f.layout.target(structure), fl, dtype)
+        cast = nnz * (itemsize + value) if value != itemsize else 0
+        return max(fill, cast), nnz * value
+
+    def data_nbytes(self, dtype, labels: T.Labels) -> tuple[int, int]:
+        """``(peak, kept)`` bytes of :meth:`data`: each term's values, their concatenation,
+        ``np.bincount``'s float64 weights and sums, the cast back (and a mirror's average)."""
+        it = np.dtype(_np_dtype(dtype)).itemsize
+        nnz = self.nnz
+        if self.direct:
+            big = W.largest(self.shadow, labels)
+            s, fl = T._structure(big, labels)
+            peak = nnz * it + T._copy_nbytes(big, s, fl, dtype)
+            if len(self.shadow) > 1 and self.swap is not None:  # W.values, then the average
+                peak += nnz * it
+        elif not self.shadow:
+            return 0, 0
+        elif self.slots is not None:  # merged row by row: each term's values added at slots
+            # (its values, numpy's gather of data[slot] and the sum; a bound: m entries kept)
+            peak = nnz * it + max(3 * t.nnz(labels) * it for t in self.shadow)
+        else:
+            parts = peak = 0
+            for term, kept in zip(self.shadow, self.kept):
+                if kept is None:  # unmapped: written by its structure, as the first call
+                    s, fl = T._structure(term, labels)
+                    n = s.nnz * it
+                    peak = max(peak, parts + n + T._copy_nbytes(term, s, fl, dtype))
+                else:  # mapped: the factor cast, spread over V (a copy unless it is V), kept
+                    free = term.free(labels)
+                    size = labels.size(free)
+                    cast = term.factor.numel() * it if term.factor.dtype != dtype else 0
+                    order = [term.flabels.index(l) for l in free if l in term.flabels]
+                    view = (term.factor.numel() == size
+                            and term.factor.permute(order).is_contiguous())
+                    n = kept * it
+                    peak = max(peak, parts + cast + (0 if view else size * it) + n)
+                parts += n
+            wide = parts // it * 8 if it != 8 else 0  # bincount reads its weights as float64
+            peak = max(peak, 2 * parts + wide + nnz * 8, parts + nnz * (8 + it))
+        if self.mirror is not None:  # the mirrored copy, averaged in place
+            peak = max(peak, 2 * nnz * it)
+        return peak, nnz * it
+
+    def result_nbytes(self, fmt: str, transposed: bool, itemsize: int) -> tuple[int, int]:
+        """``(peak, kept)`` bytes of :meth:`result` beside its values: the format's pattern
+        where it is not kept yet (an upper bound: a conversion of the CSR), the values
+        permuted into its order."""
+        f = formats.get(fmt, require=False)
+        nnz, peak, kept = self.nnz, 0, 0
+        if transposed and "T" not in self.cache:  # the transposed order, kept
+            idx = self.csr.indices.itemsize
+            order = nnz * (8 + idx) + (self.csr.shape[1] + 1) * idx
+            peak, kept = nnz * 8 + order, order + nnz * itemsize
+        if transposed:
+            peak, kept = max(peak, kept + nnz * itemsize), kept + nnz * itemsize
+        if f.layout is formats.CSR:
+            return peak, kept
+        cache = self.cache["T"].cache if transposed and "T" in self.cache else self.cache
+        out, inp = ((self.inp_shape, self.out_shape) if transposed
+                    else (self.out_shape, self.inp_shape))
+        during = kept
+        if fmt not in cache:  # the positions (int64) as a CSR, converted: the pattern kept
+            csr = nnz * 8 + self.csr.indices.nbytes + self.csr.indptr.nbytes
+            extra, final = _conversion_nbytes(fmt, nnz, out, inp, 8, csr)
+            peak = max(peak, kept + nnz * 8 + extra)
+            # the positions stay alive until the result is made; COO keeps them as its order
+            shared = nnz * 8 if f.layout is formats.COO else 0
+            during, kept = kept + final + nnz * 8 - shared, kept + final
+        if not f.layout.csr_order:
+            peak, kept = max(peak, during + nnz * itemsize), kept + nnz * itemsize
+        return peak, kept
+
+
+def _nothing_live() -> int:
+    return 0
+
+
+def _meta(factor):
+    """An unallocated tensor with ``factor``'s shape, strides and dtype."""
+    import torch
+
+    return torch.empty_strided(tuple(factor.shape), factor.stride(), dtype=factor.dtype,
+                               device="meta")
+
 
 def _np_dtype(dtype):
     from ..operands import _numpy_dtype
@@ -595,6 +723,59 @@ class ProgramPlan:
         self._structure, self.dtype, self._layout = c.structure(), c.dtype, c.layout
         self._blocks = [_Block(terms, s1, s2, c.labels, c.dtype, i in c.symmetric)
                         for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes))]
+        self._labels, self._device = c.labels, c.device  # what the shadow terms refer to
+        self._measure(c)
+        c.labels.live = _nothing_live  # kept, the labels must not keep the tracer (its tape)
+
+    def _measure(self, c: _Collected) -> None:
+        """Keep what a trace showed: the peak its factors reached (checked before each
+        allocation) and the bytes of those alive when it ends, beside which the writers run."""
+        self._trace_peak, self._live_end = c.labels.peak, _factors_nbytes(c)
+
+    def _write_nbytes(self, fmt: str) -> int:
+        """The bytes the writers of :meth:`jacobian` hold at their peak, every result kept
+        until the last is written (as :meth:`jacobian` writes them)."""
+        itemsize = np.dtype(_np_dtype(self.dtype)).itemsize
+        transposed = {i for i, tr in self._layout if tr}
+        held = peak = 0
+        done: set[int] = set()
+        for i, tr in self._layout:
+            b = self._blocks[i]
+            if b.writes_directly(i in transposed):
+                p, kept = b.write_nbytes(fmt, self.dtype, self._labels, self._device)
+            else:
+                p = kept = 0
+                if i not in done:  # each block's values once, kept for its transposed copy
+                    p, kept = b.data_nbytes(self.dtype, self._labels)
+                    done.add(i)
+                p2, k2 = b.result_nbytes(fmt, tr, itemsize)
+                p, kept = max(p, kept + p2), kept + k2
+            peak, held = max(peak, held + p), held + kept
+        return peak
+
+    def peak_nbytes(self, format: str = "csr") -> int:
+        """The predicted peak of the next :meth:`jacobian` in ``format``, in bytes: the most
+        the trace's dense factors reach (the live ones and the one being made), or the factors
+        alive at its end plus every result's arrays and the writers' temporaries, whichever
+        is more. A pattern not kept yet for ``format`` is counted (the first refill in a format
+        makes it). ``jacobian(..., memory_limit=L)`` refuses at once where this exceeds ``L``.
+
+        >>> import torch, sparsejac
+        >>> w = torch.randn(16, 16, dtype=torch.float64)
+        >>> x = torch.randn(32, 16, dtype=torch.float64)
+        >>> p = sparsejac.plan_of(lambda x: torch.tanh(x @ w), x)
+        >>> p.peak_nbytes("csr") >= p.nbytes("csr")
+        True
+        >>> try:
+        ...     p.jacobian(x, format="coo", memory_limit=p.peak_nbytes("coo") - 1)
+        ... except sparsejac.JacobianTooLargeError:
+        ...     print("refused before tracing")
+        refused before tracing
+        >>> p.jacobian(x, format="coo", memory_limit=p.peak_nbytes("coo")).nnz
+        8192
+        """
+        formats.get(format, PREFIX)  # the name, and its package installed
+        return max(self._trace_peak, self._live_end + self._write_nbytes(format))
 
     @property
     def nnz(self) -> int:
@@ -643,20 +824,30 @@ class ProgramPlan:
                 f"{PREFIX}plan traced for arguments of shapes and dtypes {self._args_key}; got "
                 f"{key}: make a new plan with sparsejac.plan_of for these")
         limit = self.memory_limit if memory_limit is None else memory_limit
+        bound = options.memory_limit(limit, PREFIX)
         with LOCK:
+            # all is known from the last trace: refuse before any work
+            options.guard(self.peak_nbytes(format), bound, PREFIX,
+                          f"a refill in format {format!r} (predicted peak: the trace's "
+                          f"{self._trace_peak:,} bytes of factors, or {self._live_end:,} bytes "
+                          "of factors alive as the result is written, its arrays and the "
+                          "writers' temporaries)")
             c = self._collect(args, limit)
             if c.structure() != self._structure:  # the path changed with the values
                 self.rebuilds += 1
                 self._adopt(c)
-            options.guard(self.nbytes(format), options.memory_limit(limit, PREFIX), PREFIX,
-                          f"the result(s) in format {format!r}")
+            else:
+                self._measure(c)
+            # the path may have changed: the write checked again, as this trace showed it
+            options.guard(self._live_end + self._write_nbytes(format), bound, PREFIX,
+                          f"the result(s) in format {format!r}, beside {self._live_end:,} "
+                          "bytes of live Jacobian factors,")
             transposed = {i for i, tr in self._layout if tr}
             data: dict[int, np.ndarray] = {}
             results = []
             for i, tr in self._layout:
                 b, terms = self._blocks[i], c.blocks[i]
-                plain = b.mirror is None and b.swap is None  # not averaged with a mirror
-                if b.direct and plain and i not in transposed:
+                if b.writes_directly(i in transposed):
                     results.append(b.write(terms, c.labels, c.dtype, format, c.device))
                     continue
                 if i not in data:

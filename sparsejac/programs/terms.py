@@ -76,16 +76,34 @@ class Labels:
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
         self.live: Callable[[], int] = lambda: 0
+        # the most bytes one guarded allocation brought the live factors to: the trace's peak,
+        # known once it has run (what a plan refuses a refill by, before tracing again)
+        self.peak = 0
+        # factors made here and still referenced: a rule's new terms are in use before the
+        # tracer records them (attention's matmul holds one per path, then sums them)
+        self._made: dict[int, weakref.ref] = {}
 
     def guard(self, shape: Sequence[int], itemsize: int, what: str = "a Jacobian factor") -> None:
         """Refuse, before it is allocated, a tensor of ``shape`` that would take the bytes in
-        use (the live factors) over the memory limit."""
+        use (the live factors) over the memory limit; record the peak it would reach."""
         nbytes = math.prod(shape) * itemsize
-        if self.limit is not None and nbytes > self.limit - self.live():
-            live = self.live()
+        live = self.live()
+        self.peak = max(self.peak, live + nbytes)
+        if self.limit is not None and nbytes > self.limit - live:
             alive = f" beside {live:,} bytes of live Jacobian factors" if live else ""
             options.guard(nbytes, self.limit - live, self.prefix,
                           f"{what} of shape {tuple(shape)}{alive}")
+
+    def made(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        """``tensor``, a factor just allocated, counted as in use for as long as it lives."""
+        key = id(tensor)
+        self._made[key] = weakref.ref(tensor, lambda _, key=key: self._made.pop(key, None))
+        return tensor
+
+    def in_use(self) -> list["torch.Tensor"]:
+        """The factors made here that are still alive (see :meth:`made`)."""
+        alive = (ref() for ref in list(self._made.values()))
+        return [t for t in alive if t is not None]
 
     def derive(self, table: "torch.Tensor", over: Sequence[int], size: int) -> int:
         """A derived label of ``size`` whose value is ``table`` over the base labels ``over``;
@@ -223,13 +241,15 @@ def _einsum(
     itemsize = max(tensor.element_size() for tensor, _ in operands)
 
     def step(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], keep: Sequence[int]):
-        labels.guard([size[l] for l in keep], itemsize)
+        if not (len(pairs) == 1 and set(pairs[0][1]) <= set(keep)):
+            # (one operand that sums nothing: a permuted or diagonal view, no allocation)
+            labels.guard([size[l] for l in keep], itemsize)
         if len(pairs) == 2:
-            laid = _matmul_pair(*pairs[0], *pairs[1], keep)
+            laid = _matmul_pair(*pairs[0], *pairs[1], keep, labels)
             if laid is not None:
-                return laid
+                return labels.made(laid)
         args: list = [a for tensor, ls in pairs for a in (tensor, [rename[l] for l in ls])]
-        return torch.einsum(*args, [rename[l] for l in keep])
+        return labels.made(torch.einsum(*args, [rename[l] for l in keep]))
 
     acc, acc_ls = operands[0]
     rest = list(operands[1:])
@@ -244,7 +264,7 @@ def _einsum(
 
 
 def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequence[int],
-                 keep: Sequence[int]) -> torch.Tensor | None:
+                 keep: Sequence[int], labels: Labels | None = None) -> torch.Tensor | None:
     """``einsum(a, la, b, lb -> keep)`` as one broadcast ``torch.matmul`` whose result is
     already C-contiguous in ``keep`` order, or None where ``keep`` does not end in a run of one
     operand's own labels (then torch.einsum, which may return a permuted view).
@@ -298,12 +318,63 @@ def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequen
     P, M, N = list(keep[:m]), list(keep[m:n]), list(keep[n:])
     # a as (P..., M, K), b as (P..., K, N), size 1 where a P label is the other operand's.
     a2 = a.permute([la.index(l) for l in P if l in la] + [la.index(l) for l in M + K])
-    a2 = a2.reshape([size[l] if l in la else 1 for l in P] + [math.prod(size[l] for l in M),
-                                                             math.prod(size[l] for l in K)])
+    shape_a = [size[l] if l in la else 1 for l in P] + [math.prod(size[l] for l in M),
+                                                       math.prod(size[l] for l in K)]
     b2 = b.permute([lb.index(l) for l in P if l in lb] + [lb.index(l) for l in K + N])
-    b2 = b2.reshape([size[l] if l in lb else 1 for l in P] + [math.prod(size[l] for l in K),
-                                                             math.prod(size[l] for l in N)])
+    shape_b = [size[l] if l in lb else 1 for l in P] + [math.prod(size[l] for l in K),
+                                                       math.prod(size[l] for l in N)]
+    if _broadcast_copies(_stand_in(a2, shape_a), _stand_in(b2, shape_b)):
+        # torch.matmul would copy an operand expanded over a batch it lacks (a CNN's factor
+        # times a kernel: gigabytes); torch.einsum folds such labels into the product instead
+        return None
+    a2, b2 = _laid(a2, shape_a, labels), _laid(b2, shape_b, labels)
+    if labels is not None:  # torch.matmul's copies of the operands broadcast over P
+        labels.guard((_broadcast_copies(a2, b2) + math.prod(size[l] for l in keep),),
+                     max(a2.element_size(), b2.element_size()),
+                     "a product's result beside its operands broadcast over its batch")
     return torch_matmul(a2, b2).reshape([size[l] for l in keep])
+
+
+def _broadcast_copies(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Elements ``torch.matmul(a, b)`` copies: it expands each operand over the common batch
+    and folds that into one axis, a copy where the strides do not allow a view (an operand of
+    size 1 along a batch axis that is not the first, say). Matches the profiler's count on
+    torch's CPU matmul, operands of 1 to 3 batch axes."""
+    if a.dim() <= 2 and b.dim() <= 2:
+        return 0
+    batch = list(np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])))  # not torch's:
+    # its first call imports sympy (a second)
+    copies = 0
+    for t in (a, b):
+        expanded = t.expand(batch + list(t.shape[-2:]))
+        try:
+            expanded.view([math.prod(batch)] + list(t.shape[-2:]))
+        except RuntimeError:
+            copies += expanded.numel()
+    return copies
+
+
+def _stand_in(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``t`` reshaped to ``shape`` where a view can, else an unallocated contiguous tensor of
+    that shape (what :func:`_laid` would copy it to): for deciding before copying."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        import torch
+
+        return torch.empty(shape, dtype=t.dtype, device="meta")
+
+
+def _laid(t: torch.Tensor, shape: Sequence[int], labels: Labels | None) -> torch.Tensor:
+    """``t`` reshaped to ``shape``: a view where its strides allow, else a copy, guarded (an
+    operand of a product permuted out of its order: as large as that operand)."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        if labels is None:
+            return t.reshape(shape)
+        labels.guard(tuple(t.shape), t.element_size(), "a factor laid out for a product")
+        return labels.made(t.reshape(shape))
 
 
 def torch_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -424,11 +495,11 @@ def onehot(atom: int, private: int, labels: Labels, like: "torch.Tensor"):
     n = labels.sizes[atom]
     if atom not in labels.derived:
         labels.guard((n, n), like.element_size(), "an identity matrix")
-        return torch.eye(n, dtype=like.dtype, device=like.device), (private, atom)
+        return labels.made(torch.eye(n, dtype=like.dtype, device=like.device)), (private, atom)
     table, over = labels.derived[atom]
     labels.guard((n,) + tuple(table.shape), like.element_size(), "a one-hot index map")
     hot = table.to(like.device).unsqueeze(0) == _arange(n, table).reshape((n,) + (1,) * table.dim())
-    return hot.to(like.dtype), (private,) + tuple(over)
+    return labels.made(hot.to(like.dtype)), (private,) + tuple(over)
 
 
 def _arange(n: int, like: "torch.Tensor") -> "torch.Tensor":
@@ -602,7 +673,7 @@ def on_base(value: "torch.Tensor", atoms: Sequence[int], labels: Labels):
         k = len(ls)
         labels.guard(tuple(value.shape[:k]) + tuple(table.shape) + tuple(value.shape[k + 1 :]),
                      value.element_size(), "a gathered value")
-        picked = value.index_select(k, table.clamp(min=0).reshape(-1).to(value.device))
+        picked = labels.made(value.index_select(k, table.clamp(min=0).reshape(-1).to(value.device)))
         value = picked.reshape(tuple(value.shape[:k]) + tuple(table.shape)
                                + tuple(value.shape[k + 1 :]))
         ls.extend(over)
@@ -645,7 +716,7 @@ def unscaled(term: Term, labels: Labels):
 def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
     """The term times a scalar ``c`` (a new factor of the same shape)."""
     labels.guard(tuple(term.factor.shape), term.factor.element_size())
-    return replace(term, factor=term.factor * c)
+    return replace(term, factor=labels.made(term.factor * c))
 
 
 def _bind(term: Term, letters: Sequence[int], labels: Labels):
@@ -765,14 +836,14 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
         present = {l for t in renamed for l in t.flabels}
         union = tuple(l for l in free if l in present)
         aligned = [_aligned(t, union) for t in renamed]
-        # each partial sum is a new tensor of the broadcast shape (at most the union's)
-        labels.guard(
-            np.broadcast_shapes(*(tuple(a.shape) for a in aligned)),  # torch's imports sympy
-            max(a.element_size() for a in aligned),
-        )
+        # each partial sum is a new tensor of the broadcast shape (at most the union's), made
+        # while the one before it is alive
+        shape = np.broadcast_shapes(*(tuple(a.shape) for a in aligned))  # torch's imports sympy
+        itemsize = max(a.element_size() for a in aligned)
         total = aligned[0]
         for a in aligned[1:]:
-            total = total + a
+            labels.guard(shape, itemsize)
+            total = labels.made(total + a)
         merged.append(Term(first.out, first.inp, total, union))
     return merged
 

@@ -77,17 +77,11 @@ class Tracer:
         return entry[1] if entry is not None and entry[0]() is x else None
 
     def live_bytes(self) -> int:
-        """Bytes of the distinct factors held by the terms of live tensors."""
-        seen, total = set(), 0
-        for _, terms in list(self._traced.values()):
-            for ts in terms.values():
-                for t in ts:
-                    f = t.factor
-                    key = (f.untyped_storage().data_ptr(), f.untyped_storage().nbytes())
-                    if key not in seen:
-                        seen.add(key)
-                        total += key[1]
-        return total
+        """Bytes of the distinct factors held by the terms of live tensors, and of those the
+        current rule has made but not yet recorded (:meth:`Labels.in_use`)."""
+        factors = [t.factor for _, terms in list(self._traced.values())
+                   for ts in terms.values() for t in ts]
+        return storage_nbytes(factors + self.labels.in_use())
 
     def keep_only(self, obj: Any) -> None:
         """Drop the terms of every traced tensor but the leaves of ``obj``."""
@@ -191,6 +185,17 @@ class Tracer:
         finally:
             self.labels.prefix = PREFIX
         return result
+
+
+def storage_nbytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one tensor count once)."""
+    seen, total = set(), 0
+    for f in tensors:
+        key = (f.untyped_storage().data_ptr(), f.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
 
 
 def _constant(result: Any) -> bool:
