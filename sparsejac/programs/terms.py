@@ -1051,13 +1051,15 @@ def _depends(t: "torch.Tensor", valid: "torch.Tensor") -> list[int]:
     """The dims along which ``t`` varies among its ``valid`` entries."""
     import torch
 
-    # the valid entries' lowest and highest value along each dim: it varies where the highest
-    # exceeds the lowest (a slice with no valid entry has lowest > highest, and is not counted);
-    # the two filled copies are made once, not per dim (the tables are as large as a window's)
-    lo = t.masked_fill(~valid, torch.iinfo(torch.int64).max)
-    hi = t.masked_fill(~valid, -1)
+    # the valid entries' highest value and highest negated value along each dim: it varies
+    # where their sum is positive (a slice with no valid entry sums to about -2**62). amax of
+    # both, as int64 amin is many times slower than amax on CPU; the filled copies are made
+    # once, not per dim (the tables are as large as a window's)
+    none = -(1 << 61)
+    hi = t.masked_fill(~valid, none)
+    neg = t.neg().masked_fill_(~valid, none)
     return [d for d in range(t.dim())
-            if t.shape[d] > 1 and bool((hi.amax(d) > lo.amin(d)).any())]
+            if t.shape[d] > 1 and bool((hi.amax(d) + neg.amax(d) > 0).any())]
 
 
 def _project(t: "torch.Tensor", valid: "torch.Tensor", keep: Sequence[int]) -> "torch.Tensor":
@@ -1081,7 +1083,7 @@ def _separate(subs: dict, valid: "torch.Tensor") -> dict:
         p = _project(d, valid, _depends(d, valid))
         # each dim alone may look constant where the valid entries lie apart (a stride's
         # holes): keep the projection only if it reads every valid entry right
-        out[a] = p if bool((p == d)[valid].all()) else d.masked_fill(~valid, -1)
+        out[a] = p if bool(((p == d) | ~valid).all()) else d.masked_fill(~valid, -1)
 
     def covered():
         ok = valid.new_ones(valid.shape)
@@ -1246,7 +1248,10 @@ def collapse(term: Term, labels: Labels) -> Term:
                 plans.remove(p)
         factor, fl = term.factor, term.flabels
         done = tuple(l for p in batch for l in p.kept + p.summed)
-        rest = tuple(l for l in fl if l not in done)
+        # the other labels in the factor's memory order (outermost first): the copy below
+        # then reads runs of contiguous memory
+        rest = tuple(sorted((l for l in fl if l not in done),
+                            key=lambda l: -factor.stride(fl.index(l))))
         lead = labels.shape(rest)
         ins = [labels.size(p.kept + p.summed) for p in batch]
         outs = [labels.size(p.kept) * p.span for p in batch]
