@@ -215,6 +215,37 @@ def test_collapsed_cnn_against_jacrev_and_the_uncollapsed_pattern(conv1, pool1, 
     assert _same_pattern(J, sparsejac.jacobian_of(fn, x, format="csr"))
 
 
+@pytest.mark.parametrize("case", ["transpose", "fold", "conv1d", "conv3d"])
+def test_collapsed_windows_of_other_layers(case, monkeypatch):
+    """Transposed convolutions, fold after unfold, 1-d and 3-d windows: jacrev's values and the
+    uncollapsed trace's stored entries."""
+    g = torch.Generator().manual_seed(13)
+    if case == "transpose":
+        w1, w2 = (torch.randn(2, 3, 3, 3, dtype=D, generator=g),
+                  torch.randn(4, 3, 2, 3, dtype=D, generator=g))
+        x = _rand(2, 2, 5, 4, seed=14)
+        fn = lambda a: F.conv2d(F.conv_transpose2d(a, w1, stride=2, padding=1), w2,  # noqa: E731
+                                padding=1, dilation=2).sum((2, 3))
+    elif case == "fold":
+        x = _rand(1, 2, 6, 5, seed=15)
+        fn = lambda a: F.avg_pool2d(F.fold(F.unfold(a, 3, padding=1), (6, 5), 3,  # noqa: E731
+                                           padding=1), 2, 1)
+    elif case == "conv1d":
+        w = torch.randn(3, 2, 4, dtype=D, generator=g)
+        x = _rand(2, 2, 13, seed=16)
+        fn = lambda a: F.avg_pool1d(F.conv1d(F.max_pool1d(a, 3, 1, 1), w, padding=2),  # noqa: E731
+                                    3, 2)
+    else:
+        w = torch.randn(2, 1, 2, 3, 2, dtype=D, generator=g)
+        x = _rand(1, 1, 5, 6, 4, seed=17)
+        fn = lambda a: F.max_pool3d(F.conv3d(a, w, padding=1), 2, 1).sum(-1)  # noqa: E731
+    ref = _jacrev(fn, x)
+    J = sparsejac.jacobian_of(fn, x, format="csr")
+    np.testing.assert_allclose(J.toarray(), ref, rtol=1e-9, atol=1e-11)
+    _no_collapse(monkeypatch)
+    assert _same_pattern(J, sparsejac.jacobian_of(fn, x, format="csr"))
+
+
 def _enumerated_uncollapsed(fn, x, monkeypatch):
     with monkeypatch.context() as m:
         _no_collapse(m)

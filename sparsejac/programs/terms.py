@@ -92,10 +92,14 @@ class Labels:
         over = tuple(over)
         # keep only the labels the table depends on (a slice of a batched tensor maps the
         # batch label to itself, whatever the table was computed over)
+        # a dim the table is broadcast along (stride 0: an expanded table) is constant: the
+        # others are read on the table without it
+        dims = [d for d in range(table.dim()) if table.shape[d] <= 1 or table.stride(d) != 0]
+        small = table[tuple(slice(None) if d in dims else 0 for d in range(table.dim()))]
         keep = []
-        for d in range(table.dim()):
-            first = table.narrow(d, 0, 1) if table.shape[d] else table
-            if table.shape[d] > 1 and not bool((table == first).all()):
+        for j, d in enumerate(dims):
+            first = small.narrow(j, 0, 1) if small.shape[j] else small
+            if small.shape[j] > 1 and not bool((small == first).all()):
                 keep.append(d)
         if len(keep) < table.dim():
             index = tuple(slice(None) if d in keep else 0 for d in range(table.dim()))
@@ -1042,8 +1046,14 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
         valid = valid & (digit >= 0)
         subs[a] = digit
     subs = _separate(subs, valid)
+    old = term.factor
     term = _substitute_maps(term, subs, over, labels)
     term = replace(term, out=term.out[:axis] + new_axes + term.out[axis + 1 :])
+    if term.factor is not old and set(over) <= set(term.flabels):
+        # the factor was just gathered over the new labels (a tensor of its own): the entries
+        # that do not exist are zeroed in place, not by a product that copies it
+        term.factor.masked_fill_(~_align(valid, over, term.flabels), 0)
+        return term
     return mask(term, valid, over, labels)  # with the new axes in place: they are kept
 
 
