@@ -70,7 +70,7 @@ class Labels:
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
         # collapses (:func:`collapse`), keyed by the input-side maps and the labels summed:
         # terms through the same maps collapse onto the same labels, and stay mergeable
-        self._collapses: dict[tuple, "_Collapse"] = {}
+        self._collapses: dict[tuple, "_Collapse | None"] = {}
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
@@ -91,9 +91,9 @@ class Labels:
         a table equal to its one base label (an identity map) is that label itself."""
         over = tuple(over)
         # keep only the labels the table depends on (a slice of a batched tensor maps the
-        # batch label to itself, whatever the table was computed over)
-        # a dim the table is broadcast along (stride 0: an expanded table) is constant: the
-        # others are read on the table without it
+        # batch label to itself, whatever the table was computed over); a dim the table is
+        # broadcast along (stride 0: an expanded table) is constant, the others are read on
+        # the table without it
         dims = [d for d in range(table.dim()) if table.shape[d] <= 1 or table.stride(d) != 0]
         small = table[tuple(slice(None) if d in dims else 0 for d in range(table.dim()))]
         keep = []
@@ -1241,9 +1241,11 @@ def collapse(term: Term, labels: Labels) -> Term:
     a factor hundreds of times the Jacobian). Each group of such maps (maps that share one of
     these labels) is re-expressed over a *window* label per map instead, the offset from the
     lowest input entry the other labels (``kept``) reach, with the factor scatter-added onto
-    it; where nothing is kept, the window is the input axis itself (a plain label). Entries that do not exist (padding, -1) stay dropped, and window
-    entries that nothing reaches are -1 too, so the stored entries are unchanged: the union of
-    the places the old entries reach. Applied only where it enumerates fewer entries."""
+    it; where nothing is kept, the window is the input axis itself (a plain label). Entries
+    that do not exist (padding, -1) stay dropped, and window entries that nothing reaches are
+    -1 too, so the stored entries are unchanged: the union of the places the old entries
+    reach. Applied only where it enumerates fewer entries (decided from the maps, before
+    anything is allocated)."""
     import torch
 
     plans = [p for p in (_collapse_group(maps, summed, labels)
