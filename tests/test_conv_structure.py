@@ -171,3 +171,193 @@ def test_conv_terms_enumerate_batch_out_cells_channels_kernel():
     L = fn(x, w).shape[2] * fn(x, w).shape[3]
     assert _enumerated(fn, x, w, wrt=0) <= B * O * L * Cg * K
     assert _enumerated(fn, x, w, wrt=1) <= B * O * L * Cg * K
+
+
+# --- the collapse: entries that land on one input entry summed during the trace ----------------
+
+
+def _no_collapse(monkeypatch):
+    """Trace without :func:`terms.collapse` (every combination of offsets enumerated to the
+    end, as before it): the reference for the stored pattern."""
+    monkeypatch.setattr(T, "collapse", lambda term, labels: term)
+
+
+@pytest.mark.parametrize("conv1,pool1,conv2,pool2", [
+    (dict(padding=1), ("max", 2, 2, 0), dict(padding=1), ("max", 2, 2, 0)),
+    (dict(padding=2, dilation=2), ("avg", 3, 1, 1), dict(stride=2), ("max", 2, 1, 0)),
+    (dict(stride=2, padding=1), ("max", 3, 2, 1), dict(padding=2, dilation=2), ("avg", 2, 2, 0)),
+    (dict(padding=0), ("avg", 2, 1, 0), dict(padding=2, stride=1), ("max", 3, 3, 1)),
+])
+def test_collapsed_cnn_against_jacrev_and_the_uncollapsed_pattern(conv1, pool1, conv2, pool2,
+                                                                   monkeypatch):
+    """Two convolutions and poolings (kernel offsets that overlap on the input, padding,
+    strides, dilations): the collapsed trace gives jacrev's values, and stores the same entries
+    as the trace that enumerates every combination of offsets (the union of their places)."""
+    g = torch.Generator().manual_seed(5)
+    w1 = torch.randn(4, 2, 3, 3, dtype=D, generator=g)
+    w2 = torch.randn(3, 4, 3, 2, dtype=D, generator=g)
+    x = _rand(2, 2, 11, 10, seed=6)
+
+    def pool(h, kind, k, s, p):
+        return (F.max_pool2d(h, k, s, p) if kind == "max"
+                else F.avg_pool2d(h, k, s, p, count_include_pad=False))
+
+    def fn(a):
+        h = pool(torch.tanh(F.conv2d(a, w1, **conv1)), *pool1)
+        h = pool(torch.relu(F.conv2d(h, w2, **conv2)), *pool2)
+        return h.flatten(1) @ torch.ones(h[0].numel(), 3, dtype=D)
+
+    ref = _jacrev(fn, x)
+    J = sparsejac.jacobian_of(fn, x, format="csr")
+    np.testing.assert_allclose(J.toarray(), ref, rtol=1e-9, atol=1e-11)
+    assert _enumerated(fn, x) < _enumerated_uncollapsed(fn, x, monkeypatch)
+    _no_collapse(monkeypatch)
+    assert _same_pattern(J, sparsejac.jacobian_of(fn, x, format="csr"))
+
+
+@pytest.mark.parametrize("case", ["transpose", "fold", "conv1d", "conv3d"])
+def test_collapsed_windows_of_other_layers(case, monkeypatch):
+    """Transposed convolutions, fold after unfold, 1-d and 3-d windows: jacrev's values and the
+    uncollapsed trace's stored entries."""
+    g = torch.Generator().manual_seed(13)
+    if case == "transpose":
+        w1, w2 = (torch.randn(2, 3, 3, 3, dtype=D, generator=g),
+                  torch.randn(4, 3, 2, 3, dtype=D, generator=g))
+        x = _rand(2, 2, 5, 4, seed=14)
+        fn = lambda a: F.conv2d(F.conv_transpose2d(a, w1, stride=2, padding=1), w2,  # noqa: E731
+                                padding=1, dilation=2).sum((2, 3))
+    elif case == "fold":
+        x = _rand(1, 2, 6, 5, seed=15)
+        fn = lambda a: F.avg_pool2d(F.fold(F.unfold(a, 3, padding=1), (6, 5), 3,  # noqa: E731
+                                           padding=1), 2, 1)
+    elif case == "conv1d":
+        w = torch.randn(3, 2, 4, dtype=D, generator=g)
+        x = _rand(2, 2, 13, seed=16)
+        fn = lambda a: F.avg_pool1d(F.conv1d(F.max_pool1d(a, 3, 1, 1), w, padding=2),  # noqa: E731
+                                    3, 2)
+    else:
+        w = torch.randn(2, 1, 2, 3, 2, dtype=D, generator=g)
+        x = _rand(1, 1, 5, 6, 4, seed=17)
+        fn = lambda a: F.max_pool3d(F.conv3d(a, w, padding=1), 2, 1).sum(-1)  # noqa: E731
+    ref = _jacrev(fn, x)
+    J = sparsejac.jacobian_of(fn, x, format="csr")
+    np.testing.assert_allclose(J.toarray(), ref, rtol=1e-9, atol=1e-11)
+    _no_collapse(monkeypatch)
+    assert _same_pattern(J, sparsejac.jacobian_of(fn, x, format="csr"))
+
+
+def _enumerated_uncollapsed(fn, x, monkeypatch):
+    with monkeypatch.context() as m:
+        _no_collapse(m)
+        return _enumerated(fn, x)
+
+
+def _traced_terms(fn, x):
+    """The terms of ``fn(x)`` w.r.t. ``x`` traced without the collapse, and the labels."""
+    load()
+    labels = T.Labels()
+    tracer = make_tracer(labels, D)
+    tracer.record(x, {(0, 0): [T.identity(tuple(x.shape), labels, D)]})
+    collapse = T.collapse
+    T.collapse = lambda term, labels: term
+    try:
+        with tracer:
+            out = fn(x)
+    finally:
+        T.collapse = collapse
+    return tracer.terms(out)[(0, 0)], tuple(out.shape), labels
+
+
+def _dense(terms, out_shape, in_shape, labels):
+    return T.materialise(terms, out_shape, in_shape, labels, D)
+
+
+def test_collapse_sums_offsets_that_reach_one_input_entry():
+    """Three 1-d convolutions (kernel 3, padding 1): the input entry reached from output cell
+    ``o`` is ``o + k1 + k2 + k3 - 3``, 27 combinations of offsets over 7 places. The collapse
+    keeps the output cell and puts one window label of 7 on the input side; padding (-1) stays
+    dropped, so the stored entries and values are the uncollapsed term's."""
+    g = torch.Generator().manual_seed(7)
+    ws = [torch.randn(1, 1, 3, dtype=D, generator=g) for _ in range(3)]
+    x = _rand(1, 1, 12, seed=8)
+
+    def fn(a):
+        for w in ws:
+            a = F.conv1d(a, w, padding=1)
+        return a
+
+    (term,), out_shape, labels = _traced_terms(fn, x)
+    assert term.nnz(labels) == 12 * 27
+    after = T.collapse(term, labels)
+    assert after.nnz(labels) == 12 * 7
+    assert after.factor.numel() == 12 * 7
+    (m,) = [a for a in after.inp_atoms if a in labels.derived]
+    table, over = labels.derived[m]
+    assert labels.shape(over) == (12, 7)
+    # the cells padding cuts off are -1: cell 0 reaches inputs 0..3 only
+    assert sorted(table[0][table[0] >= 0].tolist()) == [0, 1, 2, 3]
+    before = _dense([term], out_shape, tuple(x.shape), labels)
+    got = _dense([after], out_shape, tuple(x.shape), labels)
+    assert _same_pattern(got, before) and got.nnz == before.nnz == sum(
+        min(o + 3, 11) - max(o - 3, 0) + 1 for o in range(12))
+    np.testing.assert_allclose(got.toarray(), before.toarray(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(got.toarray(), _jacrev(fn, x), rtol=1e-12, atol=1e-14)
+    # the same maps collapse onto the same labels (terms through them stay mergeable)
+    assert T.collapse(term, labels).inp == after.inp
+
+
+def test_collapse_onto_the_input_axis_and_joint_maps():
+    """A sum over every output cell leaves nothing kept: the window is the input axis itself (a
+    plain label, no map). Windows over a flattened axis make two maps (row and column digits)
+    over the same offsets: one group, collapsed jointly."""
+    g = torch.Generator().manual_seed(9)
+    ws = [torch.randn(1, 1, 3, dtype=D, generator=g) for _ in range(3)]
+    v = torch.randn(16, dtype=D, generator=g)
+    x = _rand(2, 4, 4, seed=10)
+
+    def fn(a):
+        a = a.reshape(2, 1, 16)
+        for w in ws:
+            a = F.conv1d(a, w, padding=1)
+        return a.reshape(2, 16) @ v
+
+    (term,), out_shape, labels = _traced_terms(fn, x)
+    maps = [a for a in term.inp_atoms if a in labels.derived]
+    assert len(maps) == 2  # row and column of the flattened axis, over the same offsets
+    after = T.collapse(term, labels)
+    assert after.nnz(labels) < term.nnz(labels)
+    assert not after.mapped(labels) and after.nnz(labels) == 2 * 16  # (batch, input cell)
+    got = _dense([after], out_shape, tuple(x.shape), labels)
+    before = _dense([term], out_shape, tuple(x.shape), labels)
+    assert _same_pattern(got, before)
+    np.testing.assert_allclose(got.toarray(), _jacrev(fn, x), rtol=1e-12, atol=1e-14)
+
+    def rows(a):  # keep the output cell: the two maps stay, over (cell, window)
+        a = a.reshape(2, 1, 16)
+        for w in ws:
+            a = F.conv1d(a, w, padding=1)
+        return a
+
+    (term,), out_shape, labels = _traced_terms(rows, x)
+    after = T.collapse(term, labels)
+    assert after.nnz(labels) < term.nnz(labels)
+    got = _dense([after], out_shape, tuple(x.shape), labels)
+    assert _same_pattern(got, _dense([term], out_shape, tuple(x.shape), labels))
+    np.testing.assert_allclose(got.toarray(), _jacrev(rows, x), rtol=1e-12, atol=1e-14)
+
+
+def test_collapse_is_refused_by_the_guard_before_allocating():
+    """The collapse's scatter is checked against the memory limit like every factor."""
+    g = torch.Generator().manual_seed(11)
+    ws = [torch.randn(1, 1, 3, dtype=D, generator=g) for _ in range(3)]
+    x = _rand(1, 1, 12, seed=12)
+
+    def fn(a):
+        for w in ws:
+            a = F.conv1d(a, w, padding=1)
+        return a
+
+    (term,), _, labels = _traced_terms(fn, x)
+    labels.limit = 8 * 12 * 27  # the source alone, not the source and the collapsed factor
+    with pytest.raises(sparsejac.errors.JacobianTooLargeError):
+        T.collapse(term, labels)

@@ -72,6 +72,9 @@ class Labels:
         self._one_to_one: dict[int, bool] = {}  # memo of :func:`_one_to_one`
         # id of a factor made by :func:`scale` -> (weak reference to it, the term scaled, g)
         self.scaled: dict[int, tuple] = {}
+        # collapses (:func:`collapse`), keyed by the input-side maps and the labels summed:
+        # terms through the same maps collapse onto the same labels, and stay mergeable
+        self._collapses: dict[tuple, "_Collapse | None"] = {}
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
@@ -110,15 +113,19 @@ class Labels:
         a table equal to its one base label (an identity map) is that label itself."""
         over = tuple(over)
         # keep only the labels the table depends on (a slice of a batched tensor maps the
-        # batch label to itself, whatever the table was computed over)
+        # batch label to itself, whatever the table was computed over); a dim the table is
+        # broadcast along (stride 0: an expanded table) is constant, the others are read on
+        # the table without it
+        dims = [d for d in range(table.dim()) if table.shape[d] <= 1 or table.stride(d) != 0]
+        small = table[tuple(slice(None) if d in dims else 0 for d in range(table.dim()))]
         keep = []
-        for d in range(table.dim()):
-            if table.shape[d] <= 1:
+        for j, d in enumerate(dims):
+            if small.shape[j] <= 1:
                 continue
-            first = table.narrow(d, 0, 1)
+            first = small.narrow(j, 0, 1)
             # the first and last slices differ for most maps (a slice, a shift): no full scan
-            if (bool((first != table.narrow(d, table.shape[d] - 1, 1)).any())
-                    or not bool((table == first).all())):
+            if (bool((first != small.narrow(j, small.shape[j] - 1, 1)).any())
+                    or not bool((small == first).all())):
                 keep.append(d)
         if len(keep) < table.dim():
             index = tuple(slice(None) if d in keep else 0 for d in range(table.dim()))
@@ -1288,8 +1295,22 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
         shape = labels.shape(over)
         labels.guard(tuple(shape) + tuple(tensor.shape[i] for i in rest),
                      tensor.element_size(), "a gathered factor")
-        index = tuple(subs[a].clamp(min=0).reshape(shape).to(tensor.device) for a in hit)
-        tensor = tensor.permute(ks + rest)[index]
+        # one flat row index over the substituted axes and a row gather (index_select) of the
+        # tensor laid out (hit, rest): contiguous rows, several times faster than an advanced
+        # index of one table per axis; the layout is a copy of the (smaller) gathered tensor
+        import torch
+
+        flat = torch.zeros((), dtype=torch.int64, device=tensor.device)
+        for a, k in zip(hit, ks):
+            flat = flat * tensor.shape[k] + subs[a].clamp(min=0).reshape(shape).to(tensor.device)
+        rest_shape = tuple(tensor.shape[i] for i in rest)
+        rows = tensor.permute(ks + rest)
+        if not rows.is_contiguous():
+            labels.guard(tuple(rows.shape), tensor.element_size(), "a factor laid out to gather")
+        rows = rows.reshape(math.prod(tensor.shape[k] for k in ks), math.prod(rest_shape))
+        tensor = rows.index_select(0, flat.expand(shape).reshape(-1))
+        tensor = tensor.reshape(tuple(shape) + rest_shape)
+        del rows
         ls = list(over) + [ls[i] for i in rest]
         bad = subs[hit[0]] < 0
         for a in hit[1:]:
@@ -1407,8 +1428,14 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
         valid = valid & (digit >= 0)
         subs[a] = digit
     subs = _separate(subs, valid)
+    old = term.factor
     term = _substitute_maps(term, subs, over, labels)
     term = replace(term, out=term.out[:axis] + new_axes + term.out[axis + 1 :])
+    if term.factor is not old and set(over) <= set(term.flabels):
+        # the factor was just gathered over the new labels (a tensor of its own): the entries
+        # that do not exist are zeroed in place, not by a product that copies it
+        term.factor.masked_fill_(~_align(valid, over, term.flabels), 0)
+        return term
     return mask(term, valid, over, labels)  # with the new axes in place: they are kept
 
 
@@ -1416,17 +1443,15 @@ def _depends(t: "torch.Tensor", valid: "torch.Tensor") -> list[int]:
     """The dims along which ``t`` varies among its ``valid`` entries."""
     import torch
 
-    hi = torch.iinfo(torch.int64).max
-    keep = []
-    for d in range(t.dim()):
-        if t.shape[d] <= 1:
-            continue
-        lo_d = t.masked_fill(~valid, hi).amin(d, keepdim=True)
-        hi_d = t.masked_fill(~valid, -1).amax(d, keepdim=True)
-        seen = valid.any(d, keepdim=True)
-        if bool(((lo_d != hi_d) & seen).any()):
-            keep.append(d)
-    return keep
+    # the valid entries' highest value and highest negated value along each dim: it varies
+    # where their sum is positive (a slice with no valid entry sums to about -2**62). amax of
+    # both, as int64 amin is many times slower than amax on CPU; the filled copies are made
+    # once, not per dim (the tables are as large as a window's)
+    none = -(1 << 61)
+    hi = t.masked_fill(~valid, none)
+    neg = t.neg().masked_fill_(~valid, none)
+    return [d for d in range(t.dim())
+            if t.shape[d] > 1 and bool((hi.amax(d) + neg.amax(d) > 0).any())]
 
 
 def _project(t: "torch.Tensor", valid: "torch.Tensor", keep: Sequence[int]) -> "torch.Tensor":
@@ -1450,7 +1475,7 @@ def _separate(subs: dict, valid: "torch.Tensor") -> dict:
         p = _project(d, valid, _depends(d, valid))
         # each dim alone may look constant where the valid entries lie apart (a stride's
         # holes): keep the projection only if it reads every valid entry right
-        out[a] = p if bool((p == d)[valid].all()) else d.masked_fill(~valid, -1)
+        out[a] = p if bool(((p == d) | ~valid).all()) else d.masked_fill(~valid, -1)
 
     def covered():
         ok = valid.new_ones(valid.shape)
@@ -1492,6 +1517,165 @@ def remap(term: Term, axes: Sequence[int], table: "torch.Tensor", size: int,
     first = axes[0]
     out = term.out[:first] + (new_axis,) + term.out[axes[-1] + 1 :]
     return replace(term, out=out)
+
+
+@dataclass(frozen=True)
+class _Collapse:
+    """How one group of input-side index maps collapses (:func:`collapse`): the labels
+    ``summed`` and ``kept`` they are over, the new map of each old one (over ``kept`` and the
+    window labels ``windows``, one per map, none where a map's window has one entry), and
+    ``target``: for each ``(kept, summed)`` assignment flat, the flat ``(kept, windows)`` entry
+    it lands on (one past the last, ``span`` times the kept size, where it has none)."""
+
+    summed: tuple[int, ...]
+    kept: tuple[int, ...]
+    windows: tuple[int, ...]
+    span: int  # the windows' size
+    new: dict[int, int]
+    target: "torch.Tensor"
+
+
+def _collapse_group(maps: Sequence[int], summed: Sequence[int], labels: Labels) -> _Collapse | None:
+    """The collapse of the input-side maps ``maps`` over the labels ``summed`` (which no other
+    atom carries), or None where no two assignments of ``summed`` land on one place (nothing
+    to gain). Memoised on ``labels``: it depends on the maps alone, not on any factor."""
+    import torch
+
+    key = (tuple(maps), tuple(summed))
+    if key in labels._collapses:
+        return labels._collapses[key]
+    kept = distinct([l for a in maps for l in labels.derived[a][1] if l not in summed])
+    dom = tuple(kept) + tuple(summed)
+    shape = labels.shape(dom)
+    nk = labels.size(kept)
+    # the maps' tables over (kept, summed), their bounds and where each entry lands: int64
+    labels.guard((len(maps) + 4, math.prod(shape)), 8, "a collapse's index tables")
+    tables = []
+    for a in maps:
+        table, over = labels.derived[a]
+        tables.append(_align(table, over, dom).expand(shape).reshape(nk, -1))
+    valid = tables[0] >= 0
+    for t in tables[1:]:
+        valid = valid & (t >= 0)
+    # each map's lowest and highest place per kept assignment, over the entries that exist
+    hi_int = torch.iinfo(torch.int64).max
+    flat = torch.zeros(tables[0].shape, dtype=torch.int64, device=tables[0].device)
+    los, spans = [], []
+    for t in tables:
+        lo = t.masked_fill(~valid, hi_int).amin(1, keepdim=True)
+        lo = lo.masked_fill(lo == hi_int, 0)  # a kept assignment with no entry: any base
+        hi = t.masked_fill(~valid, -1).amax(1, keepdim=True)
+        span = max(int((hi - lo + 1).max()), 1)
+        flat = flat * span + (t - lo)
+        los.append(lo.reshape(-1))
+        spans.append(span)
+    span = math.prod(spans)
+    if span >= labels.size(summed):
+        labels._collapses[key] = None
+        return None
+    # where each entry lands, flat over (kept, windows); entries that do not exist: one past
+    slots = nk * span
+    target = (_arange(nk, flat)[:, None] * span + flat).masked_fill(~valid, slots).reshape(-1)
+    hit = torch.zeros(slots + 1, dtype=torch.bool, device=flat.device)
+    hit[target] = True
+    missed = ~hit[:slots].reshape(nk, span)
+    # one window label per map, so that a window that is the whole input axis is that axis
+    windows = tuple(w for n in spans for w in labels.fresh(n))
+    over = tuple(kept) + windows
+    new, stride = {}, span
+    r = _arange(span, flat)[None, :]
+    for i, (a, lo, n) in enumerate(zip(maps, los, spans)):
+        stride //= n
+        table = lo[:, None] + (r // stride) % n
+        if i == 0:  # a window entry that no entry reaches does not exist: on one map is enough
+            table = table.masked_fill(missed, -1)
+        new[a] = labels.derive(table.reshape(labels.shape(over)), over, labels.sizes[a])
+    result = _Collapse(tuple(summed), tuple(kept), windows, span, new, target)
+    labels._collapses[key] = result
+    return result
+
+
+def _collapse_groups(term: Term, labels: Labels) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(maps, summed)``: the term's input-side index maps grouped by the labels they are over
+    that no other atom carries (the labels a sum left only in the maps and the factor), maps
+    that share such a label in one group."""
+    maps = distinct([a for a in term.inp_atoms if a in labels.derived])
+    kept = set(labels.base(term.out_atoms)) | {a for a in term.inp_atoms if a not in labels.derived}
+    groups: list[tuple[list[int], set[int]]] = []
+    for a in maps:
+        own = set(labels.derived[a][1]) - kept
+        if not own:
+            continue
+        joined = [g for g in groups if g[1] & own]
+        group = ([x for g in joined for x in g[0]] + [a], own.union(*(g[1] for g in joined)))
+        groups = [g for g in groups if not g[1] & own] + [group]
+    order = labels.base(term.inp_atoms)
+    return [(tuple(ms), tuple(l for l in order if l in ls)) for ms, ls in groups]
+
+
+def collapse(term: Term, labels: Labels) -> Term:
+    """The term with the entries that land on the same place summed.
+
+    A sum over a convolution's kernel offsets, a pooling's window or a linear layer's cells
+    leaves labels that only the input side's index maps (and the factor) carry: the term then
+    enumerates every combination of them, and combinations that reach the same input entry
+    are only added by the final write (a CNN's offsets through two convolutions and poolings:
+    a factor hundreds of times the Jacobian). Each group of such maps (maps that share one of
+    these labels) is re-expressed over a *window* label per map instead, the offset from the
+    lowest input entry the other labels (``kept``) reach, with the factor scatter-added onto
+    it; where nothing is kept, the window is the input axis itself (a plain label). Entries
+    that do not exist (padding, -1) stay dropped, and window entries that nothing reaches are
+    -1 too, so the stored entries are unchanged: the union of the places the old entries
+    reach. Applied only where it enumerates fewer entries (decided from the maps, before
+    anything is allocated)."""
+    import torch
+
+    plans = [p for p in (_collapse_group(maps, summed, labels)
+                         for maps, summed in _collapse_groups(term, labels)) if p is not None]
+    while plans:
+        # groups over disjoint kept labels (a CNN's rows and columns) in one scatter: the factor
+        # is laid out (a copy) and added once
+        batch: list[_Collapse] = []
+        for p in list(plans):
+            if not any(set(p.kept) & set(q.kept) for q in batch):
+                batch.append(p)
+                plans.remove(p)
+        factor, fl = term.factor, term.flabels
+        done = tuple(l for p in batch for l in p.kept + p.summed)
+        # the other labels in the factor's memory order (outermost first): the copy below
+        # then reads runs of contiguous memory
+        rest = tuple(sorted((l for l in fl if l not in done),
+                            key=lambda l: -factor.stride(fl.index(l))))
+        lead = labels.shape(rest)
+        ins = [labels.size(p.kept + p.summed) for p in batch]
+        outs = [labels.size(p.kept) * p.span for p in batch]
+        # the factor laid out as (kept, summed, ...) per group, then ``rest``: one row of
+        # ``rest`` per entry, added onto the row of (kept, windows, ...) it lands on; beside
+        # them its index (int64 targets and boolean drops, with their temporaries): one guard
+        # for all that is alive at once
+        index = math.prod(ins) * 16
+        rows = (math.prod(ins) + math.prod(outs) + 1) * math.prod(lead) * factor.element_size()
+        labels.guard((index + rows,), 1,
+                     "a factor to collapse, its collapse and the collapse's index")
+        target = torch.zeros((), dtype=torch.int64, device=factor.device)
+        dropped = torch.zeros((), dtype=torch.bool, device=factor.device)
+        for p, n_out in zip(batch, outs):
+            t = p.target.to(factor.device)
+            target = (target.unsqueeze(-1) * n_out + t.clamp(max=n_out - 1)).reshape(-1)
+            dropped = (dropped.unsqueeze(-1) | (t == n_out)).reshape(-1)
+        slots = math.prod(outs)
+        target = target.masked_fill(dropped, slots)
+        source = _align(factor, fl, done + rest).expand(labels.shape(done) + lead)
+        source = source.reshape(math.prod(ins), math.prod(lead))
+        total = factor.new_zeros((slots + 1, math.prod(lead)))
+        total.index_add_(0, target, source)
+        del source
+        fl = tuple(l for p in batch for l in p.kept + p.windows) + rest
+        factor = total[:slots].reshape(labels.shape(fl))  # contiguous: a view
+        new = {a: b for p in batch for a, b in p.new.items()}
+        sub = lambda atoms: tuple(new.get(x, x) for x in atoms)  # noqa: E731
+        term = Term(term.out, tuple(sub(a) for a in term.inp), factor, fl)
+    return term
 
 
 def torch_equal(a: "torch.Tensor", b: "torch.Tensor") -> bool:

@@ -72,6 +72,15 @@ class Tracer:
     def _forget(self, key: int) -> None:
         self._traced.pop(key, None)
 
+    def collapsed(self, terms: Terms | None) -> Terms | None:
+        """A rule's result terms with the entries that land on one place summed
+        (:func:`~sparsejac.programs.terms.collapse`): after every rule, so that the labels a
+        sum leaves on the input side's index maps never pile up through later layers."""
+        if not terms:
+            return terms
+        return {k: T.merge([T.collapse(t, self.labels) for t in ts], self.labels)
+                for k, ts in terms.items()}
+
     def terms(self, x: Any) -> Terms | None:
         entry = self._traced.get(id(x))
         return entry[1] if entry is not None and entry[0]() is x else None
@@ -172,6 +181,7 @@ class Tracer:
             else:
                 got = rule.fn(self, result, **params)
                 parts = [got] if isinstance(result, torch.Tensor) else list(got)
+                parts = [self.collapsed(p) for p in parts]
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
