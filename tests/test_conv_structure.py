@@ -272,20 +272,26 @@ def _dense(terms, out_shape, in_shape, labels):
     return T.materialise(terms, out_shape, in_shape, labels, D)
 
 
-def test_collapse_sums_offsets_that_reach_one_input_entry():
-    """Three 1-d convolutions (kernel 3, padding 1): the input entry reached from output cell
-    ``o`` is ``o + k1 + k2 + k3 - 3``, 27 combinations of offsets over 7 places. The collapse
-    keeps the output cell and puts one window label of 7 on the input side; padding (-1) stays
-    dropped, so the stored entries and values are the uncollapsed term's."""
-    g = torch.Generator().manual_seed(7)
+def _three_convs(seed: int):
+    """Three 1-d convolutions (kernel 3, padding 1) of a 12-long signal, and the signal."""
+    g = torch.Generator().manual_seed(seed)
     ws = [torch.randn(1, 1, 3, dtype=D, generator=g) for _ in range(3)]
-    x = _rand(1, 1, 12, seed=8)
+    x = _rand(1, 1, 12, seed=seed + 1)
 
     def fn(a):
         for w in ws:
             a = F.conv1d(a, w, padding=1)
         return a
 
+    return fn, x
+
+
+def test_collapse_sums_offsets_that_reach_one_input_entry():
+    """Three 1-d convolutions (kernel 3, padding 1): the input entry reached from output cell
+    ``o`` is ``o + k1 + k2 + k3 - 3``, 27 combinations of offsets over 7 places. The collapse
+    keeps the output cell and puts one window label of 7 on the input side; padding (-1) stays
+    dropped, so the stored entries and values are the uncollapsed term's."""
+    fn, x = _three_convs(7)
     (term,), out_shape, labels = _traced_terms(fn, x)
     assert term.nnz(labels) == 12 * 27
     after = T.collapse(term, labels)
@@ -348,15 +354,7 @@ def test_collapse_onto_the_input_axis_and_joint_maps():
 
 def test_collapse_is_refused_by_the_guard_before_allocating():
     """The collapse's scatter is checked against the memory limit like every factor."""
-    g = torch.Generator().manual_seed(11)
-    ws = [torch.randn(1, 1, 3, dtype=D, generator=g) for _ in range(3)]
-    x = _rand(1, 1, 12, seed=12)
-
-    def fn(a):
-        for w in ws:
-            a = F.conv1d(a, w, padding=1)
-        return a
-
+    fn, x = _three_convs(11)
     (term,), _, labels = _traced_terms(fn, x)
     labels.limit = 8 * 12 * 27  # the source alone, not the source and the collapsed factor
     with pytest.raises(sparsejac.errors.JacobianTooLargeError):
