@@ -251,7 +251,7 @@ def _factors_nbytes(c: _Collected) -> int:
     from .tracer import storage_nbytes
 
     held = storage_nbytes([t.factor for terms in c.blocks for t in terms])
-    return max(held, c.labels.live())
+    return max(held, c.labels.live()) + c.labels.tables_nbytes
 
 
 def _symmetrise(csr):

@@ -82,6 +82,9 @@ class Labels:
         # the most bytes one guarded allocation brought the live factors to: the trace's peak,
         # known once it has run (what a plan refuses a refill by, before tracing again)
         self.peak = 0
+        # bytes of the index maps' tables (int64, one per derived label, kept for the trace)
+        self.tables_nbytes = 0
+        self._table_storages: set[int] = set()
         # factors made here and still referenced: a rule's new terms are in use before the
         # tracer records them (attention's matmul holds one per path, then sums them)
         self._made: dict[int, weakref.ref] = {}
@@ -90,10 +93,11 @@ class Labels:
         """Refuse, before it is allocated, a tensor of ``shape`` that would take the bytes in
         use (the live factors) over the memory limit; record the peak it would reach."""
         nbytes = math.prod(shape) * itemsize
-        live = self.live()
+        live = self.live() + self.tables_nbytes
         self.peak = max(self.peak, live + nbytes)
         if self.limit is not None and nbytes > self.limit - live:
-            alive = f" beside {live:,} bytes of live Jacobian factors" if live else ""
+            alive = (f" beside {live:,} bytes of live Jacobian factors and index tables"
+                     if live else "")
             options.guard(nbytes, self.limit - live, self.prefix,
                           f"{what} of shape {tuple(shape)}{alive}")
 
@@ -144,6 +148,11 @@ class Labels:
         label = len(self.sizes)
         self.sizes[label] = int(size)
         self.derived[label] = (table, over)
+        # the tables stay alive as long as the labels: their memory counts beside the factors
+        storage = table.untyped_storage()
+        if storage.data_ptr() not in self._table_storages:
+            self._table_storages.add(storage.data_ptr())
+            self.tables_nbytes += storage.nbytes()
         self._maps.setdefault(key, []).append(label)
         return label
 
