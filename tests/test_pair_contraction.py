@@ -27,8 +27,24 @@ def test_pair_equals_einsum_and_is_contiguous(case):
     a, la, b, lb, keep = case
     got = T._matmul_pair(a, la, b, lb, keep)
     want = torch.einsum(a, la, b, lb, keep)
-    if got is None:  # einsum's turn: keep ends in a shared label, or is empty
-        assert not keep or keep[-1] in la and keep[-1] in lb
+    if got is None:
+        # torch.einsum's turn: keep is empty or ends in a shared label, or torch.matmul would
+        # copy an operand expanded over a batch it lacks (see _matmul_pair)
+        if not keep or (keep[-1] in la and keep[-1] in lb):
+            return
+        # keep = P + M + N (N: the trailing run of one operand's own labels, M: the run of the
+        # other's before it); torch.matmul broadcasts only over a P label one operand lacks
+        own = (lambda l: l in la and l not in lb) if keep[-1] in la else (
+            lambda l: l in lb and l not in la)
+        other = (lambda l: l in lb and l not in la) if keep[-1] in la else (
+            lambda l: l in la and l not in lb)
+        n = len(keep)
+        while n and own(keep[n - 1]):
+            n -= 1
+        m = n
+        while m and other(keep[m - 1]):
+            m -= 1
+        assert any((l in la) != (l in lb) for l in keep[:m])
         return
     assert got.shape == want.shape
     assert got.is_contiguous()
