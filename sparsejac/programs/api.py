@@ -497,10 +497,8 @@ class _Block:
                     if isinstance(a, np.ndarray):
                         a.flags.writeable = False  # shared by every refill: read-only
             self.patterns[key] = pattern
-        data = W.values(terms, labels, f, dtype, xp)
-        if f.on_torch and xp is W.NUMPY:
-            data = formats._tensor(data)
-        return f.container(self.patterns[key], data, self.out_shape, self.inp_shape)
+        return W.container(terms, labels, f, dtype, xp, self.patterns[key], self.out_shape,
+                           self.inp_shape)
 
     def _transpose_order(self):
         """The transposed pattern, its data the position of each entry in this block's."""

@@ -94,19 +94,21 @@ def _add_nested(data, structure: Structure, big: T.Term, terms: Sequence[T.Term]
         grid.as_strided(labels.shape(own), strides).add_(value)
 
 
+def _on_gpu(fmt: formats.Format, device: Any) -> bool:
+    """Whether ``fmt``'s results belong on ``device``: a torch format and a CUDA device."""
+    return fmt.on_torch and device is not None and getattr(device, "type", "cpu") == "cuda"
+
+
 def backend(fmt: formats.Format, device: Any):
     """Where a block is written: on ``device`` for a torch format on a CUDA device, else numpy."""
-    if fmt.on_torch and device is not None and getattr(device, "type", "cpu") == "cuda":
-        return TorchBackend(device)
-    return NUMPY
+    return TorchBackend(device) if _on_gpu(fmt, device) else NUMPY
 
 
 def factor_on(term: T.Term, dtype: "torch.dtype", xp) -> Any:
     """The term's factor in ``dtype`` on the backend ``xp`` (a numpy view where it can be)."""
-    factor = term.factor.detach().to(dtype)
     if xp is NUMPY:
-        return factor.cpu().resolve_conj().resolve_neg().numpy()
-    return factor.to(xp.device)
+        return T._numpy_factor(term, dtype)
+    return term.factor.detach().to(dtype=dtype, device=xp.device)
 
 
 def coo_pattern(term: T.Term, structure: Structure, out_shape: Sequence[int],
@@ -188,17 +190,23 @@ def write(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence
         term = largest(terms, labels)
         structure, _ = T._structure(term, labels)
         p = pattern(term, structure, fmt, out_shape, inp_shape, xp)
-        data = values(terms, labels, fmt, dtype, xp)
-        if fmt.on_torch and xp is NUMPY:
-            data = formats._tensor(data)
-        return fmt.container(p, data, out_shape, inp_shape)
+        return container(terms, labels, fmt, dtype, xp, p, out_shape, inp_shape)
     csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
     return on_device(fmt.from_csr(csr, out_shape, inp_shape), fmt, device)
 
 
+def container(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
+              dtype: "torch.dtype", xp, pattern: Any, out_shape, inp_shape) -> Any:
+    """A direct block's values (:func:`values`) in ``fmt``'s container around ``pattern``."""
+    data = values(terms, labels, fmt, dtype, xp)
+    if fmt.on_torch and xp is NUMPY:
+        data = formats._tensor(data)
+    return fmt.container(pattern, data, out_shape, inp_shape)
+
+
 def on_device(result: Any, fmt: formats.Format, device: Any) -> Any:
     """A torch-format result moved to ``device`` (once, at the end) where that is a GPU."""
-    if fmt.on_torch and device is not None and getattr(device, "type", "cpu") == "cuda":
+    if _on_gpu(fmt, device):
         moved = result.to(device)
         setattr(moved, formats.OUT_NDIM, getattr(result, formats.OUT_NDIM))
         return moved
