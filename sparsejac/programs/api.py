@@ -117,6 +117,9 @@ class _Collected:
         self.limit, self.layout, self.nest, self.what = limit, layout, nest, what
         self.symmetric = set(sym)  # blocks that are symmetric (a Hessian's diagonal blocks)
         self.device = None  # the differentiated arguments' device (a CUDA one keeps results)
+        for terms in blocks:  # products still unformed are formed now, each under the trace's
+            for t in terms:   # guard, so that the writers' guard counts them as live factors
+                t.factor
 
     def structure(self) -> tuple:
         """What the pattern depends on: every term's axes and sizes, and its index maps."""
@@ -250,7 +253,7 @@ def _factors_nbytes(c: _Collected) -> int:
     terms, or the tracer's live factors where it holds more."""
     from .tracer import storage_nbytes
 
-    held = storage_nbytes([t.factor for terms in c.blocks for t in terms])
+    held = storage_nbytes([f for terms in c.blocks for t in terms for f in t.held()])
     return max(held, c.labels.live()) + c.labels.tables_nbytes
 
 

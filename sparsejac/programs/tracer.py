@@ -88,8 +88,8 @@ class Tracer:
     def live_bytes(self) -> int:
         """Bytes of the distinct factors held by the terms of live tensors, and of those the
         current rule has made but not yet recorded (:meth:`Labels.in_use`)."""
-        factors = [t.factor for _, terms in list(self._traced.values())
-                   for ts in terms.values() for t in ts]
+        factors = [f for _, terms in list(self._traced.values())
+                   for ts in terms.values() for t in ts for f in t.held()]
         return storage_nbytes(factors + self.labels.in_use())
 
     def keep_only(self, obj: Any) -> None:
