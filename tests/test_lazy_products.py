@@ -125,3 +125,10 @@ def test_random_programs_with_every_spreading_product_unformed(always_unformed):
 
 def test_random_scalar_programs_hessians_with_every_spreading_product_unformed(always_unformed):
     H.test_random_scalar_programs()
+
+
+def test_a_sum_whose_first_scaled_summand_broadcasts(always_unformed):
+    """Regression (drawn by the test above): in a merge, the first summand a product of a
+    factor and a scale that together cover only part of the sum's shape."""
+    x = P.rand(2, seed=0)
+    P.check(lambda x: P.run_program([(1, 0), (14, 1), (20, 0)], x), x, exact_nnz=False)

@@ -657,3 +657,32 @@ def test_sums_of_nested_terms_are_written_directly(case):
     for fmt in ("coo", "csr", "csc", "torch", "torch_csr"):
         M = sparsejac.to_scipy(plan.jacobian(x2, format=fmt), out_ndim=fn(x).dim())
         np.testing.assert_allclose(M.toarray(), ref.reshape(M.shape), rtol=RTOL, atol=ATOL)
+
+
+PADDED_RESHAPED = {
+    "pad-reshape-flip-cols": lambda x: F.pad(x, (1, 1)).reshape(2, 2).flip(-1),
+    "pad-reshape-flip-rows": lambda x: F.pad(x, (1, 1)).reshape(2, 2).flip(0),
+    "pad-cat-reshape-flip": lambda x: torch.cat([F.pad(x, (1, 0)), x[:1] * 2]).reshape(2, 2).flip(-1),
+    "pad-take": lambda x: F.pad(x, (2, 2)).reshape(3, 2)[:, [1, 0]],
+}
+
+
+@pytest.mark.parametrize("name", PADDED_RESHAPED)
+def test_selection_from_a_padded_axis_reshaped(name):
+    """Regression (drawn by the random programs): a padded axis reshaped keeps its column as a
+    map of its row; a selection that reads both digits must keep only the entries where they
+    name the same argument entry (each was taken alone: the padding got values of 1)."""
+    check(PADDED_RESHAPED[name], rand(2, seed=1), exact_nnz=False)
+
+
+@pytest.mark.parametrize("name", [
+    "pad-reshape-flip-cols", "pad-reshape-flip-rows",
+    pytest.param("pad-cat-reshape-flip", marks=pytest.mark.xfail(strict=True, reason=(
+        "known over-approximation: 5 entries stored for 3 nonzeros (explicit zeros where the "
+        "two digits disagree are masked, not dropped)"))),
+    pytest.param("pad-take", marks=pytest.mark.xfail(strict=True, reason=(
+        "known over-approximation, older than the fix above: 6 entries stored for 2 nonzeros "
+        "(the padded rows are enumerated and masked)"))),
+])
+def test_selection_from_a_padded_axis_reshaped_stores_only_the_nonzeros(name):
+    check(PADDED_RESHAPED[name], rand(2, seed=1))

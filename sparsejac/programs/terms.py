@@ -27,6 +27,7 @@ Jacobian is a list of terms (a sum); ``merge`` adds terms with the same axes int
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -343,9 +344,10 @@ def _einsum(
 def contract(
     operands: Sequence[tuple["torch.Tensor", Sequence[int]]], out: Sequence[int], labels: Labels
 ) -> "torch.Tensor":
-    """``einsum(operands -> out)`` by pairs chosen greedily: each step contracts the pair whose
-    result adds the fewest entries over its two operands (opt_einsum's greedy rule), so that a
-    chain ``W2 diag(g) W1 J`` contracts its small matrices first. Every pair goes through
+    """``einsum(operands -> out)`` by pairs chosen greedily: each step contracts the pair with
+    the fewest multiply-adds and writes, so that a chain ``W2 diag(g) W1 J`` contracts its small matrices
+    first and a chain of scales ``g3 g2 g1 F`` multiplies the scales together before it
+    makes one pass over the large factor ``F``. Every pair goes through
     :func:`_einsum` (guarded, laid out for the writer); the last pair gives ``out``."""
     ops = [(t, tuple(ls)) for t, ls in operands]
     size: dict[int, int] = {}
@@ -357,8 +359,11 @@ def contract(
         for i in range(len(ops)):
             for j in range(i + 1, len(ops)):
                 needed = set(out).union(*(ls for k, (_, ls) in enumerate(ops) if k not in (i, j)))
-                keep = tuple(l for l in distinct(ops[i][1] + ops[j][1]) if l in needed)
-                cost = (math.prod(size[l] for l in keep) - ops[i][0].numel() - ops[j][0].numel())
+                both = distinct(ops[i][1] + ops[j][1])
+                keep = tuple(l for l in both if l in needed)
+                # multiply-adds (the pair's loop), plus the entries it writes: of two pairs
+                # with equal loops, the one that sums a widened label away goes first
+                cost = math.prod(size[l] for l in both) + math.prod(size[l] for l in keep)
                 if best is None or cost < best[0]:
                     best = (cost, i, j, keep)
         _, i, j, keep = best
@@ -370,6 +375,7 @@ def contract(
 # A product is kept unformed (:class:`Product`) where forming it would make a factor this many
 # times the entries of its parts: beyond it the next layer usually narrows the chain again.
 LAZY_SPREAD = 4
+_AB_SCALES = True
 
 
 def _product(ops: list, fl: tuple[int, ...], labels: Labels, like: "torch.Tensor"):
@@ -825,6 +831,12 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     if term.lazy is not None:  # g joins the chain (a relu between two linear layers)
         ops = _operands_of(term, set(gl) | set(fl))
         return Term(term.out, term.inp, _product(ops + [(gv, gl)], fl, labels, gv), fl)
+    if _AB_SCALES and set(gl) <= set(term.flabels) and gv.numel() < term.factor.numel():
+        # a pass over the factor, put off: the scales of the steps that follow (a layer
+        # norm's, an activation's) join it and are multiplied together first, then applied
+        # to the factor once (:func:`contract`)
+        return Term(term.out, term.inp, Product([(term.factor, term.flabels), (gv, gl)], fl,
+                                                labels), fl)
     factor = _einsum([(term.factor, term.flabels), (gv, gl)], fl, labels)
     if term.factor.numel() + g.numel() < factor.numel():
         # the product spreads a smaller factor (a weight shared by a batch): remember its
@@ -852,12 +864,14 @@ def unscaled(term: Term, labels: Labels):
 
 def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
     """The term times a scalar ``c`` (a new factor of the same shape)."""
-    lazy = term.lazy
-    if lazy is not None:
-        import torch
+    import torch
 
+    if _AB_SCALES and (isinstance(c, torch.Tensor) or term.factor.numel() > 1):
+        # put off like a scale (:func:`scale`): one pass over the factor for a chain of them
         c = torch.as_tensor(c, dtype=term.like.dtype, device=term.like.device).reshape(())
-        return replace(term, stored=Product(lazy.operands + [(c, ())], lazy.out, labels))
+        lazy = term.lazy
+        ops = list(lazy.operands) if lazy is not None else [(term.factor, term.flabels)]
+        return replace(term, stored=Product(ops + [(c, ())], term.flabels, labels))
     labels.guard(tuple(term.factor.shape), term.factor.element_size())
     return replace(term, stored=labels.made(term.factor * c))
 
@@ -973,24 +987,62 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
             merged.append(first)
             continue
         free = first.free(labels)
-        renamed = []
+        # each summand as (factor, scale) over ``union``: a product of one large factor and
+        # small scales (a layer norm's, an activation's) is not formed but multiplied into
+        # the sum as it is added (one pass over the factor instead of three)
+        parts, present = [], set()
         for t in group:
             rename = dict(zip(t.free(labels), free))
-            renamed.append(Term(first.out, first.inp, t.factor,
-                                tuple(rename[l] for l in t.flabels)))
-        present = {l for t in renamed for l in t.flabels}
+            scaled = _scaled(t, labels)
+            if scaled is None:
+                scaled = ((t.factor, t.flabels), None)
+            (f, fl), g = scaled
+            parts.append(((f, tuple(rename[l] for l in fl)),
+                          None if g is None else (g[0], tuple(rename[l] for l in g[1]))))
+            present |= {rename[l] for l in t.flabels}
         union = tuple(l for l in free if l in present)
-        aligned = [_aligned(t, union) for t in renamed]
-        # each partial sum is a new tensor of the broadcast shape (at most the union's), made
-        # while the one before it is alive
-        shape = np.broadcast_shapes(*(tuple(a.shape) for a in aligned))  # torch's imports sympy
-        itemsize = max(a.element_size() for a in aligned)
-        total = aligned[0]
-        for a in aligned[1:]:
-            labels.guard(shape, itemsize)
-            total = labels.made(total + a)
+        views = [(_along(f, fl, union), None if g is None else _along(g[0], g[1], union))
+                 for (f, fl), g in parts]
+        shape = np.broadcast_shapes(*(tuple(v.shape) for pair in views for v in pair
+                                      if v is not None))  # (torch's broadcast imports sympy)
+        dtype = functools.reduce(torch.promote_types, (v.dtype for pair in views for v in pair
+                                                        if v is not None))
+        labels.guard(shape, dtype.itemsize)
+        total = labels.made(torch.empty(shape, dtype=dtype, device=views[0][0].device))
+        for k, (f, g) in enumerate(views):
+            if k == 0:
+                if g is not None and np.broadcast_shapes(tuple(f.shape), tuple(g.shape)) == shape:
+                    torch.mul(f, g, out=total)
+                else:  # (broadcast into the sum's shape first: ``out=`` would resize it)
+                    total.copy_(f)
+                    if g is not None:
+                        total.mul_(g)
+            elif g is not None:
+                total.addcmul_(f, g)
+            else:
+                total.add_(f)
         merged.append(Term(first.out, first.inp, total, union))
     return merged
+
+
+def _scaled(term: Term, labels: Labels):
+    """``((factor, labels), (scale, labels))`` where the term is an unformed product of one
+    large factor and scales over some of its labels (at most half its entries in all), the
+    scales multiplied together; else None."""
+    lazy = term.lazy
+    if lazy is None or len(lazy.operands) < 2:
+        return None
+    ops = lazy.operands
+    big = max(range(len(ops)), key=lambda i: ops[i][0].numel())
+    f, fl = ops[big]
+    rest = [op for i, op in enumerate(ops) if i != big]
+    if set(fl) != set(lazy.out) or any(not set(ls) <= set(fl) for _, ls in rest):
+        return None
+    if 2 * sum(t.numel() for t, _ in rest) > f.numel():
+        return None
+    gl = tuple(l for l in fl if any(l in ls for _, ls in rest))
+    return (f, fl), (contract(rest, gl, labels) if len(rest) > 1 or rest[0][1] != gl
+                     else rest[0][0], gl)
 
 
 def _structure(term: Term, labels: Labels) -> tuple[Structure, tuple[int, ...]]:
@@ -1563,6 +1615,10 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
         if a in labels.derived:
             a, inverse = _injective(a, labels)
             digit = inverse[digit.clamp(min=0)].masked_fill(digit < 0, -1)
+        if a in subs:
+            # two digits name the same label (a padded axis reshaped: the column is a map of
+            # the row): an entry exists only where they agree
+            digit = digit.masked_fill(digit != subs[a], -1)
         valid = valid & (digit >= 0)
         subs[a] = digit
     subs = _separate(subs, valid)
