@@ -375,7 +375,9 @@ def contract(
 # A product is kept unformed (:class:`Product`) where forming it would make a factor this many
 # times the entries of its parts: beyond it the next layer usually narrows the chain again.
 LAZY_SPREAD = 4
-_AB_SCALES = True
+# Elementwise scales and scalars on a large factor are put off too (:func:`scale`, :func:`multiply`).
+# Both switches exist for A/B runs of the benchmarks and for tests that need a product formed.
+LAZY_SCALES = True
 
 
 def _product(ops: list, fl: tuple[int, ...], labels: Labels, like: "torch.Tensor"):
@@ -831,7 +833,7 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     if term.lazy is not None:  # g joins the chain (a relu between two linear layers)
         ops = _operands_of(term, set(gl) | set(fl))
         return Term(term.out, term.inp, _product(ops + [(gv, gl)], fl, labels, gv), fl)
-    if _AB_SCALES and set(gl) <= set(term.flabels) and gv.numel() < term.factor.numel():
+    if LAZY_SCALES and set(gl) <= set(term.flabels) and gv.numel() < term.factor.numel():
         # a pass over the factor, put off: the scales of the steps that follow (a layer
         # norm's, an activation's) join it and are multiplied together first, then applied
         # to the factor once (:func:`contract`)
@@ -866,7 +868,7 @@ def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
     """The term times a scalar ``c`` (a new factor of the same shape)."""
     import torch
 
-    if _AB_SCALES and (isinstance(c, torch.Tensor) or term.factor.numel() > 1):
+    if LAZY_SCALES and (isinstance(c, torch.Tensor) or term.factor.numel() > 1):
         # put off like a scale (:func:`scale`): one pass over the factor for a chain of them
         c = torch.as_tensor(c, dtype=term.like.dtype, device=term.like.device).reshape(())
         lazy = term.lazy
