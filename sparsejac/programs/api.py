@@ -53,10 +53,12 @@ def _conversion_nbytes(fmt, nnz, out_shape, inp_shape, itemsize, csr_bytes):
                                                           csr_bytes)
 
 
-def _trace(fn, args, wrt, memory_limit, second: bool = False):
+def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None = None):
     """Trace ``fn(*args)``: the tracer, the differentiated positions, the arguments' leaves and
     tree specs, the output's leaves and spec, the labels, the dtype and the limit. ``second``:
-    also record the steps and let torch's autograd follow them (for the adjoints)."""
+    also record the steps and let torch's autograd follow them (for the adjoints), and which
+    rule calls read which (:meth:`Tracer.dead_calls`); or, given ``skip`` (a refill), form no
+    terms for those calls."""
     torch = load()
     from torch.utils import _pytree as pytree
 
@@ -87,6 +89,7 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False):
     tracer = make_tracer(labels, dtype)
     if second:
         tracer.tape = []
+        tracer.reads, tracer.skip = ([], None) if skip is None else (None, skip)
         flat_args = [[t.clone().requires_grad_(True) if (p in positions) else t
                       for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
@@ -162,15 +165,19 @@ def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     return c
 
 
-def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
-    """The Hessian's blocks on and above the diagonal (those below are their transposes)."""
+def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _Collected:
+    """The Hessian's blocks on and above the diagonal (those below are their transposes).
+    ``skip``: rule calls whose first-order terms nothing read in the plan's trace (a refill);
+    the result's ``dead`` gives them after a full trace, ``skipped`` whether any was skipped
+    and ``read_dead`` whether a rule wanted skipped terms after all (then the blocks are
+    wrong: the caller traces again in full)."""
     import torch
     from torch.utils import _pytree as pytree
 
     from ..errors import ShapeError
 
     (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
-     limit) = _trace(fn, args, wrt, memory_limit, second=True)
+     limit) = _trace(fn, args, wrt, memory_limit, second=True, skip=skip)
     if len(out_leaves) != 1 or out_leaves[0].numel() != 1:
         raise ShapeError(f"{PREFIX}hessian_of needs fn to return one scalar tensor; got "
                          f"{[tuple(o.shape) for o in out_leaves]}")
@@ -242,6 +249,8 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
 
     c = _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what, sym)
     c.device = flat_args[positions[0]][0].device
+    c.dead = tracer.dead_calls() if tracer.reads is not None else None
+    c.skipped, c.read_dead = bool(skip), tracer.read_dead
     return c
 
 
@@ -713,11 +722,18 @@ class ProgramPlan:
             self._adopt(self._collect(args, memory_limit))
         self._args_key = _signature(args)
 
-    def _collect(self, args, limit) -> _Collected:
-        collect = _hessian_blocks if self.order == 2 else _jacobian_blocks
-        return collect(self.fn, args, self.wrt, limit)
+    def _collect(self, args, limit, skip: bool = False) -> _Collected:
+        """Trace ``fn(*args)``; ``skip``: a Hessian's first-order terms that the last full
+        trace showed nobody reads are not formed (:meth:`Tracer.dead_calls`)."""
+        if self.order != 2:
+            return _jacobian_blocks(self.fn, args, self.wrt, limit)
+        c = _hessian_blocks(self.fn, args, self.wrt, limit, self._dead if skip else None)
+        if c.read_dead:  # the path changed and reads what was skipped: trace it in full
+            c = _hessian_blocks(self.fn, args, self.wrt, limit)
+        return c
 
     def _adopt(self, c: _Collected) -> None:
+        self._dead = getattr(c, "dead", None) or {}
         self._structure, self.dtype, self._layout = c.structure(), c.dtype, c.layout
         self._blocks = [_Block(terms, s1, s2, c.labels, c.dtype, i in c.symmetric)
                         for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes))]
@@ -830,9 +846,11 @@ class ProgramPlan:
                           f"{self._trace_peak:,} bytes of factors, or {self._live_end:,} bytes "
                           "of factors alive as the result is written, its arrays and the "
                           "writers' temporaries)")
-            c = self._collect(args, limit)
+            c = self._collect(args, limit, skip=True)
             if c.structure() != self._structure:  # the path changed with the values
                 self.rebuilds += 1
+                if getattr(c, "skipped", False):  # the new path's own liveness, in full
+                    c = self._collect(args, limit)
                 self._adopt(c)
             else:
                 self._measure(c)
