@@ -56,8 +56,8 @@ class Tracer:
         # of intermediates the program dropped are freed as it runs.
         self._traced: dict[int, tuple[Any, Terms]] = {}
         labels.live = self.live_bytes
-        # For the second order: the steps taken, (rule, params, result), in order; None when
-        # only first derivatives are wanted.
+        # For the second order: the steps taken, (rule, params, result's meta stand-in, the
+        # slot its adjoint lands in), in order; None when only first derivatives are wanted.
         self.tape: list | None = None
         # Hessian pairs kept to be contracted together (:func:`second.defer`); None: none kept
         self.pending: dict | None = None
@@ -235,13 +235,26 @@ class Tracer:
                     getattr(rule.second, "cross", False) and self._operands(rule, params) < 2):
                 # (a cross term needs two traced operands: a product or matmul with a
                 # constant is linear, and taping it would keep its input and terms alive)
-                self.tape.append((rule, params, result))
                 self.taped.append(self.calls - 1)
+                r = result if isinstance(result, torch.Tensor) else result[0]
+                if r.requires_grad:
+                    # the tape keeps no result (at a million variables each is 8 MB, and its
+                    # first-order terms live as long as it does): a hook keeps its adjoint when
+                    # the backward pass reaches it, and its shape and dtype stand in for it
+                    slot: dict = {}
+                    r.register_hook(functools.partial(_keep_adjoint, slot))
+                    self.tape.append((rule, params, torch.empty(r.shape, dtype=r.dtype,
+                                                                device="meta"), slot))
         except T.TooManyLabelsError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
         finally:
             self.labels.prefix = PREFIX
         return result
+
+
+def _keep_adjoint(slot: dict, grad: Any) -> None:
+    """A taped step's adjoint, kept as the backward pass gives it (the gradient unchanged)."""
+    slot["ybar"] = grad
 
 
 class _Dead(dict):
