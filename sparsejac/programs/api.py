@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -260,26 +261,40 @@ def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _C
     return c
 
 
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2``: ``fordblks`` is the free bytes its heap holds."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library, another system)."""
-    import ctypes
+def _glibc():
+    """glibc's ``(mallinfo2, malloc_trim)``, or None (another C library, another system)."""
     import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        info, trim = libc.mallinfo2, libc.malloc_trim
     except (OSError, AttributeError):
         return None
+    info.restype = _Mallinfo2
+    return info, trim
+
+
+RETAINED = 32 << 20  # free heap bytes above which :func:`release_freed` trims
 
 
 def release_freed() -> None:
-    """Give the memory freed so far back to the system. glibc keeps freed blocks of the
-    8 MB size class (above its adaptive mmap threshold) in its heap, where later blocks of
-    other sizes cannot reuse them: a Rosenbrock Hessian of 1e6 variables peaked at 245-301 MB
-    resident with 90 MB live at the end of its trace, 204-228 MB with this between phases."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    """Give the heap memory freed so far back to the system, where it is much (a trim scans
+    the heap: 0.5 ms, a cost to small refills). glibc keeps freed blocks of the 8 MB size class
+    (above its adaptive mmap threshold) in its heap, where later blocks of other sizes cannot
+    reuse them: a Rosenbrock Hessian of 1e6 variables peaked at 245-301 MB resident with
+    90 MB live at the end of its trace, 204-228 MB with this between phases."""
+    glibc = _glibc()
+    if glibc is not None and glibc[0]().fordblks >= RETAINED:
+        glibc[1](0)
 
 
 def _factors_nbytes(c: _Collected) -> int:
