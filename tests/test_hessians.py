@@ -328,22 +328,3 @@ def test_the_tape_keeps_no_step_result_alive(monkeypatch):
     np.testing.assert_allclose(H.toarray(), torch.func.hessian(fn)(z).numpy(), rtol=1e-9,
                                atol=1e-11)
 
-
-def test_freed_heap_is_given_back_only_where_much_is_held(monkeypatch):
-    """release_freed trims glibc's heap where it holds RETAINED free bytes or more, and
-    leaves it (a trim scans the heap) where it holds less; elsewhere it does nothing."""
-    from types import SimpleNamespace
-
-    from sparsejac.programs import api
-
-    trims = []
-    for free, expected in ((api.RETAINED - 1, []), (api.RETAINED, [0])):
-        trims.clear()
-        monkeypatch.setattr(api, "_glibc", lambda free=free: (
-            lambda: SimpleNamespace(fordblks=free), trims.append))
-        api.release_freed()
-        assert trims == expected
-    monkeypatch.setattr(api, "_glibc", lambda: None)
-    api.release_freed()  # no glibc: nothing to call
-    monkeypatch.undo()
-    api.release_freed()  # the real one (or None): runs

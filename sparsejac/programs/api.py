@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -192,7 +191,6 @@ def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _C
     tracer.keep_only([params for _, params, _, _ in steps])
     tracer._forget(id(out))  # the output's own first-order terms (a gradient): unused
     leaves = [t for p in positions for t in flat_args[p] if t.requires_grad]
-    release_freed()  # what the forward freed, before the adjoints and the terms are made
     if out.requires_grad and steps:
         # the backward pass leaves each step's adjoint in its slot (the tape's hooks); the
         # gradient it returns is dropped at once, and so is autograd's graph
@@ -216,7 +214,6 @@ def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _C
         for k1, k2, term in second.flush(tracer):
             found.setdefault((k1, k2), []).append(term)
         labels.prefix = PREFIX
-        release_freed()
     # The steps' inputs hold their first-order terms in the tracer (and the tracer and the
     # labels hold each other: only the cyclic collector would free them): let them go before
     # the blocks are merged and written.
@@ -253,48 +250,11 @@ def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _C
             rows.append(pytree.tree_unflatten(per_leaf, specs[p1]))
         return tuple(rows) if isinstance(wrt, (tuple, list)) else rows[0]
 
-    release_freed()  # the merges' temporaries, before the blocks are written
     c = _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what, sym)
     c.device = flat_args[positions[0]][0].device
     c.dead = tracer.dead_calls() if tracer.reads is not None else None
     c.skipped, c.read_dead = bool(skip), tracer.read_dead
     return c
-
-
-class _Mallinfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2``: ``fordblks`` is the free bytes its heap holds."""
-
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-@functools.cache
-def _glibc():
-    """glibc's ``(mallinfo2, malloc_trim)``, or None (another C library, another system)."""
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        info, trim = libc.mallinfo2, libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    info.restype = _Mallinfo2
-    return info, trim
-
-
-RETAINED = 32 << 20  # free heap bytes above which :func:`release_freed` trims
-
-
-def release_freed() -> None:
-    """Give the heap memory freed so far back to the system, where it is much (a trim scans
-    the heap: 0.5 ms, a cost to small refills). glibc keeps freed blocks of the 8 MB size class
-    (above its adaptive mmap threshold) in its heap, where later blocks of other sizes cannot
-    reuse them: a Rosenbrock Hessian of 1e6 variables peaked at 245-301 MB resident with
-    90 MB live at the end of its trace, 204-228 MB with this between phases."""
-    glibc = _glibc()
-    if glibc is not None and glibc[0]().fordblks >= RETAINED:
-        glibc[1](0)
 
 
 def _factors_nbytes(c: _Collected) -> int:
