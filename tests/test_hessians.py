@@ -327,4 +327,3 @@ def test_the_tape_keeps_no_step_result_alive(monkeypatch):
     assert alive == [[False, False]]  # one backward pass, the squares already freed
     np.testing.assert_allclose(H.toarray(), torch.func.hessian(fn)(z).numpy(), rtol=1e-9,
                                atol=1e-11)
-
