@@ -299,3 +299,57 @@ def test_products_of_scaled_terms_fold_their_scales():
     check(lambda x: (torch.tanh(x @ W) * torch.sin(x @ W2)).sum()
           + torch.sigmoid(torch.tanh(x @ W)).sum(), x)
     check_blocks(lambda x, w: (torch.tanh(x @ w) * torch.sin(x @ W2)).sum(), x, W)
+
+
+def test_the_tape_keeps_no_step_result_alive(monkeypatch):
+    """A taped step's result is freed when the program drops it (its adjoint comes from a
+    hook), not kept, with its first-order terms, until the second order: at 1e6 variables
+    each is 8 MB. Here the squares' results are gone when the backward pass starts, and the
+    Hessian is torch's."""
+    import weakref
+
+    refs = []
+
+    def fn(z):
+        a = z[:-1] ** 2
+        refs.append(weakref.ref(a))
+        b = (z[1:] - a) ** 2
+        refs.append(weakref.ref(b))
+        return (100 * b + (1 - z[:-1]) ** 2).sum()
+
+    z = rand(9, seed=3)
+    alive = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: (
+        alive.append([r() is not None for r in refs]), grad(*a, **k))[1])
+    H = sparsejac.hessian_of(fn, z, format="csr")
+    monkeypatch.undo()
+    assert alive == [[False, False]]  # one backward pass, the squares already freed
+    np.testing.assert_allclose(H.toarray(), torch.func.hessian(fn)(z).numpy(), rtol=1e-9,
+                               atol=1e-11)
+
+
+def test_a_merged_block_lets_its_factors_go_before_its_average(monkeypatch):
+    """hessian_of's diagonal block: once written, its terms' factors are freed before the
+    average with its transposed copy (at 1e6 Rosenbrock variables, 40 MB beside 40 MB)."""
+    import weakref
+
+    from sparsejac.programs import api, terms as T
+
+    refs, alive = [], []
+    materialise, symmetrise = T.materialise, api._symmetrise
+
+    def spy(terms, *a, **k):
+        refs.extend(weakref.ref(t.factor) for t in terms)
+        return materialise(terms, *a, **k)
+
+    monkeypatch.setattr(T, "materialise", spy)
+    monkeypatch.setattr(api, "_symmetrise", lambda csr: (
+        alive.append(sum(r() is not None for r in refs)), symmetrise(csr))[1])
+    fn = lambda z: (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()  # noqa: E731
+    z = rand(12, seed=4)
+    H = sparsejac.hessian_of(fn, z, format="csr")
+    monkeypatch.undo()
+    assert refs and alive == [0]
+    np.testing.assert_allclose(H.toarray(), torch.func.hessian(fn)(z).numpy(), rtol=1e-9,
+                               atol=1e-11)

@@ -153,3 +153,51 @@ def test_hessian_plans_refill_exactly():
     assert plan.rebuilds == 0
     with pytest.raises(sparsejac.ArgumentError, match="order"):
         sparsejac.plan_of(loss, x0, v0, order=3)
+
+
+def test_a_hessian_refill_forms_no_first_order_terms_nothing_reads(monkeypatch):
+    """The square and the sum after the last tanh: their results' first-order terms feed no
+    second-order rule, so a refill skips their rules (and stays exact)."""
+    from sparsejac.programs import terms as T
+
+    w = rand(5, 4, seed=7)
+
+    def loss(x):
+        return (torch.tanh(x @ w) ** 2).sum()
+
+    plan = sparsejac.plan_of(loss, rand(6, 5), order=2)
+    assert sorted(plan._dead.values()) == ["pow", "sum"]
+    called = []
+    for name in ("scale", "compose"):  # tanh's and the square's; the product's and the sum's
+        monkeypatch.setattr(T, name, lambda *a, fn=getattr(T, name), name=name, **k: (
+            called.append(name), fn(*a, **k))[1])
+    x = rand(6, 5, seed=4)
+    H = plan.jacobian(x, format="csr")
+    assert called == ["compose", "scale"]  # x @ w and tanh only: not the square, the sum
+    np.testing.assert_allclose(H.toarray(), torch.func.hessian(loss)(x).reshape(30, 30).numpy(),
+                               rtol=1e-10, atol=1e-12)
+    assert plan.rebuilds == 0
+
+
+def test_a_path_that_reads_a_skipped_term_is_traced_again_in_full():
+    """Traced where ``z``'s terms are read by nothing (its sum is linear), refilled where the
+    square of ``z`` reads them: the refill sees the skipped terms asked for, traces again
+    without skipping, and gives the new path's Hessian."""
+
+    def loss(x):
+        y = torch.tanh(x)
+        z = y * 3.0
+        if bool(x.detach().sum() > 0):
+            return (z ** 2).sum()
+        return z.sum() + (y ** 3).sum()
+
+    x0 = -rand(6).abs()
+    plan = sparsejac.plan_of(loss, x0, order=2)
+    assert "mul" in plan._dead.values()
+    x = rand(6).abs()
+    H = plan.jacobian(x, format="csr")
+    np.testing.assert_allclose(H.toarray(), torch.func.hessian(loss)(x).numpy(), rtol=1e-10,
+                               atol=1e-12)
+    H = plan.jacobian(x0, format="csr")
+    np.testing.assert_allclose(H.toarray(), torch.func.hessian(loss)(x0).numpy(), rtol=1e-10,
+                               atol=1e-12)

@@ -53,10 +53,12 @@ def _conversion_nbytes(fmt, nnz, out_shape, inp_shape, itemsize, csr_bytes):
                                                           csr_bytes)
 
 
-def _trace(fn, args, wrt, memory_limit, second: bool = False):
+def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None = None):
     """Trace ``fn(*args)``: the tracer, the differentiated positions, the arguments' leaves and
     tree specs, the output's leaves and spec, the labels, the dtype and the limit. ``second``:
-    also record the steps and let torch's autograd follow them (for the adjoints)."""
+    also record the steps and let torch's autograd follow them (for the adjoints), and which
+    rule calls read which (:meth:`Tracer.dead_calls`); or, given ``skip`` (a refill), form no
+    terms for those calls."""
     torch = load()
     from torch.utils import _pytree as pytree
 
@@ -87,7 +89,9 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False):
     tracer = make_tracer(labels, dtype)
     if second:
         tracer.tape = []
-        flat_args = [[t.clone().requires_grad_(True) if (p in positions) else t
+        tracer.reads, tracer.skip = ([], None) if skip is None else (None, skip)
+        # the argument itself (``_as_tensor`` detached it), not a copy: 8 MB at 1e6 variables
+        flat_args = [[t.detach().requires_grad_(True) if (p in positions) else t
                       for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
         for j, t in enumerate(flat_args[p]):
@@ -165,52 +169,58 @@ def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     return c
 
 
-def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
-    """The Hessian's blocks on and above the diagonal (those below are their transposes)."""
+def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _Collected:
+    """The Hessian's blocks on and above the diagonal (those below are their transposes).
+    ``skip``: rule calls whose first-order terms nothing read in the plan's trace (a refill);
+    the result's ``dead`` gives them after a full trace, ``skipped`` whether any was skipped
+    and ``read_dead`` whether a rule wanted skipped terms after all (then the blocks are
+    wrong: the caller traces again in full)."""
     import torch
     from torch.utils import _pytree as pytree
 
     from ..errors import ShapeError
 
     (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
-     limit) = _trace(fn, args, wrt, memory_limit, second=True)
+     limit) = _trace(fn, args, wrt, memory_limit, second=True, skip=skip)
     if len(out_leaves) != 1 or out_leaves[0].numel() != 1:
         raise ShapeError(f"{PREFIX}hessian_of needs fn to return one scalar tensor; got "
                          f"{[tuple(o.shape) for o in out_leaves]}")
     out = out_leaves[0]
     found: dict = {}
-    steps = [(r, p, res if isinstance(res, torch.Tensor) else res[0])
-             for r, p, res in tracer.tape]
-    steps = [st for st in steps if st[2].requires_grad]
+    steps = tracer.tape
     tracer.tape = None  # ``steps`` holds what is still needed, and lets go of it step by step
-    # only the first-order terms of the steps' inputs are read from here on: the others (a
-    # step's result feeding only linear steps, kept alive by the tape) are dropped now
-    tracer.keep_only([params for _, params, _ in steps])
+    # only the first-order terms of the steps' inputs are read from here on: the others
+    # (tensors the program still holds, the output's) are dropped now
+    tracer.keep_only([params for _, params, _, _ in steps])
+    tracer._forget(id(out))  # the output's own first-order terms (a gradient): unused
+    leaves = [t for p in positions for t in flat_args[p] if t.requires_grad]
     if out.requires_grad and steps:
-        adjoints = list(torch.autograd.grad(out.reshape(()), [st[2] for st in steps],
-                                            allow_unused=True))
-        tracer._forget(id(out))  # the output's own first-order terms (a gradient): unused
+        # the backward pass leaves each step's adjoint in its slot (the tape's hooks); the
+        # gradient it returns is dropped at once, and so is autograd's graph
+        torch.autograd.grad(out.reshape(()), leaves, allow_unused=True)
+        del out, out_leaves
         tracer.pending = {}
         for i in range(len(steps)):
-            (rule, params, result), ybar = steps[i], adjoints[i]
+            rule, params, result, slot = steps[i]
+            ybar = slot.pop("ybar", None)
             # each step's tensors (and, through the tracer's weak references, the first-order
             # terms of those no later step uses) are freed once its terms are formed: at a
             # million variables every intermediate and its factor is 8 MB
-            steps[i] = adjoints[i] = None
+            steps[i] = None
             if ybar is not None:  # None: the output does not depend on this step
                 labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
-                for k1, k2, term in rule.second(tracer, result.detach(),
-                                                ybar.detach().to(dtype), **params):
+                for k1, k2, term in rule.second(tracer, result, ybar.detach().to(dtype),
+                                                **params):
                     found.setdefault((k1, k2), []).append(term)
             del rule, params, result, ybar
         labels.prefix = f"{PREFIX}second order: "
         for k1, k2, term in second.flush(tracer):
             found.setdefault((k1, k2), []).append(term)
         labels.prefix = PREFIX
-    # The steps' results hold their first-order terms in the tracer (and the tracer and the
+    # The steps' inputs hold their first-order terms in the tracer (and the tracer and the
     # labels hold each other: only the cyclic collector would free them): let them go before
     # the blocks are merged and written.
-    tracer.tape = steps = adjoints = None  # noqa: F841
+    steps = None  # noqa: F841
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
     shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
     index, blocks, shapes, sym, what = {}, [], [], [], []
@@ -245,6 +255,8 @@ def _hessian_blocks(fn, args, wrt, memory_limit) -> _Collected:
 
     c = _Collected(blocks, shapes, labels, dtype, limit, layout, nest, what, sym)
     c.device = flat_args[positions[0]][0].device
+    c.dead = tracer.dead_calls() if tracer.reads is not None else None
+    c.skipped, c.read_dead = bool(skip), tracer.read_dead
     return c
 
 
@@ -301,6 +313,10 @@ def _build(c: _Collected, fmt: str):
                       f"term(s), format {fmt!r}){alive}")
         if merged:
             csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
+            # its factors are written: freed before the average makes its transposed copy (a
+            # Rosenbrock Hessian of 1e6 variables: 40 MB of factors beside 40 MB of copy); in
+            # place, as the loop's zip and enumerate still hold the list
+            terms.clear()
             built.append(_symmetrise(csr) if i in c.symmetric else csr)
         else:
             built.append(W.write(terms, s1, s2, c.labels, c.dtype, fmt, c.device))
@@ -716,11 +732,18 @@ class ProgramPlan:
             self._adopt(self._collect(args, memory_limit))
         self._args_key = _signature(args)
 
-    def _collect(self, args, limit) -> _Collected:
-        collect = _hessian_blocks if self.order == 2 else _jacobian_blocks
-        return collect(self.fn, args, self.wrt, limit)
+    def _collect(self, args, limit, skip: bool = False) -> _Collected:
+        """Trace ``fn(*args)``; ``skip``: a Hessian's first-order terms that the last full
+        trace showed nobody reads are not formed (:meth:`Tracer.dead_calls`)."""
+        if self.order != 2:
+            return _jacobian_blocks(self.fn, args, self.wrt, limit)
+        c = _hessian_blocks(self.fn, args, self.wrt, limit, self._dead if skip else None)
+        if c.read_dead:  # the path changed and reads what was skipped: trace it in full
+            c = _hessian_blocks(self.fn, args, self.wrt, limit)
+        return c
 
     def _adopt(self, c: _Collected) -> None:
+        self._dead = getattr(c, "dead", None) or {}
         self._structure, self.dtype, self._layout = c.structure(), c.dtype, c.layout
         self._blocks = [_Block(terms, s1, s2, c.labels, c.dtype, i in c.symmetric)
                         for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes))]
@@ -833,9 +856,11 @@ class ProgramPlan:
                           f"{self._trace_peak:,} bytes of factors, or {self._live_end:,} bytes "
                           "of factors alive as the result is written, its arrays and the "
                           "writers' temporaries)")
-            c = self._collect(args, limit)
+            c = self._collect(args, limit, skip=True)
             if c.structure() != self._structure:  # the path changed with the values
                 self.rebuilds += 1
+                if getattr(c, "skipped", False):  # the new path's own liveness, in full
+                    c = self._collect(args, limit)
                 self._adopt(c)
             else:
                 self._measure(c)

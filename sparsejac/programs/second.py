@@ -68,17 +68,31 @@ def pair(t1: T.Term, l1: Sequence[int], t2: T.Term, l2: Sequence[int],
         value = value.detach().to(t1.factor.dtype)
         shape = [s for e in letters for s in labels.shape(amap[e])]
         ops.append(T.on_base(value.reshape(shape), [a for e in letters for a in amap[e]], labels))
-    ops.append((t2.factor, t2.flabels))
     free = labels.base(t1.inp_atoms + t2.inp_atoms)
-    carried = {l for _, ls in ops for l in ls}
+    carried = {l for _, ls in ops for l in ls} | set(t2.flabels)
     fl = tuple(l for l in free if l in carried)
-    factor = T._einsum(ops, fl, labels)
+    factor = T._einsum([_left(ops, fl, t2.flabels, labels), (t2.factor, t2.flabels)], fl, labels)
     term = T.Term(t1.inp, t2.inp, factor, fl)
     bound = labels.base([a for atoms in amap.values() for a in atoms])
     uncarried = set(bound) - set(free) - carried
     if uncarried:
         term = T.multiply(term, labels.size(sorted(uncarried)), labels)
     return term
+
+
+def _left(ops: list, fl: Sequence[int], right: Sequence[int], labels: T.Labels):
+    """``t1`` times the weights (``ops``), over the labels the result ``fl`` or ``t2``
+    (``right``) still needs, laid out as the product with ``t2`` reads it: the result's labels
+    first (in ``fl`` order), then those ``t2`` sums. ``torch.matmul`` then takes it as it is;
+    in ``_einsum``'s own order (the operands' labels as they come) it is copied to that layout
+    first, a strided copy as large as a Hessian block (tanh64: 17 ms of a 70 ms refill)."""
+    have = {l for _, ls in ops for l in ls}
+    keep = ([l for l in fl if l in have]
+            + [l for l in T.distinct([l for _, ls in ops for l in ls])
+               if l in right and l not in fl])
+    if len(ops) == 1 and tuple(ops[0][1]) == tuple(keep):
+        return ops[0]
+    return T._einsum(ops, keep, labels), tuple(keep)
 
 
 def pairs(hx: Tracer, left, l1, right, l2, others) -> list:

@@ -56,15 +56,26 @@ class Tracer:
         # of intermediates the program dropped are freed as it runs.
         self._traced: dict[int, tuple[Any, Terms]] = {}
         labels.live = self.live_bytes
-        # For the second order: the steps taken, (rule, params, result), in order; None when
-        # only first derivatives are wanted.
+        # For the second order: the steps taken, (rule, params, result's meta stand-in, the
+        # slot its adjoint lands in), in order; None when only first derivatives are wanted.
         self.tape: list | None = None
         # Hessian pairs kept to be contracted together (:func:`second.defer`); None: none kept
         self.pending: dict | None = None
+        # Rule calls, counted in order; for the second order (:meth:`dead_calls`): the calls
+        # each one read terms from, and those the tape keeps. ``skip``: calls (index -> name)
+        # whose results' terms a refill does not form (:data:`DEAD`); ``read_dead``: set where
+        # a rule asked for such terms after all (the path changed: the trace is not usable).
+        self.calls = 0
+        self.reads: list[tuple[str, frozenset]] | None = None
+        self.taped: list[int] = []
+        self._producer: dict[int, int] = {}
+        self.skip: dict[int, str] | None = None
+        self.read_dead = False
 
     def record(self, tensor: Any, terms: Terms | None) -> None:
-        terms = {k: v for k, v in (terms or {}).items() if v}
-        if terms:
+        if terms is not DEAD:
+            terms = {k: v for k, v in (terms or {}).items() if v}
+        if terms or terms is DEAD:
             key = id(tensor)
             self._traced[key] = (weakref.ref(tensor, lambda _, key=key: self._forget(key)),
                                  terms)
@@ -83,7 +94,30 @@ class Tracer:
 
     def terms(self, x: Any) -> Terms | None:
         entry = self._traced.get(id(x))
-        return entry[1] if entry is not None and entry[0]() is x else None
+        if entry is None or entry[0]() is not x:
+            return None
+        if entry[1] is DEAD:  # a refill skipped these terms, and a rule reads them
+            self.read_dead = True
+            return None
+        return entry[1]
+
+    def _has_terms(self, x: Any) -> bool:
+        """Whether ``x`` is traced (its terms formed or skipped), without reading them."""
+        entry = self._traced.get(id(x))
+        return entry is not None and entry[0]() is x
+
+    def dead_calls(self) -> dict[int, str]:
+        """After a second-order trace: the rule calls (index -> name) whose results' terms
+        nothing reads, neither a taped step's second-order rule nor, through the calls after
+        it, any of those: the tail of the program after its last curvature (``tanh(x @ W) **
+        2``'s square and sum: a 1M-entry factor each at tanh64), and linear branches that end
+        in the output. A refill skips them (:attr:`skip`)."""
+        need: set[int] = set()
+        taped = set(self.taped)
+        for i in range(len(self.reads) - 1, -1, -1):
+            if i in need or i in taped:
+                need |= self.reads[i][1]
+        return {i: name for i, (name, _) in enumerate(self.reads) if i not in need}
 
     def live_bytes(self) -> int:
         """Bytes of the distinct factors held by the terms of live tensors, and of those the
@@ -101,10 +135,10 @@ class Tracer:
     def _operands(self, rule: Any, params: dict) -> int:
         """How many traced tensors ``params`` pass in the rule's traced parameters."""
         return sum(1 for name in rule.traced for x in leaves(params.get(name))
-                   if self.terms(x) is not None)
+                   if self._has_terms(x))
 
     def traced(self, obj: Any) -> bool:
-        return any(self.terms(x) is not None for x in leaves(obj))
+        return any(self._has_terms(x) for x in leaves(obj))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         import torch
@@ -179,9 +213,21 @@ class Tracer:
                 values = [value] if isinstance(value, torch.Tensor) else list(value)
                 parts = [self.terms(v) for v in values]
             else:
-                got = rule.fn(self, result, **params)
-                parts = [got] if isinstance(result, torch.Tensor) else list(got)
-                parts = [self.collapsed(p) for p in parts]
+                index, self.calls = self.calls, self.calls + 1
+                if self.skip is not None and self.skip.get(index, name) != name:
+                    self.skip = None  # another path than the one traced: skip no more
+                if self.skip is not None and index in self.skip:
+                    parts = [DEAD] * len(outputs)
+                else:
+                    got = rule.fn(self, result, **params)
+                    parts = [got] if isinstance(result, torch.Tensor) else list(got)
+                    parts = [self.collapsed(p) for p in parts]
+                if self.reads is not None:
+                    self.reads.append((name, frozenset(
+                        self._producer[id(x)] for x in leaves(params)
+                        if self._has_terms(x) and id(x) in self._producer)))
+                    for r in outputs:
+                        self._producer[id(r)] = index
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
@@ -189,12 +235,33 @@ class Tracer:
                     getattr(rule.second, "cross", False) and self._operands(rule, params) < 2):
                 # (a cross term needs two traced operands: a product or matmul with a
                 # constant is linear, and taping it would keep its input and terms alive)
-                self.tape.append((rule, params, result))
+                self.taped.append(self.calls - 1)
+                r = result if isinstance(result, torch.Tensor) else result[0]
+                if r.requires_grad:
+                    # the tape keeps no result (at a million variables each is 8 MB, and its
+                    # first-order terms live as long as it does): a hook keeps its adjoint when
+                    # the backward pass reaches it, and its shape and dtype stand in for it
+                    slot: dict = {}
+                    r.register_hook(functools.partial(_keep_adjoint, slot))
+                    self.tape.append((rule, params, torch.empty(r.shape, dtype=r.dtype,
+                                                                device="meta"), slot))
         except T.TooManyLabelsError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
         finally:
             self.labels.prefix = PREFIX
         return result
+
+
+def _keep_adjoint(slot: dict, grad: Any) -> None:
+    """A taped step's adjoint, kept as the backward pass gives it (the gradient unchanged)."""
+    slot["ybar"] = grad
+
+
+class _Dead(dict):
+    """The terms a refill did not form (:meth:`Tracer.dead_calls`): traced, never read."""
+
+
+DEAD: Terms = _Dead()
 
 
 def storage_nbytes(tensors: Any) -> int:
