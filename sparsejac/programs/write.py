@@ -255,7 +255,8 @@ def rows_to_coords(indptr: np.ndarray, indices: np.ndarray, out_shape: tuple,
     k = len(out_shape)
     nnz = len(indices)
     coords = np.empty((k + len(inp_shape), nnz), dtype)
-    rows = np.repeat(np.arange(len(indptr) - 1, dtype=indices.dtype), np.diff(indptr))
+    # intp: np.take casts narrower indices to it (a copy per axis otherwise)
+    rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.intp), np.diff(indptr))
     _digits_into(coords[:k], rows, out_shape)
     del rows
     _digits_into(coords[k:], indices, inp_shape)
@@ -270,6 +271,7 @@ def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
     if size > len(flat):
         formats.unravel_into(flat, shape, out)
         return
+    flat = flat.astype(np.intp, copy=False)  # once per side: np.take would cast per axis
     before, after = 1, size
     for d, n in enumerate(shape):
         after //= n
@@ -284,20 +286,21 @@ def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
 def _coords_nbytes(nnz: int, out_shape: tuple, inp_shape: tuple, idx: int,
                    matrix_idx: int) -> int:
     """Bytes :func:`rows_to_coords` allocates beside its coordinates (of ``idx`` bytes, the
-    merged arrays' of ``matrix_idx``): the rows (an arange, its diff, and numpy's cast of that
-    to ``intp`` for ``np.repeat``) then the larger side's temporaries, one digit table at a
-    time or (a side larger than the entries) :func:`formats.unravel_into`'s int64 quotient,
-    remainder and previous quotient, beside the int64 copy of narrower indices."""
+    merged arrays' of ``matrix_idx``): the rows (intp; an arange, the diff of ``indptr`` and
+    numpy's cast of that to intp for ``np.repeat``), then each side with its flat indices as
+    intp (the rows; the columns cast where narrower) and one digit table at a time, or (a side
+    larger than the entries) :func:`formats.unravel_into`'s int64 quotient, remainder and
+    previous quotient."""
     nrows = math.prod(out_shape)
-    rows = nnz * matrix_idx + nrows * (2 * matrix_idx + 8 * (matrix_idx != 8))
+    rows = nnz * 8 + nrows * (8 + matrix_idx + 8 * (matrix_idx != 8))
 
-    def side(shape: tuple, flat_alive: int) -> int:
+    def side(shape: tuple, flat: int) -> int:
         size = math.prod(shape)
         if size > nnz:
-            return flat_alive + nnz * (8 * (matrix_idx != 8) + 16 + 8 * (len(shape) >= 3))
-        return flat_alive + size * idx + max(shape, default=0) * idx
+            return flat + nnz * (16 + 8 * (len(shape) >= 3))
+        return flat + size * idx + max(shape, default=0) * idx
 
-    return max(rows, side(out_shape, nnz * matrix_idx), side(inp_shape, 0))
+    return max(rows, side(out_shape, nnz * 8), side(inp_shape, nnz * 8 * (matrix_idx != 8)))
 
 
 def container(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
