@@ -268,6 +268,9 @@ def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
     ``out``: gathered from one table per axis (its digit at each flat index) where the tables
     are no larger than the entries, else divided out (a wide, sparse side)."""
     size = math.prod(shape)
+    if len(shape) == 1:  # one axis: the flat indices themselves
+        out[0] = flat
+        return
     if size > len(flat):
         formats.unravel_into(flat, shape, out)
         return
@@ -296,6 +299,8 @@ def _coords_nbytes(nnz: int, out_shape: tuple, inp_shape: tuple, idx: int,
 
     def side(shape: tuple, flat: int) -> int:
         size = math.prod(shape)
+        if len(shape) <= 1:  # copied as they are
+            return flat if shape else 0
         if size > nnz:
             return flat + nnz * (16 + 8 * (len(shape) >= 3))
         return flat + size * idx + max(shape, default=0) * idx
