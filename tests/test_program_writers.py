@@ -6,8 +6,6 @@ format converted from another, and the guard's prediction against the measured p
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 import scipy.sparse
@@ -21,6 +19,7 @@ from sparsejac import formats  # noqa: E402
 from sparsejac.programs import api  # noqa: E402
 from sparsejac.programs import terms as T  # noqa: E402
 from sparsejac.programs import write as W  # noqa: E402
+from test_programs import numpy_peak  # noqa: E402  (pytest puts tests/ on the path)
 
 D = torch.float64
 RTOL, ATOL = 1e-10, 1e-12
@@ -218,30 +217,19 @@ def test_rows_to_coords_agrees_with_the_division(shapes):
         np.testing.assert_array_equal(got, expected)
 
 
-def _peak(fn, x, fmt):
-    sparsejac.jacobian_of(fn, x, format=fmt)  # warm: imports and caches allocate too
-    tracemalloc.start()
-    try:
-        J = sparsejac.jacobian_of(fn, x, format=fmt)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    del J
-    c = blocks(fn, x)
-    (terms,), ((s1, s2),) = c.blocks, c.shapes
-    return peak, W.nbytes(terms, s1, s2, c.labels, D, fmt)
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", ["slice", "conv_plus_slice", "cnn"])
 def test_the_guard_bounds_what_the_merged_writer_allocates(name, fmt):
-    """numpy's peak (tracemalloc) of a first call at a size where the writer dominates: the
-    guard's prediction bounds it, and not loosely (the merge's bound counts every entry
+    """numpy's peak (tracemalloc) of a first call at a size where the writer dominates (the
+    trace's factors are torch's): the guard's prediction of the write bounds it, and not loosely (the merge's bound counts every entry
     enumerated as stored; COO adds its coordinates and their temporaries)."""
     fn, _ = PROGRAMS[name]
     x = {"slice": rand(200_000), "conv_plus_slice": rand(200_000),
          "cnn": rand(4, 2, 32, 32)}[name]
-    peak, (predicted, kept) = _peak(fn, x, fmt)
+    peak = numpy_peak(fn, x, fmt)
+    c = blocks(fn, x)
+    (terms,), ((s1, s2),) = c.blocks, c.shapes
+    predicted, _ = W.nbytes(terms, s1, s2, c.labels, D, fmt)
     # the slack under: Python's own objects, which tracemalloc counts too (about 20 KB)
     assert 0.99 * peak <= predicted <= 2 * peak, (peak, predicted, predicted / peak)
 

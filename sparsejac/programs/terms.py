@@ -1164,19 +1164,27 @@ def _coordinates_into(term: Term, labels: Labels, rows: np.ndarray,
     for axes, out in ((term.out, rows), (term.inp, cols)):
         grid = out.reshape(shape)
         grid[...] = 0
-        for atom in (a for ax in axes for a in ax):
-            if atom in labels.derived:
-                table, over = labels.derived[atom]
-                index = _align(table, over, free).cpu().numpy()
-                if index.min(initial=0) < 0:
-                    bad = (index < 0) if bad is None else (bad | (index < 0))
-            else:
-                n = labels.sizes[atom]
-                index = np.arange(n, dtype=out.dtype).reshape([n if l == atom else 1
-                                                              for l in free])
+        for atom, index, dropped in _atom_indices(axes, labels, free, out.dtype):
+            if dropped is not None:
+                bad = dropped if bad is None else (bad | dropped)
             grid *= labels.sizes[atom]
             grid += index  # int64 tables into narrower coordinates: same kind, in range
     return None if bad is None else ~np.broadcast_to(bad, shape).reshape(-1)
+
+
+def _atom_indices(axes, labels: Labels, free: Sequence[int], dtype):
+    """For each atom of ``axes`` in order: the atom, its index over ``free`` (broadcastable:
+    an index map's int64 table read in place, else a ramp of ``dtype``), and where the map
+    gives no place (-1; None where it always gives one)."""
+    for atom in (a for ax in axes for a in ax):
+        if atom in labels.derived:
+            table, over = labels.derived[atom]
+            index = _align(table, over, free).cpu().numpy()
+            yield atom, index, (index < 0) if index.min(initial=0) < 0 else None
+        else:
+            n = labels.sizes[atom]
+            yield atom, np.arange(n, dtype=dtype).reshape([n if l == atom else 1
+                                                          for l in free]), None
 
 
 def _csr(data, indices, indptr, shape) -> scipy.sparse.csr_array:
@@ -1212,15 +1220,9 @@ def _placed_numpy(term: Term, labels: Labels):
 
     def side(axes):
         flat, bad = None, None
-        for atom in (a for ax in axes for a in ax):
-            if atom in labels.derived:
-                table, over = labels.derived[atom]
-                v = _align(table, over, free).cpu().numpy()
-                if v.min(initial=0) < 0:
-                    bad = (v < 0) if bad is None else (bad | (v < 0))
-            else:
-                v = np.arange(labels.sizes[atom], dtype=np.int64).reshape(
-                    [labels.sizes[atom] if l == atom else 1 for l in free])
+        for atom, v, dropped in _atom_indices(axes, labels, free, np.int64):
+            if dropped is not None:
+                bad = dropped if bad is None else (bad | dropped)
             flat = v if flat is None else flat * labels.sizes[atom] + v
         if flat is None:  # no atoms: a single row or column
             flat = np.zeros((1,) * len(free), dtype=np.int64)
