@@ -201,7 +201,7 @@ def write(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence
 
 def transposed(term: T.Term) -> T.Term:
     """The term of the transposed block (the same factor and labels, sides swapped)."""
-    return T.Term(term.inp, term.out, term.factor, term.flabels)
+    return T.Term(term.inp, term.out, term.stored, term.flabels)  # a lazy product stays so
 
 
 def oriented(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
