@@ -32,7 +32,8 @@ def rand(*shape, seed=0):
 
 
 _g = torch.Generator().manual_seed(5)
-CONV_W, CONV_B = torch.randn(4, 2, 3, 3, dtype=D, generator=_g), torch.randn(4, dtype=D, generator=_g)
+CONV_W = torch.randn(4, 2, 3, 3, dtype=D, generator=_g)
+CONV_B = torch.randn(4, dtype=D, generator=_g)
 CONV1_W = torch.randn(1, 1, 3, dtype=D, generator=_g)
 
 
@@ -221,8 +222,9 @@ def test_rows_to_coords_agrees_with_the_division(shapes):
 @pytest.mark.parametrize("name", ["slice", "conv_plus_slice", "cnn"])
 def test_the_guard_bounds_what_the_merged_writer_allocates(name, fmt):
     """numpy's peak (tracemalloc) of a first call at a size where the writer dominates (the
-    trace's factors are torch's): the guard's prediction of the write bounds it, and not loosely (the merge's bound counts every entry
-    enumerated as stored; COO adds its coordinates and their temporaries)."""
+    trace's factors are torch's): the guard's prediction of the write bounds it, and not
+    loosely (the merge's bound counts every entry enumerated as stored; COO adds its
+    coordinates and their temporaries)."""
     fn, _ = PROGRAMS[name]
     x = {"slice": rand(200_000), "conv_plus_slice": rand(200_000),
          "cnn": rand(4, 2, 32, 32)}[name]

@@ -696,7 +696,7 @@ class _Block:
         if fmt not in cache and f.layout is formats.COO:  # coordinates from the kept rows
             idx = f.index_itemsize(nnz, out, inp)
             coords = nnz * (len(out) + len(inp)) * idx
-            peak = max(peak, kept + coords + W._coords_nbytes(
+            peak = max(peak, kept + coords + W.rows_to_coords_nbytes(
                 nnz, out, inp, idx, self.csr.indices.itemsize))
             during = kept = kept + coords
         elif fmt not in cache:  # the positions (int64) as a CSR, converted: the pattern kept

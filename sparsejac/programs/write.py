@@ -286,8 +286,8 @@ def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
         before *= n
 
 
-def _coords_nbytes(nnz: int, out_shape: tuple, inp_shape: tuple, idx: int,
-                   matrix_idx: int) -> int:
+def rows_to_coords_nbytes(nnz: int, out_shape: tuple, inp_shape: tuple, idx: int,
+                          matrix_idx: int) -> int:
     """Bytes :func:`rows_to_coords` allocates beside its coordinates (of ``idx`` bytes, the
     merged arrays' of ``matrix_idx``): the rows (intp; an arange, the diff of ``indptr`` and
     numpy's cast of that to intp for ``np.repeat``), then each side with its flat indices as
@@ -356,9 +356,9 @@ def merged_nbytes(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
                   labels: T.Labels, dtype: "torch.dtype", fmt: formats.Format) -> tuple[int, int]:
     """``(peak, kept)`` bytes of :func:`merged` (a bound: every entry enumerated counts as
     stored): the merge along the format's major axis, then COO's coordinates beside the
-    merged arrays (:func:`_coords_nbytes`). The compressed formats keep the merged arrays (a
-    narrower index rule than the merge's would cast them: the merge's is that of the entries
-    enumerated, at least as wide). Torch tensors share the numpy arrays on the CPU; a GPU's
+    merged arrays (:func:`rows_to_coords_nbytes`). The compressed formats keep the merged
+    arrays (a narrower index rule than the merge's would cast them: the merge's is that of
+    the entries enumerated, at least as wide). Torch tensors share the numpy arrays on the CPU; a GPU's
     copies are not host memory."""
     major_terms, major, minor = oriented(terms, out_shape, inp_shape, fmt)
     peak, csr_bytes = T.materialise_nbytes(major_terms, major, minor, labels, dtype)
@@ -368,5 +368,5 @@ def merged_nbytes(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
     idx = fmt.index_itemsize(n, out_shape, inp_shape)
     matrix_idx = formats.index_dtype(n, (math.prod(out_shape), math.prod(inp_shape))).itemsize
     coords = n * (len(out_shape) + len(inp_shape)) * idx
-    write = csr_bytes + coords + _coords_nbytes(n, out_shape, inp_shape, idx, matrix_idx)
+    write = csr_bytes + coords + rows_to_coords_nbytes(n, out_shape, inp_shape, idx, matrix_idx)
     return max(peak, write), n * dtype.itemsize + coords
