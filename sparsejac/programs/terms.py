@@ -1955,10 +1955,3 @@ def values(term: Term, labels: Labels, dtype: "torch.dtype", keep=None):
     flat = _align(term.factor.to(dtype), term.flabels, free).expand(labels.shape(free))
     flat = flat.reshape(-1)
     return flat if keep is None else flat[keep]
-
-
-def entries(term: Term, labels: Labels, dtype: "torch.dtype"):
-    """``(rows, cols, values)`` of a term, entries without a place dropped: the general writer
-    for terms with index maps (duplicates are summed by the caller)."""
-    rows, cols, keep = placed(term, labels)
-    return rows[keep], cols[keep], values(term, labels, dtype, keep)
