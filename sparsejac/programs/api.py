@@ -288,9 +288,12 @@ def _transposed(csr):
 
 
 def _build(c: _Collected, fmt: str):
-    """Write every block once (guarded), in ``fmt``: a block that is one term without index
-    maps straight into the format's arrays (:mod:`.write`), the others merged once as CSR (a
-    Hessian's diagonal blocks averaged with their transposes; its lower blocks transposed)."""
+    """Write every block once (guarded), straight into ``fmt``'s arrays (:func:`.write.write`):
+    a block that is one term (or terms nested in one) without index maps from its structure,
+    the others (index maps, sums) merged once along the format's major axis. A Hessian's
+    symmetric blocks (averaged with their transposes) and the blocks it also uses transposed
+    (below the diagonal) keep the CSR path: merged once as CSR, which the average and the
+    transpose need, then converted to ``fmt``."""
     live = _factors_nbytes(c)  # the factors stay alive while the blocks are written
     alive = f", beside {live:,} bytes of live Jacobian factors," if live else ""
     if c.labels.peak:  # what the trace itself reached (checked before each allocation)
@@ -598,6 +601,13 @@ class _Block:
         f = formats.get(fmt, require=False)
         if f.layout is formats.CSR:  # the kept arrays themselves, no copy
             return f.container(self.csr, data, self.out_shape, self.inp_shape)
+        if fmt not in self.cache and f.layout is formats.COO:
+            # the coordinates written from the kept rows and columns (as the first call's
+            # writer writes them, W.rows_to_coords): the values stay in the CSR's order
+            idx = f.index_itemsize(self.nnz, self.out_shape, self.inp_shape)
+            self.cache[fmt] = (W.rows_to_coords(self.csr.indptr, self.csr.indices,
+                                                self.out_shape, self.inp_shape,
+                                                W.NUMPY.index(idx)), None)
         if fmt not in self.cache:  # the format's pattern, and where each CSR value goes in it
             order = scipy.sparse.csr_array(
                 (np.arange(self.nnz, dtype=np.int64), self.csr.indices, self.csr.indptr),
@@ -683,13 +693,18 @@ class _Block:
         out, inp = ((self.inp_shape, self.out_shape) if transposed
                     else (self.out_shape, self.inp_shape))
         during = kept
-        if fmt not in cache:  # the positions (int64) as a CSR, converted: the pattern kept
+        if fmt not in cache and f.layout is formats.COO:  # coordinates from the kept rows
+            idx = f.index_itemsize(nnz, out, inp)
+            coords = nnz * (len(out) + len(inp)) * idx
+            peak = max(peak, kept + coords + W.rows_to_coords_nbytes(
+                nnz, out, inp, idx, self.csr.indices.itemsize))
+            during = kept = kept + coords
+        elif fmt not in cache:  # the positions (int64) as a CSR, converted: the pattern kept
             csr = nnz * 8 + self.csr.indices.nbytes + self.csr.indptr.nbytes
             extra, final = _conversion_nbytes(fmt, nnz, out, inp, 8, csr)
             peak = max(peak, kept + nnz * 8 + extra)
-            # the positions stay alive until the result is made; COO keeps them as its order
-            shared = nnz * 8 if f.layout is formats.COO else 0
-            during, kept = kept + final + nnz * 8 - shared, kept + final
+            # the positions stay alive until the result is made
+            during, kept = kept + final + nnz * 8, kept + final
         if not f.layout.csr_order:
             peak, kept = max(peak, during + nnz * itemsize), kept + nnz * itemsize
         return peak, kept

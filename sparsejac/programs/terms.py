@@ -1081,39 +1081,110 @@ def materialise(
     np_dtype = _numpy_dtype(dtype)
     if not terms:
         return scipy.sparse.csr_array(shape, dtype=np_dtype)
-    if any(t.mapped(labels) for t in terms):
-        if by_rows_applies(terms, shape, labels):
-            indptr, indices, slots, keeps = rows_pattern(terms, shape, labels)
-            data = np.zeros(len(indices), dtype=np_dtype)
-            for term, slot, keep in zip(terms, slots, keeps):
-                add_values(data, slot, term, labels, dtype, keep)
-            return _csr(data, indices, indptr, shape)
-        return _materialise_mapped(terms, shape, labels, dtype)
-    structures = [_structure(term, labels) for term in terms]
-    if len(terms) == 1:
-        (structure, fl), = structures
+    mapped = any(t.mapped(labels) for t in terms)
+    if mapped and by_rows_applies(terms, shape, labels):
+        indptr, indices, slots, keeps = rows_pattern(terms, shape, labels)
+        data = np.zeros(len(indices), dtype=np_dtype)
+        for term, slot, keep in zip(terms, slots, keeps):
+            add_values(data, slot, term, labels, dtype, keep)
+        return _csr(data, indices, indptr, shape)
+    if len(terms) == 1 and not mapped:
+        structure, fl = _structure(terms[0], labels)
         pattern = formats.csr_pattern(structure)
         data = np.empty(structure.nnz, dtype=np_dtype)
         formats.fill_values(structure, _numpy_factor(terms[0], dtype), fl, data)
         return formats.container("csr", pattern, data, (shape[0],), (shape[1],))
-    # Several terms: every term's coordinates and values go straight into one COO array of all
-    # their entries, one term's pattern alive at a time; scipy sums the duplicates.
-    total = sum(structure.nnz for structure, _ in structures)
+    # Several terms, or index maps (a window's entries that land on one place): every term's
+    # coordinates and values go straight into one COO array of all their entries, one term's
+    # alive at a time; scipy sums the duplicates.
+    total = sum(t.nnz(labels) for t in terms)  # a bound where an index map drops entries
     idx = formats.index_dtype(0, shape)  # scipy narrows wider coordinates (a copy): match it
     rows, cols = np.empty(total, idx), np.empty(total, idx)
     data = np.empty(total, np_dtype)
     start = 0
-    for term, (structure, fl) in zip(terms, structures):
-        stop = start + structure.nnz
-        pattern = formats.csr_pattern(structure)
-        cols[start:stop] = pattern.indices
-        rows[start:stop] = np.repeat(np.arange(shape[0], dtype=idx), np.diff(pattern.indptr))
-        del pattern
-        formats.fill_values(structure, _numpy_factor(term, dtype), fl, data[start:stop])
-        start = stop
-    coo = scipy.sparse.coo_array((data, (rows, cols)), shape=shape)
+    for term in terms:
+        write = _materialise_mapped if term.mapped(labels) else _materialise_plain
+        start = write(term, labels, dtype, shape, rows, cols, data, start)
+    coo = scipy.sparse.coo_array((data[:start], (rows[:start], cols[:start])), shape=shape)
     del rows, cols, data
     return coo.tocsr()  # canonical: sums duplicates, keeping sums that are zero
+
+
+def _materialise_plain(term: Term, labels: Labels, dtype: "torch.dtype", shape: tuple[int, int],
+                 rows: np.ndarray, cols: np.ndarray, data: np.ndarray, start: int) -> int:
+    """Write a term without index maps into the entries from ``start`` on (its pattern's
+    coordinates, its values spread from the factor); returns where they end."""
+    structure, fl = _structure(term, labels)
+    stop = start + structure.nnz
+    pattern = formats.csr_pattern(structure)
+    cols[start:stop] = pattern.indices
+    rows[start:stop] = np.repeat(np.arange(shape[0], dtype=rows.dtype), np.diff(pattern.indptr))
+    del pattern
+    formats.fill_values(structure, _numpy_factor(term, dtype), fl, data[start:stop])
+    return stop
+
+
+def _materialise_mapped(term: Term, labels: Labels, dtype: "torch.dtype", shape: tuple[int, int],
+                        rows: np.ndarray, cols: np.ndarray, data: np.ndarray, start: int) -> int:
+    """Write a term with index maps into the entries from ``start`` on, those without a place
+    dropped (the kept entries moved up, in order); returns where they end. The coordinates
+    are written in place (:func:`_coordinates_into`), the values read from the factor
+    broadcast over ``V``: nothing ``V``-sized is made but the dropped entries' flags and the
+    kept ones' positions."""
+    m = term.nnz(labels)
+    stop = start + m
+    keep = _coordinates_into(term, labels, rows[start:stop], cols[start:stop])
+    free = term.free(labels)
+    shape_v = labels.shape(free)
+    factor = _align(term.factor.detach(), term.flabels, free).to(dtype).cpu()
+    spread = np.broadcast_to(factor.resolve_conj().resolve_neg().numpy(), shape_v)
+    if keep is None:  # every entry has a place: the spread written as it is, no temporary
+        np.copyto(data[start:stop].reshape(shape_v), spread)
+        return stop
+    kept = np.flatnonzero(keep)
+    stop = start + len(kept)
+    for a in (rows, cols):  # the kept entries moved up (a gather, then the copy)
+        a[start:stop] = a[start:start + m][kept]
+    if spread.flags.c_contiguous:  # the factor spans V in its order: read at the kept
+        data[start:stop] = spread.reshape(-1)[kept]
+    else:  # a broadcast or permuted view: a boolean read, not a flat copy of all of V
+        data[start:stop] = spread[keep.reshape(shape_v)]
+    return stop
+
+
+def _coordinates_into(term: Term, labels: Labels, rows: np.ndarray,
+                      cols: np.ndarray) -> np.ndarray | None:
+    """Write each entry's row and column (flat over ``V`` in C order, as :func:`placed`) into
+    ``rows`` and ``cols`` (one per entry, an integer dtype wide enough for the block), in
+    place: one broadcast multiply-add of each atom's index table; returns the flags of the
+    entries an index map gives a place (-1: none), or None where every entry has one."""
+    free = term.free(labels)
+    shape = labels.shape(free)
+    bad = None
+    for axes, out in ((term.out, rows), (term.inp, cols)):
+        grid = out.reshape(shape)
+        grid[...] = 0
+        for atom, index, dropped in _atom_indices(axes, labels, free, out.dtype):
+            if dropped is not None:
+                bad = dropped if bad is None else (bad | dropped)
+            grid *= labels.sizes[atom]
+            grid += index  # int64 tables into narrower coordinates: same kind, in range
+    return None if bad is None else ~np.broadcast_to(bad, shape).reshape(-1)
+
+
+def _atom_indices(axes, labels: Labels, free: Sequence[int], dtype):
+    """For each atom of ``axes`` in order: the atom, its index over ``free`` (broadcastable:
+    an index map's int64 table read in place, else a ramp of ``dtype``), and where the map
+    gives no place (-1; None where it always gives one)."""
+    for atom in (a for ax in axes for a in ax):
+        if atom in labels.derived:
+            table, over = labels.derived[atom]
+            index = _align(table, over, free).cpu().numpy()
+            yield atom, index, (index < 0) if index.min(initial=0) < 0 else None
+        else:
+            n = labels.sizes[atom]
+            yield atom, np.arange(n, dtype=dtype).reshape([n if l == atom else 1
+                                                          for l in free]), None
 
 
 def _csr(data, indices, indptr, shape) -> scipy.sparse.csr_array:
@@ -1149,15 +1220,9 @@ def _placed_numpy(term: Term, labels: Labels):
 
     def side(axes):
         flat, bad = None, None
-        for atom in (a for ax in axes for a in ax):
-            if atom in labels.derived:
-                table, over = labels.derived[atom]
-                v = _align(table, over, free).cpu().numpy()
-                if v.min(initial=0) < 0:
-                    bad = (v < 0) if bad is None else (bad | (v < 0))
-            else:
-                v = np.arange(labels.sizes[atom], dtype=np.int64).reshape(
-                    [labels.sizes[atom] if l == atom else 1 for l in free])
+        for atom, v, dropped in _atom_indices(axes, labels, free, np.int64):
+            if dropped is not None:
+                bad = dropped if bad is None else (bad | dropped)
             flat = v if flat is None else flat * labels.sizes[atom] + v
         if flat is None:  # no atoms: a single row or column
             flat = np.zeros((1,) * len(free), dtype=np.int64)
@@ -1303,33 +1368,6 @@ def add_values(data: np.ndarray, slot: np.ndarray, term: Term, labels: Labels,
     data[slot] += v.detach().cpu().resolve_conj().resolve_neg().numpy()
 
 
-def _materialise_mapped(terms, shape, labels, dtype) -> scipy.sparse.csr_array:
-    """Terms with index maps: every term's entries as coordinates, summed by scipy."""
-    import torch
-
-    parts = []
-    for term in terms:
-        if term.mapped(labels):
-            r, c, v = entries(term, labels, dtype)
-            parts.append((r.cpu().numpy(), c.cpu().numpy(), v.detach().cpu().resolve_conj().numpy()))
-        else:
-            structure, fl = _structure(term, labels)
-            pattern = formats.csr_pattern(structure)
-            cols = np.asarray(pattern.indices, dtype=np.int64)
-            rows = np.repeat(np.arange(shape[0], dtype=np.int64), np.diff(pattern.indptr))
-            data = np.empty(structure.nnz, dtype=_numpy_dtype(dtype))
-            formats.fill_values(structure, _numpy_factor(term, dtype), fl, data)
-            parts.append((rows, cols, data))
-    rows = np.concatenate([p[0] for p in parts])
-    cols = np.concatenate([p[1] for p in parts])
-    data = np.concatenate([p[2] for p in parts])
-    idx = formats.index_dtype(max(len(data), 1), shape)
-    coo = scipy.sparse.coo_array((data, (rows.astype(idx), cols.astype(idx))), shape=shape)
-    csr = coo.tocsr()
-    csr.sort_indices()
-    return csr
-
-
 def _pattern_nbytes(structure: Structure, shape: tuple[int, int]) -> tuple[int, int]:
     """``(peak, kept)`` bytes of :func:`formats.csr_pattern`: ``indices`` and ``indptr``, and
     before them the two index tables it broadcasts, then ``indptr``'s temporaries (see there)."""
@@ -1371,43 +1409,60 @@ def materialise_nbytes(
     dtype: "torch.dtype",
 ) -> tuple[int, int]:
     """``(peak, kept)``: the bytes :func:`materialise` holds at its peak, and those its result
-    keeps. Exact for one term (up to small Python objects); for several, an upper bound that
-    takes no two terms to share an entry."""
+    keeps. Exact for one term without index maps (up to small Python objects); for several,
+    or through index maps, an upper bound that takes every entry enumerated to be stored."""
 
     itemsize = dtype.itemsize
     shape = (math.prod(out_shape), math.prod(inp_shape))
     nrows, ncols = shape
     if not terms:
         return (nrows + 1) * 4, (nrows + 1) * 4
-    if any(t.mapped(labels) for t in terms):
-        if by_rows_applies(terms, shape, labels):
-            return rows_pattern_nbytes(terms, shape, labels, dtype)
-        # an upper bound: coordinates, then the CSR
-        n = sum(t.nnz(labels) for t in terms)
-        return n * (3 * 8 + 3 * (8 + itemsize)) + (nrows + 1) * 8, n * (8 + itemsize) + (nrows + 1) * 8
-    structures = [_structure(term, labels) for term in terms]
-    copies = [_copy_nbytes(t, s, fl, dtype) for t, (s, fl) in zip(terms, structures)]
-    patterns = [_pattern_nbytes(s, shape) for s, _ in structures]
-    if len(terms) == 1:
-        nnz = structures[0][0].nnz
-        (peak, kept), copy = patterns[0], copies[0]
+    mapped = any(t.mapped(labels) for t in terms)
+    if mapped and by_rows_applies(terms, shape, labels):
+        return rows_pattern_nbytes(terms, shape, labels, dtype)
+    if len(terms) == 1 and not mapped:
+        structure, fl = _structure(terms[0], labels)
+        nnz = structure.nnz
+        peak, kept = _pattern_nbytes(structure, shape)
+        copy = _copy_nbytes(terms[0], structure, fl, dtype)
         return max(peak, kept + nnz * itemsize + copy), kept + nnz * itemsize
-    n = sum(s.nnz for s, _ in structures)
+    n = sum(t.nnz(labels) for t in terms)
     idx = formats.index_dtype(0, shape).itemsize
     coo = n * (2 * idx + itemsize)
-    fill = coo + max(
-        max(peak, kept + nrows * (idx + formats.index_dtype(s.nnz, shape).itemsize)  # arange, diff
-            + s.nnz * idx, copy)  # the repeated row indices; then the factor's copies
-        for (s, _), (peak, kept), copy in zip(structures, patterns, copies)
-    )
+    fill = coo + max(_materialise_term_nbytes(t, labels, dtype, shape, idx) for t in terms)
     # tocsr: indices as wide as the entries need (a cast of the coordinates if wider), then
     # sum_duplicates' pruning copy, which it makes only when under half the entries remain:
-    # never where one term alone has half of them (the union holds every term's entries)
+    # never where one plain term alone has half of them (the union holds every term's
+    # entries); an index map may send many of a term's entries to one place (or none)
     idx2 = 8 if idx == 8 or max(n, ncols) > formats.INT32_MAX else 4
     cast = 2 * n * idx2 if idx2 != idx else 0
     csr = n * (idx2 + itemsize) + (nrows + 1) * idx2
-    prune = 0 if max(s.nnz for s, _ in structures) >= n // 2 else n // 2 * (idx2 + itemsize)
+    halves = not mapped and max(t.nnz(labels) for t in terms) >= n // 2
+    prune = 0 if halves else n // 2 * (idx2 + itemsize)
     return max(fill, coo + csr + max(cast, prune)), csr
+
+
+def _materialise_term_nbytes(term: Term, labels: Labels, dtype: "torch.dtype",
+                             shape: tuple[int, int], idx: int) -> int:
+    """Bytes one term's writer (:func:`_materialise_plain`, :func:`_materialise_mapped`)
+    allocates beside the COO arrays it writes into."""
+    itemsize = dtype.itemsize
+    if not term.mapped(labels):  # its pattern, the repeated row indices; the factor's copies
+        s, fl = _structure(term, labels)
+        peak, kept = _pattern_nbytes(s, shape)
+        ramps = shape[0] * (idx + formats.index_dtype(s.nnz, shape).itemsize)  # arange, diff
+        return max(peak, kept + ramps + s.nnz * idx, _copy_nbytes(term, s, fl, dtype))
+    m = term.nnz(labels)
+    factor = term.factor
+    cast = (factor.numel() * itemsize
+            if factor.dtype != dtype or factor.device.type != "cpu" else 0)
+    if not any(labels.derived[a][0].min() < 0
+               for a in term.out_atoms + term.inp_atoms if a in labels.derived):
+        return cast  # coordinates in place, values copied from the broadcast factor
+    # the dropped entries' marks (at most V's size), the kept flags (their broadcast copy and
+    # its negation), then the kept positions beside the flags: one gather of coordinates at
+    # a time, or the factor's copy and the values read
+    return max(3 * m, m + 8 * m + max(m * idx, cast + m * itemsize))
 
 
 # --- index maps: selections, shifts, windows ------------------------------------------------
@@ -1881,29 +1936,17 @@ def torch_equal(a: "torch.Tensor", b: "torch.Tensor") -> bool:
 
 
 def placed(term: Term, labels: Labels):
-    """``(rows, cols, keep)``: each entry's row and column, flat over ``V`` (broadcast), and
-    whether it has a place (an index map may drop it)."""
+    """``(rows, cols, keep)``: each entry's row and column, flat over ``V`` (int64 tensors on
+    the CPU, :func:`_coordinates_into`), and whether it has a place (an index map may drop it)."""
     import torch
 
-    free = term.free(labels)
-    like = term.like
-
-    def side(axes):
-        flat = torch.zeros((1,) * len(free), dtype=torch.int64, device=like.device)
-        bad = torch.zeros((1,) * len(free), dtype=torch.bool, device=like.device)
-        for ax in axes:
-            index, over = coordinate(ax, labels, like)
-            index = _align(index, over, free)
-            bad = bad | (index < 0)
-            flat = flat * labels.size(ax) + index
-        return flat, bad
-
-    rows, bad_r = side(term.out)
-    cols, bad_c = side(term.inp)
-    shape = labels.shape(free)
+    shape = labels.shape(term.free(labels))
     labels.guard((3,) + tuple(shape), 8, "the entries of an index-mapped term")
-    keep = ~(bad_r | bad_c).expand(shape).reshape(-1)
-    return rows.expand(shape).reshape(-1), cols.expand(shape).reshape(-1), keep
+    m = math.prod(shape)
+    rows, cols = np.empty(m, np.int64), np.empty(m, np.int64)
+    keep = _coordinates_into(term, labels, rows, cols)
+    keep = np.ones(m, dtype=bool) if keep is None else keep
+    return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(keep)
 
 
 def values(term: Term, labels: Labels, dtype: "torch.dtype", keep=None):
@@ -1912,10 +1955,3 @@ def values(term: Term, labels: Labels, dtype: "torch.dtype", keep=None):
     flat = _align(term.factor.to(dtype), term.flabels, free).expand(labels.shape(free))
     flat = flat.reshape(-1)
     return flat if keep is None else flat[keep]
-
-
-def entries(term: Term, labels: Labels, dtype: "torch.dtype"):
-    """``(rows, cols, values)`` of a term, entries without a place dropped: the general writer
-    for terms with index maps (duplicates are summed by the caller)."""
-    rows, cols, keep = placed(term, labels)
-    return rows[keep], cols[keep], values(term, labels, dtype, keep)

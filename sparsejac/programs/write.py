@@ -8,8 +8,13 @@ device the torch formats are written there (the factor never leaves the GPU); th
 pydata formats copy the factor to the CPU once.
 
 A sum of terms, or a term through index maps, has entries that several terms (or several
-assignments of one term) hit: :func:`sparsejac.programs.terms.materialise` merges them once, as
-a canonical CSR, which the CSR formats keep as it is and the others re-index.
+assignments of one term) hit: :func:`merged` sums them once, in the format's own order, and
+writes the format's arrays from the merge; no format goes through another. The merge is
+:func:`sparsejac.programs.terms.materialise` over the format's major axis: rows for CSR, COO
+and the torch formats (row-major is COO's lexicographic order), columns for CSC (the terms
+transposed: the CSR of ``J.T`` is the CSC of ``J``). COO's coordinates are written over the
+tensors' own axes from the merged rows and columns; the torch formats' tensors are made from
+the merged arrays, on a CUDA argument's device.
 
 >>> import torch
 >>> from sparsejac.programs import terms as T
@@ -191,8 +196,116 @@ def write(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence
         structure, _ = T._structure(term, labels)
         p = pattern(term, structure, fmt, out_shape, inp_shape, xp)
         return container(terms, labels, fmt, dtype, xp, p, out_shape, inp_shape)
-    csr = T.materialise(terms, out_shape, inp_shape, labels, dtype)
-    return on_device(fmt.from_csr(csr, out_shape, inp_shape), fmt, device)
+    return merged(terms, out_shape, inp_shape, labels, dtype, fmt, device)
+
+
+def transposed(term: T.Term) -> T.Term:
+    """The term of the transposed block (the same factor and labels, sides swapped)."""
+    return T.Term(term.inp, term.out, term.stored, term.flabels)  # a lazy product stays so
+
+
+def oriented(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
+             fmt: formats.Format) -> tuple[list[T.Term], tuple, tuple]:
+    """The terms and shapes whose canonical CSR holds ``fmt``'s compressed arrays: those given
+    (rows major: CSR, and COO's row-major order), or the transposed block for CSC."""
+    if fmt.layout is formats.CSC:
+        return [transposed(t) for t in terms], inp_shape, out_shape
+    return list(terms), out_shape, inp_shape
+
+
+def merged(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple, labels: T.Labels,
+           dtype: "torch.dtype", fmt: formats.Format, device: Any = None) -> Any:
+    """A block that is not :func:`direct` (index maps, or a sum of terms not nested in one),
+    its terms' entries merged once (duplicates summed) along ``fmt``'s major axis and written
+    into ``fmt``'s arrays. Stored entries: the union of the terms' structural entries, those
+    an index map drops (-1) dropped, structural zeros kept (as :func:`T.materialise`).
+    :func:`nbytes` predicts what this allocates: keep the two in step."""
+    terms, major, minor = oriented(terms, out_shape, inp_shape, fmt)
+    csr = T.materialise(terms, major, minor, labels, dtype)
+    nnz, data = csr.nnz, csr.data
+    idx = fmt.index_itemsize(nnz, out_shape, inp_shape)
+    if fmt.layout is formats.COO:
+        pattern = rows_to_coords(csr.indptr, csr.indices, out_shape, inp_shape, NUMPY.index(idx))
+    else:
+        pattern = fmt.layout.map(formats.CompressedPattern(csr.indices, csr.indptr, csr.shape),
+                                 lambda a: a.astype(NUMPY.index(idx), copy=False))
+    del csr  # the compressed arrays COO does not keep are freed here
+    if fmt.value_dtype(data.dtype) != data.dtype:
+        data = data.astype(fmt.value_dtype(data.dtype))
+    if fmt.on_torch:  # the torch tensors from the merged arrays, on a CUDA argument's device
+        gpu = _on_gpu(fmt, device)
+        pattern = fmt.layout.map(pattern, lambda a: _torch_on(a, device, gpu))
+        data = _torch_on(data, device, gpu)
+    return fmt.container(pattern, data, out_shape, inp_shape)
+
+
+def _torch_on(array: np.ndarray, device: Any, gpu: bool) -> "torch.Tensor":
+    """A numpy array as a torch tensor: the same memory on the CPU, a copy on a GPU."""
+    tensor = formats._tensor(array)
+    return tensor.to(device) if gpu else tensor
+
+
+def rows_to_coords(indptr: np.ndarray, indices: np.ndarray, out_shape: tuple,
+                   inp_shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """The ``(ndim, nnz)`` coordinates over the tensors' own axes of merged entries in
+    row-major order (``indptr``: where each row's entries start; ``indices``: their columns),
+    lexicographically sorted as they come. Each axis's coordinate is gathered from a table of
+    that axis's digit over the rows (columns) rather than divided out entry by entry: a gather
+    from a table of ``prod(shape)`` entries is several times faster than int64 division."""
+    k = len(out_shape)
+    nnz = len(indices)
+    coords = np.empty((k + len(inp_shape), nnz), dtype)
+    # intp: np.take casts narrower indices to it (a copy per axis otherwise)
+    rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.intp), np.diff(indptr))
+    _digits_into(coords[:k], rows, out_shape)
+    del rows
+    _digits_into(coords[k:], indices, inp_shape)
+    return coords
+
+
+def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
+    """Write the C-order coordinates in ``shape`` of the ``flat`` indices into the rows of
+    ``out``: gathered from one table per axis (its digit at each flat index) where the tables
+    are no larger than the entries, else divided out (a wide, sparse side)."""
+    size = math.prod(shape)
+    if len(shape) == 1:  # one axis: the flat indices themselves
+        out[0] = flat
+        return
+    if size > len(flat):
+        formats.unravel_into(flat, shape, out)
+        return
+    flat = flat.astype(np.intp, copy=False)  # once per side: np.take would cast per axis
+    before, after = 1, size
+    for d, n in enumerate(shape):
+        after //= n
+        digit = np.broadcast_to(np.arange(n, dtype=out.dtype).reshape(1, n, 1),
+                                (before, n, after)).reshape(-1)
+        # every flat index is in range: "wrap" skips the bounds check and buffering of "raise"
+        np.take(digit, flat, out=out[d], mode="wrap")
+        del digit
+        before *= n
+
+
+def rows_to_coords_nbytes(nnz: int, out_shape: tuple, inp_shape: tuple, idx: int,
+                          matrix_idx: int) -> int:
+    """Bytes :func:`rows_to_coords` allocates beside its coordinates (of ``idx`` bytes, the
+    merged arrays' of ``matrix_idx``): the rows (intp; an arange, the diff of ``indptr`` and
+    numpy's cast of that to intp for ``np.repeat``), then each side with its flat indices as
+    intp (the rows; the columns cast where narrower) and one digit table at a time, or (a side
+    larger than the entries) :func:`formats.unravel_into`'s int64 quotient, remainder and
+    previous quotient."""
+    nrows = math.prod(out_shape)
+    rows = nnz * 8 + nrows * (8 + matrix_idx + 8 * (matrix_idx != 8))
+
+    def side(shape: tuple, flat: int) -> int:
+        size = math.prod(shape)
+        if len(shape) <= 1:  # copied as they are
+            return flat if shape else 0
+        if size > nnz:
+            return flat + nnz * (16 + 8 * (len(shape) >= 3))
+        return flat + size * idx + max(shape, default=0) * idx
+
+    return max(rows, side(out_shape, nnz * 8), side(inp_shape, nnz * 8 * (matrix_idx != 8)))
 
 
 def container(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
@@ -236,7 +349,24 @@ def nbytes(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequenc
         copy = T._copy_nbytes(term, fmt.layout.target(structure), fl, dtype)
         upcast = nnz * itemsize if value != itemsize else 0  # float16 values held as float32
         return max(build, kept + copy + upcast), kept
-    peak, csr_bytes = T.materialise_nbytes(terms, out_shape, inp_shape, labels, dtype)
-    nnz = sum(t.nnz(labels) for t in terms)
-    extra, final = fmt.from_csr_nbytes(nnz, out_shape, inp_shape, itemsize, csr_bytes)
-    return max(peak, csr_bytes + extra), final
+    return merged_nbytes(terms, out_shape, inp_shape, labels, dtype, fmt)
+
+
+def merged_nbytes(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
+                  labels: T.Labels, dtype: "torch.dtype", fmt: formats.Format) -> tuple[int, int]:
+    """``(peak, kept)`` bytes of :func:`merged` (a bound: every entry enumerated counts as
+    stored): the merge along the format's major axis, then COO's coordinates beside the
+    merged arrays (:func:`rows_to_coords_nbytes`). The compressed formats keep the merged
+    arrays (a narrower index rule than the merge's would cast them: the merge's is that of
+    the entries enumerated, at least as wide). Torch tensors share the numpy arrays on the CPU; a GPU's
+    copies are not host memory."""
+    major_terms, major, minor = oriented(terms, out_shape, inp_shape, fmt)
+    peak, csr_bytes = T.materialise_nbytes(major_terms, major, minor, labels, dtype)
+    if fmt.layout is not formats.COO:
+        return peak, csr_bytes
+    n = sum(t.nnz(labels) for t in terms)
+    idx = fmt.index_itemsize(n, out_shape, inp_shape)
+    matrix_idx = formats.index_dtype(n, (math.prod(out_shape), math.prod(inp_shape))).itemsize
+    coords = n * (len(out_shape) + len(inp_shape)) * idx
+    write = csr_bytes + coords + rows_to_coords_nbytes(n, out_shape, inp_shape, idx, matrix_idx)
+    return max(peak, write), n * dtype.itemsize + coords
