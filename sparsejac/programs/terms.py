@@ -419,6 +419,15 @@ def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequen
     sa, sb = dict(zip(la, a.shape)), dict(zip(lb, b.shape))
     if any(sa[l] != sb[l] for l in sa if l in sb):  # a size-1 broadcast: leave it to einsum
         return None
+    ones = {l for l, n in {**sa, **sb}.items() if n == 1}
+    if ones:  # labels of size 1 set no layout: dropped (views), the result reshaped back
+        squeezed = _matmul_pair(
+            a.reshape([n for l, n in zip(la, a.shape) if l not in ones]),
+            [l for l in la if l not in ones],
+            b.reshape([n for l, n in zip(lb, b.shape) if l not in ones]),
+            [l for l in lb if l not in ones], [l for l in keep if l not in ones], labels)
+        return None if squeezed is None else squeezed.reshape(
+            [1 if l in ones else {**sa, **sb}[l] for l in keep])
     # Labels of one operand only that the result drops: summed away first.
     for t, lt, other, name in ((a, la, lb, "a"), (b, lb, la, "b")):
         gone = [i for i, l in enumerate(lt) if l not in keep and l not in other]
