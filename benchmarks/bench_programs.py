@@ -345,9 +345,11 @@ def _factors(fn, x) -> dict:
             original(self, tensor, terms)
             for ts in (terms or {}).values():
                 for t in ts:
-                    n = min(t.factor.untyped_storage().nbytes(),
-                            t.factor.numel() * t.factor.element_size())
-                    stats["largest"] = max(stats["largest"], n)
+                    # what the term holds: an unformed product's parts, not the product
+                    held = t.held() if hasattr(t, "held") else [t.factor]
+                    for f in held:
+                        n = min(f.untyped_storage().nbytes(), f.numel() * f.element_size())
+                        stats["largest"] = max(stats["largest"], n)
             if hasattr(self, "live_bytes"):
                 stats["live"] = max(stats["live"] or 0, self.live_bytes())
 
