@@ -295,6 +295,15 @@ class Term:
         return labels.size(self.free(labels))
 
 
+def _label_sizes(operands: Sequence[tuple["torch.Tensor", Sequence[int]]]) -> dict[int, int]:
+    """Each label's size over einsum operands (the largest: a size-1 axis broadcasts)."""
+    size: dict[int, int] = {}
+    for tensor, ls in operands:
+        for l, n in zip(ls, tensor.shape):
+            size[l] = max(size.get(l, 1), n)
+    return size
+
+
 def _einsum(
     operands: Sequence[tuple[torch.Tensor, Sequence[int]]], out: Sequence[int], labels: Labels
 ):
@@ -312,10 +321,7 @@ def _einsum(
     import torch
 
     rename = {l: k for k, l in enumerate(used)}
-    size: dict[int, int] = {}
-    for tensor, ls in operands:
-        for l, n in zip(ls, tensor.shape):
-            size[l] = max(size.get(l, 1), n)
+    size = _label_sizes(operands)
     itemsize = max(tensor.element_size() for tensor, _ in operands)
 
     def step(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], keep: Sequence[int]):
@@ -350,10 +356,7 @@ def contract(
     makes one pass over the large factor ``F``. Every pair goes through
     :func:`_einsum` (guarded, laid out for the writer); the last pair gives ``out``."""
     ops = [(t, tuple(ls)) for t, ls in operands]
-    size: dict[int, int] = {}
-    for t, ls in ops:
-        for l, n in zip(ls, t.shape):
-            size[l] = max(size.get(l, 1), n)
+    size = _label_sizes(ops)
     while len(ops) > 2:
         best = None
         for i in range(len(ops)):
@@ -380,13 +383,10 @@ LAZY_SPREAD = 4
 LAZY_SCALES = True
 
 
-def _product(ops: list, fl: tuple[int, ...], labels: Labels, like: "torch.Tensor"):
+def _product(ops: list, fl: tuple[int, ...], labels: Labels):
     """The factor ``einsum(ops -> fl)``: a :class:`Product` where it spreads its parts (see
     :data:`LAZY_SPREAD`), else formed now."""
-    sizes: dict[int, int] = {}
-    for t, ls in ops:
-        for l, n in zip(ls, t.shape):
-            sizes[l] = max(sizes.get(l, 1), n)
+    sizes = _label_sizes(ops)
     entries = math.prod(sizes.get(l, 1) for l in fl)
     if len(ops) > 1 and entries > LAZY_SPREAD * sum(t.numel() for t, _ in ops):
         return Product(ops, fl, labels)
@@ -419,7 +419,8 @@ def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequen
     sa, sb = dict(zip(la, a.shape)), dict(zip(lb, b.shape))
     if any(sa[l] != sb[l] for l in sa if l in sb):  # a size-1 broadcast: leave it to einsum
         return None
-    ones = {l for l, n in {**sa, **sb}.items() if n == 1}
+    both = {**sa, **sb}
+    ones = {l for l, n in both.items() if n == 1}
     if ones:  # labels of size 1 set no layout: dropped (views), the result reshaped back
         squeezed = _matmul_pair(
             a.reshape([n for l, n in zip(la, a.shape) if l not in ones]),
@@ -427,7 +428,7 @@ def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequen
             b.reshape([n for l, n in zip(lb, b.shape) if l not in ones]),
             [l for l in lb if l not in ones], [l for l in keep if l not in ones], labels)
         return None if squeezed is None else squeezed.reshape(
-            [1 if l in ones else {**sa, **sb}[l] for l in keep])
+            [both[l] for l in keep])
     # Labels of one operand only that the result drops: summed away first.
     for t, lt, other, name in ((a, la, lb, "a"), (b, lb, la, "b")):
         gone = [i for i, l in enumerate(lt) if l not in keep and l not in other]
@@ -841,7 +842,7 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     fl = tuple(l for l in term.free(labels) if l in carried)
     if term.lazy is not None:  # g joins the chain (a relu between two linear layers)
         ops = _operands_of(term, set(gl) | set(fl))
-        return Term(term.out, term.inp, _product(ops + [(gv, gl)], fl, labels, gv), fl)
+        return Term(term.out, term.inp, _product(ops + [(gv, gl)], fl, labels), fl)
     if LAZY_SCALES and set(gl) <= set(term.flabels) and gv.numel() < term.factor.numel():
         # a pass over the factor, put off: the scales of the steps that follow (a layer
         # norm's, an activation's) join it and are multiplied together first, then applied
@@ -877,10 +878,12 @@ def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
     """The term times a scalar ``c`` (a new factor of the same shape)."""
     import torch
 
-    if LAZY_SCALES and (isinstance(c, torch.Tensor) or term.factor.numel() > 1):
-        # put off like a scale (:func:`scale`): one pass over the factor for a chain of them
+    lazy = term.lazy
+    # an unformed product takes ``c`` as one more operand (reading its factor would form it);
+    # a formed factor puts the pass off like a scale (:func:`scale`)
+    if lazy is not None or (LAZY_SCALES and (isinstance(c, torch.Tensor)
+                                             or term.factor.numel() > 1)):
         c = torch.as_tensor(c, dtype=term.like.dtype, device=term.like.device).reshape(())
-        lazy = term.lazy
         ops = list(lazy.operands) if lazy is not None else [(term.factor, term.flabels)]
         return replace(term, stored=Product(ops + [(c, ())], term.flabels, labels))
     labels.guard(tuple(term.factor.shape), term.factor.element_size())
@@ -953,7 +956,7 @@ def compose(
     ops = _operands_of(term, new_labels) + ops
     carried = {l for _, ls in ops for l in ls}
     fl = tuple(l for l in free if l in carried)
-    factor = _product(ops, fl, labels, term.like)
+    factor = _product(ops, fl, labels)
     term = Term(out, term.inp, factor, fl)
     uncarried = set(labels.base([a for e in inputs[k] for a in amap[e]])) - set(free) - carried
     if uncarried:
