@@ -30,7 +30,8 @@ from .errors import (
 )
 from .plan import Plan, Plans, jacobian, plan
 from .spy import spy
-from .programs import ProgramPlan, hessian_of, jacobian_of, plan_of
+from .programs import (ProgramPlan, hessian_of, jacobian_of, plan_of, register_function,
+                       unregister_function)
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,8 @@ __all__ = [
     "plan_of",
     "hessian_of",
     "ProgramPlan",
+    "register_function",
+    "unregister_function",
     "plan",
     "Plan",
     "Plans",

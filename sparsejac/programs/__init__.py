@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import UnsupportedOperationError
 from .api import ProgramPlan, hessian_of, jacobian_of, plan_of
+from .custom import register_function, unregister_function
 
 
 def __getattr__(name: str) -> Any:
@@ -38,4 +39,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'sparsejac.programs' has no attribute {name!r}")
 
 
-__all__ = ["jacobian_of", "hessian_of", "plan_of", "ProgramPlan", "RULES", "UnsupportedOperationError"]
+__all__ = ["jacobian_of", "hessian_of", "plan_of", "ProgramPlan", "RULES", "register_function",
+           "unregister_function", "UnsupportedOperationError"]

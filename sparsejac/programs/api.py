@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
-from . import second
+from . import custom, second
 from . import terms as T
 from . import write as W
 from .tracer import LOCK, PREFIX, make_tracer
@@ -91,15 +91,20 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
         tracer.tape = []
         tracer.reads, tracer.skip = ([], None) if skip is None else (None, skip)
         # the argument itself (``_as_tensor`` detached it), not a copy: 8 MB at 1e6 variables
-        flat_args = [[t.detach().requires_grad_(True) if (p in positions) else t
-                      for t in leaves] for p, leaves in enumerate(flat_args)]
+        # (an inference tensor, made under inference_mode, cannot require grad: a copy then)
+        with torch.inference_mode(False):
+            flat_args = [[(t.clone() if t.is_inference() else t).detach().requires_grad_(True)
+                          if (p in positions) else t
+                          for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
         for j, t in enumerate(flat_args[p]):
             tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]})
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
-    import contextlib
-
-    with tracer, (contextlib.nullcontext() if second else torch.no_grad()):
+    # ``fn`` runs with grad mode on and inference mode off whatever the caller's (as
+    # ``torch.func``'s transforms ignore an outer no_grad): its own no_grad and inference_mode
+    # regions are then what the tracer sees as constant (:func:`tracer.recording`), and custom
+    # Functions reach the tracer (:func:`custom.intercepting`)
+    with tracer, torch.inference_mode(False), torch.enable_grad(), custom.intercepting():
         out = fn(*call_args)
     out_leaves, out_spec = pytree.tree_flatten(out)
     for o in out_leaves:

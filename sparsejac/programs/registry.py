@@ -131,8 +131,26 @@ def _traced(params: tuple[tuple[str, Any], ...], traced: str | None) -> tuple[st
     return tuple(n.lstrip("*") for n, d in params if d is EMPTY or d is None or n.startswith("*"))
 
 
-def lookup(name: str) -> Rule | None:
-    return RULES.get(name)
+# Derivatives users declare (:mod:`~sparsejac.programs.custom`), keyed by a custom
+# ``autograd.Function`` class or a custom operator's qualified name; apart from ``RULES`` (the
+# operations torch reports by name), which the docs' table and the rule tests enumerate.
+CUSTOM: dict[Any, Rule] = {}
+
+
+def register_custom(key: Any, rule: Rule) -> Rule:
+    """Declare (or replace) the rule of a user's operation."""
+    CUSTOM[key] = rule
+    return rule
+
+
+def unregister_custom(key: Any) -> None:
+    CUSTOM.pop(key, None)
+
+
+def lookup(name: str, key: Any = None) -> Rule | None:
+    """The rule of an operation torch reports as ``name``, or, given ``key`` (a user's
+    operation), the one declared for it."""
+    return CUSTOM.get(key) if key is not None else RULES.get(name)
 
 
 def bind(rule: Rule, args: Sequence[Any], kwargs: dict, method: bool) -> dict[str, Any]:

@@ -9,13 +9,14 @@ rule applied. What it checks itself is what holds for every operation: in-place 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
 from typing import Any
 
 from ..errors import UnsupportedOperationError
-from . import registry
+from . import custom, registry
 from . import terms as T
 
 PREFIX = "jacobian_of: "
@@ -140,14 +141,41 @@ class Tracer:
     def traced(self, obj: Any) -> bool:
         return any(self._has_terms(x) for x in leaves(obj))
 
+    def _quiet(self):
+        """The grad mode the tracer's own work runs in: the first order records nothing for
+        torch's autograd (parameters that require grad would otherwise grow graphs under every
+        factor); the second order needs autograd's graph of the program for its adjoints."""
+        import torch
+
+        return contextlib.nullcontext() if self.tape is not None else torch.no_grad()
+
+    def _unrecorded(self, name: str, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A call where torch records no derivative (``no_grad``, ``inference_mode``,
+        ``set_grad_enabled(False)``): its results are constants, as torch's autograd and
+        ``torch.func`` have them. A write into a traced tensor there would change the values
+        under terms already formed from them, so it is refused."""
+        if _writes(name, kwargs) and self.traced(_written(args, kwargs)):
+            raise UnsupportedOperationError(
+                f"{PREFIX}in-place operation {name!r} on a traced tensor inside a region where "
+                "torch records no gradient (no_grad, inference_mode) is not supported; write "
+                "into a copy, or detach the tensor first")
+        return func(*args, **kwargs)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         import torch
 
         kwargs = kwargs or {}
         if not self.traced((args, kwargs)):
+            # run as the program wrote it, in its grad mode: this is also how torch's own
+            # switches (``_set_grad_enabled``, called by ``no_grad`` and ``enable_grad``) arrive
             return func(*args, **kwargs)
         name = name_of(func)
-        rule = registry.lookup(name)
+        if not recording():
+            return self._unrecorded(name, func, args, kwargs)
+        declared = custom.key_of(func)  # a custom Function or operator: declared by users
+        rule = registry.lookup(name, declared)
+        if rule is None and declared is not None:
+            raise UnsupportedOperationError(custom.refusal(declared, PREFIX))
         if rule is not None and rule.kind in ("metadata", "constant"):
             return func(*args, **kwargs)
         if rule is not None and rule.kind == "python":
@@ -155,14 +183,14 @@ class Tracer:
                 f"{PREFIX}{name!r} turns a traced tensor into a Python value, which would drop "
                 "its dependence on the differentiated argument; keep the computation in torch"
             )
-        inplace = (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
-        if inplace or kwargs.get("out") is not None or kwargs.get("inplace"):
+        if _writes(name, kwargs):
             raise UnsupportedOperationError(
                 f"{PREFIX}in-place operation {name!r} on a traced tensor is not supported; "
                 "write it out of place (y = y + 1, not y += 1, y.add_(1) or inplace=True)"
             )
         if rule is None:
-            result = func(*args, **kwargs)
+            with self._quiet():
+                result = func(*args, **kwargs)
             if _constant(result):
                 return result
             raise UnsupportedOperationError(
@@ -185,7 +213,8 @@ class Tracer:
                     f"{PREFIX}{name!r}: a traced tensor as {key!r} is not supported; "
                     "its derivative there is not followed (detach it if it is a constant)"
                 )
-        result = func(*args, **kwargs)
+        with self._quiet():
+            result = func(*args, **kwargs)
         if _constant(result):
             return result
         outputs = [result] if isinstance(result, torch.Tensor) else list(result)
@@ -198,6 +227,11 @@ class Tracer:
         second = self.tape is not None
         expand = rule.expand if second and rule.kind == "rule" and rule.second is None else None
         if second and rule.kind == "rule" and rule.second is None and expand is None:
+            if declared is not None:
+                raise UnsupportedOperationError(
+                    f"{PREFIX}{custom.describe(declared)} has no declared second order, so "
+                    "hessian_of cannot follow it: register it with a rule and second=..., or "
+                    "as \"forward\" where its backward is the forward's true derivative")
             raise UnsupportedOperationError(
                 f"{PREFIX}{name!r} has no second-order rule, so hessian_of cannot follow it; "
                 "write it with operations that have one (see the docs' operation table)")
@@ -219,7 +253,8 @@ class Tracer:
                 if self.skip is not None and index in self.skip:
                     parts = [DEAD] * len(outputs)
                 else:
-                    got = rule.fn(self, result, **params)
+                    with self._quiet():
+                        got = rule.fn(self, result, **params)
                     parts = [got] if isinstance(result, torch.Tensor) else list(got)
                     parts = [self.collapsed(p) for p in parts]
                 if self.reads is not None:
@@ -250,6 +285,29 @@ class Tracer:
         finally:
             self.labels.prefix = PREFIX
         return result
+
+
+def recording() -> bool:
+    """Whether torch records derivatives here: grad mode on and inference mode off (an
+    ``enable_grad`` inside ``inference_mode`` records nothing either)."""
+    import torch
+
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def _writes(name: str, kwargs: dict) -> bool:
+    """Whether a call writes into one of its arguments: an in-place method (``add_``,
+    ``__iadd__``, ``__setitem__``), ``out=`` or ``inplace=True``."""
+    return ((name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+            or name == "__setitem__" or kwargs.get("out") is not None
+            or kwargs.get("inplace") is True)
+
+
+def _written(args: tuple, kwargs: dict) -> Any:
+    """The tensors a writing call writes into: ``out=``, else its first argument."""
+    if kwargs.get("out") is not None:
+        return kwargs["out"]
+    return args[:1]
 
 
 def _keep_adjoint(slot: dict, grad: Any) -> None:
