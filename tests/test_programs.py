@@ -243,67 +243,75 @@ def programs(draw):
                          max_size=7))
 
 
-def run_program(steps, x):
-    """Interpret ``steps`` on ``x``; constants come from a generator seeded by each step."""
+def run_program(steps, x, around=None):
+    """Interpret ``steps`` on ``x``; constants come from a generator seeded by each step.
+    ``around(i, step)``, where given, runs step ``i`` (``step()`` computes it) and returns its
+    result: a grad-mode region or a ``detach`` around it (tests/test_soundness.py)."""
     seen = [x]
-    for op, seed in steps:
-        g = torch.Generator().manual_seed(seed)
-        c = lambda *shape: torch.randn(shape, dtype=D, generator=g)  # noqa: E731
-        shape = tuple(x.shape)
-        if op == 0:
-            x = UNARY[seed % len(UNARY)](x)
-        elif op == 1 and x.dim() >= 1:
-            x = x @ c(shape[-1], 1 + seed % 3)
-        elif op == 2:
-            x = x * c(*shape[-1:]) + c(*shape[-1:])
-        elif op == 3:
-            same = [s for s in seen if tuple(s.shape) == shape]
-            x = x + same[seed % len(same)] * 0.5
-        elif op == 4 and x.dim() >= 1:
-            x = x.sum(seed % x.dim(), keepdim=bool(seed % 2))
-        elif op == 5 and x.dim() >= 1:
-            x = torch.softmax(x, dim=seed % x.dim()) if seed % 2 else F.log_softmax(x, -1)
-        elif op == 6 and x.dim() >= 2:
-            x = x.transpose(0, -1)
-        elif op == 7:
-            x = x.reshape(-1) if seed % 2 else x.unsqueeze(0)
-        elif op == 8 and x.dim() == 1 and x.shape[0] % 2 == 0:
-            x = x.reshape(2, -1)
-        elif op == 9 and x.dim() >= 2:
-            x = torch.einsum("...ij,...kj->...ik", x, x)
-        elif op == 10:
-            x = x / (1 + x * x)
-        elif op == 11 and x.dim() >= 1:
-            x = x.mean(-1)
-        elif op == 12:
-            same = [s for s in seen if tuple(s.shape) == shape]
-            x = x * same[seed % len(same)]
-        # selections, padding, concatenation and reductions by value (index maps)
-        elif op == 13 and x.dim() >= 1 and shape[-1] >= 2:
-            x = x[..., 1:] - x[..., :-1] if seed % 2 else x[..., :: 1 + seed % 2].flip(-1)
-        elif op == 14 and x.dim() >= 1:
-            # torch pads other than by a constant only the last dims of 2-4-D tensors
-            mode = ["constant", "replicate", "circular"][seed % 3] if x.dim() <= 2 else "constant"
-            x = F.pad(x.unsqueeze(0), (1, seed % 2), mode=mode).squeeze(0)
-        elif op == 15 and x.dim() >= 1:
-            d = seed % x.dim()
-            x = torch.cat([x, x.narrow(d, 0, 1) * 2], dim=d)
-        elif op == 16 and x.dim() >= 1:
-            d = seed % x.dim()
-            x = x.amax(d) if seed % 2 else torch.logsumexp(x, d)
-        elif op == 17 and x.dim() >= 1:
-            x = torch.roll(x, 1 + seed % 2, dims=-1) if seed % 2 else torch.cumsum(x, -1)
-        elif op == 18 and x.dim() >= 1:
-            index = torch.tensor([seed % shape[0], 0, (seed // 7) % shape[0]])
-            x = x[index]
-        elif op == 19 and x.dim() >= 1:
-            x = torch.stack([x, torch.tanh(x)], dim=seed % (x.dim() + 1))
-        # layer_norm over two entries is +-1 whatever they are: its Jacobian is a cancellation
-        # of terms of size 1/eps (test_layer_norm_of_two_entries pins it against an exact value)
-        elif op == 20 and x.dim() >= 1 and shape[-1] >= 3:
-            x = x.var(-1, correction=0) if seed % 2 else F.layer_norm(x, shape[-1:]) if "layer_norm" in \
-                sparsejac.programs.RULES else x.std(-1)
+    for i, (op, seed) in enumerate(steps):
+        x = around(i, lambda: _step(op, seed, x, seen)) if around else _step(op, seed, x, seen)
         seen.append(x)
+    return x
+
+
+def _step(op, seed, x, seen):
+    """One step of :func:`run_program` on ``x`` (``seen``: the tensors of the steps before)."""
+    g = torch.Generator().manual_seed(seed)
+    c = lambda *shape: torch.randn(shape, dtype=D, generator=g)  # noqa: E731
+    shape = tuple(x.shape)
+    if op == 0:
+        x = UNARY[seed % len(UNARY)](x)
+    elif op == 1 and x.dim() >= 1:
+        x = x @ c(shape[-1], 1 + seed % 3)
+    elif op == 2:
+        x = x * c(*shape[-1:]) + c(*shape[-1:])
+    elif op == 3:
+        same = [s for s in seen if tuple(s.shape) == shape]
+        x = x + same[seed % len(same)] * 0.5
+    elif op == 4 and x.dim() >= 1:
+        x = x.sum(seed % x.dim(), keepdim=bool(seed % 2))
+    elif op == 5 and x.dim() >= 1:
+        x = torch.softmax(x, dim=seed % x.dim()) if seed % 2 else F.log_softmax(x, -1)
+    elif op == 6 and x.dim() >= 2:
+        x = x.transpose(0, -1)
+    elif op == 7:
+        x = x.reshape(-1) if seed % 2 else x.unsqueeze(0)
+    elif op == 8 and x.dim() == 1 and x.shape[0] % 2 == 0:
+        x = x.reshape(2, -1)
+    elif op == 9 and x.dim() >= 2:
+        x = torch.einsum("...ij,...kj->...ik", x, x)
+    elif op == 10:
+        x = x / (1 + x * x)
+    elif op == 11 and x.dim() >= 1:
+        x = x.mean(-1)
+    elif op == 12:
+        same = [s for s in seen if tuple(s.shape) == shape]
+        x = x * same[seed % len(same)]
+    # selections, padding, concatenation and reductions by value (index maps)
+    elif op == 13 and x.dim() >= 1 and shape[-1] >= 2:
+        x = x[..., 1:] - x[..., :-1] if seed % 2 else x[..., :: 1 + seed % 2].flip(-1)
+    elif op == 14 and x.dim() >= 1:
+        # torch pads other than by a constant only the last dims of 2-4-D tensors
+        mode = ["constant", "replicate", "circular"][seed % 3] if x.dim() <= 2 else "constant"
+        x = F.pad(x.unsqueeze(0), (1, seed % 2), mode=mode).squeeze(0)
+    elif op == 15 and x.dim() >= 1:
+        d = seed % x.dim()
+        x = torch.cat([x, x.narrow(d, 0, 1) * 2], dim=d)
+    elif op == 16 and x.dim() >= 1:
+        d = seed % x.dim()
+        x = x.amax(d) if seed % 2 else torch.logsumexp(x, d)
+    elif op == 17 and x.dim() >= 1:
+        x = torch.roll(x, 1 + seed % 2, dims=-1) if seed % 2 else torch.cumsum(x, -1)
+    elif op == 18 and x.dim() >= 1:
+        index = torch.tensor([seed % shape[0], 0, (seed // 7) % shape[0]])
+        x = x[index]
+    elif op == 19 and x.dim() >= 1:
+        x = torch.stack([x, torch.tanh(x)], dim=seed % (x.dim() + 1))
+    # layer_norm over two entries is +-1 whatever they are: its Jacobian is a cancellation
+    # of terms of size 1/eps (test_layer_norm_of_two_entries pins it against an exact value)
+    elif op == 20 and x.dim() >= 1 and shape[-1] >= 3:
+        x = x.var(-1, correction=0) if seed % 2 else F.layer_norm(x, shape[-1:]) if "layer_norm" in \
+            sparsejac.programs.RULES else x.std(-1)
     return x
 
 

@@ -53,6 +53,21 @@ def _conversion_nbytes(fmt, nnz, out_shape, inp_shape, itemsize, csr_bytes):
                                                           csr_bytes)
 
 
+def _autograd_on(collect: Callable) -> Callable:
+    """Run a trace, and what follows it, with grad mode on and inference mode off whatever the
+    caller's, as ``torch.func``'s transforms ignore an outer ``no_grad``: ``fn``'s own no_grad
+    and inference_mode regions are then what the tracer sees as constant
+    (:func:`~sparsejac.programs.tracer.recording`), and the Hessian's backward pass runs."""
+
+    @functools.wraps(collect)
+    def collect_with_autograd(*args, **kwargs):
+        torch = load()
+        with torch.inference_mode(False), torch.enable_grad():
+            return collect(*args, **kwargs)
+
+    return collect_with_autograd
+
+
 def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None = None):
     """Trace ``fn(*args)``: the tracer, the differentiated positions, the arguments' leaves and
     tree specs, the output's leaves and spec, the labels, the dtype and the limit. ``second``:
@@ -92,19 +107,16 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
         tracer.reads, tracer.skip = ([], None) if skip is None else (None, skip)
         # the argument itself (``_as_tensor`` detached it), not a copy: 8 MB at 1e6 variables
         # (an inference tensor, made under inference_mode, cannot require grad: a copy then)
-        with torch.inference_mode(False):
-            flat_args = [[(t.clone() if t.is_inference() else t).detach().requires_grad_(True)
-                          if (p in positions) else t
-                          for t in leaves] for p, leaves in enumerate(flat_args)]
+        flat_args = [[(t.clone() if t.is_inference() else t).detach().requires_grad_(True)
+                      if (p in positions) else t
+                      for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
         for j, t in enumerate(flat_args[p]):
             tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]})
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
-    # ``fn`` runs with grad mode on and inference mode off whatever the caller's (as
-    # ``torch.func``'s transforms ignore an outer no_grad): its own no_grad and inference_mode
-    # regions are then what the tracer sees as constant (:func:`tracer.recording`), and custom
-    # Functions reach the tracer (:func:`custom.intercepting`)
-    with tracer, torch.inference_mode(False), torch.enable_grad(), custom.intercepting():
+    # (grad mode on, inference mode off: :func:`_autograd_on`) custom Functions reach the
+    # tracer while ``fn`` runs (:func:`custom.intercepting`)
+    with tracer, custom.intercepting():
         out = fn(*call_args)
     out_leaves, out_spec = pytree.tree_flatten(out)
     for o in out_leaves:
@@ -143,6 +155,7 @@ class _Collected:
         return tuple(parts)
 
 
+@_autograd_on
 def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     from torch.utils import _pytree as pytree
 
@@ -174,6 +187,7 @@ def _jacobian_blocks(fn, args, wrt, memory_limit) -> _Collected:
     return c
 
 
+@_autograd_on
 def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _Collected:
     """The Hessian's blocks on and above the diagonal (those below are their transposes).
     ``skip``: rule calls whose first-order terms nothing read in the plan's trace (a refill);

@@ -75,10 +75,11 @@ def key_of(func: Any) -> Any:
     Function's class, or a custom operator's qualified name (``"mylib::op"``); else None."""
     if isinstance(func, FunctionCall):
         return func.cls
-    if type(func).__name__ == "OpOverload" and hasattr(func, "name"):
-        name = func.name()
-        if not name.startswith(("aten::", "prim::", "prims::")):
-            return name.split(".", 1)[0]
+    kind = type(func).__name__
+    name = (func.name() if kind == "OpOverload" else
+            func._qualified_op_name if kind == "OpOverloadPacket" else None)
+    if name is not None and not name.startswith(("aten::", "prim::", "prims::")):
+        return name.split(".", 1)[0]
     return None
 
 
@@ -120,6 +121,33 @@ def _apply(cls, *args: Any, **kwargs: Any) -> Any:
         if tensors and has_torch_function(tensors):
             return handle_torch_function(FunctionCall(cls, original), tensors, *args, **kwargs)
     return original.__get__(None, cls)(*args, **kwargs)
+
+
+def running_function() -> type | None:
+    """The custom Function whose forward torch's own ``apply`` is running on this thread, if
+    any: a call that did not pass :func:`_apply` (a reference to ``X.apply`` taken before the
+    trace began), whose forward torch runs with grad mode off. The tracer refuses it rather
+    than take its operations for constants (:meth:`Tracer._unrecorded`)."""
+    import sys
+
+    original = _PATCHED["original"]
+    if original is None:
+        return None
+    code = original.__func__.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return frame.f_locals.get("cls")
+        frame = frame.f_back
+    return None
+
+
+def bypassed(cls: type, prefix: str) -> str:
+    """The message for a Function whose call did not reach the tracer."""
+    return (f"{prefix}{describe(cls)} ran its forward on a traced tensor through a reference to "
+            f"{cls.__qualname__}.apply taken before the trace began, which sparsejac cannot "
+            f"intercept: call {cls.__qualname__}.apply(...) inside fn (and pass x.detach() where "
+            "it is meant as a constant)")
 
 
 @contextlib.contextmanager

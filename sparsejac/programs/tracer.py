@@ -153,7 +153,11 @@ class Tracer:
         """A call where torch records no derivative (``no_grad``, ``inference_mode``,
         ``set_grad_enabled(False)``): its results are constants, as torch's autograd and
         ``torch.func`` have them. A write into a traced tensor there would change the values
-        under terms already formed from them, so it is refused."""
+        under terms already formed from them, so it is refused; so is a custom Function's
+        forward that torch runs there itself (:func:`custom.running_function`)."""
+        cls = custom.running_function()
+        if cls is not None:
+            raise UnsupportedOperationError(custom.bypassed(cls, PREFIX))
         if _writes(name, kwargs) and self.traced(_written(args, kwargs)):
             raise UnsupportedOperationError(
                 f"{PREFIX}in-place operation {name!r} on a traced tensor inside a region where "
