@@ -366,6 +366,7 @@ def test_gradient_clipping_backward_is_the_derivative(declared):
     x = rand(5)
     got = agree(lambda x: ClipGrad.apply(x), x)
     np.testing.assert_allclose(np.diag(got), 1.0)  # the backward's 1, not the forward's 3
+    np.testing.assert_allclose(dense(ClipGrad.apply, x), got)  # passed as fn itself
 
 
 @pytest.mark.parametrize("declare", [False, True])
@@ -376,7 +377,7 @@ def test_a_reference_to_apply_taken_before_the_trace_is_refused(declare, declare
         declared(ClipGrad, "elementwise")
     clip = ClipGrad.apply
     with pytest.raises(UnsupportedOperationError, match="ClipGrad.apply"):
-        sparsejac.jacobian_of(clip, rand(5))
+        sparsejac.jacobian_of(lambda x: clip(x), rand(5))
     with pytest.raises(UnsupportedOperationError, match="ClipGrad.apply"):
         sparsejac.hessian_of(lambda x: clip(x * x).sum(), rand(5))
 

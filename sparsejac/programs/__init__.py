@@ -8,8 +8,10 @@ registry of rules (:mod:`~sparsejac.programs.registry`, filled by the modules of
 composed by einsum, and the sparse result is written once, at the end.
 
 Tracing limits, as ``torch.func``'s: the Jacobian is that of the path the real values took
-(Python control flow on values runs once); in-place operations, ``out=`` and turning a traced
-tensor into a Python number are refused; which entry a relu, a maximum or a max-pool lets
+(Python control flow on values runs once); what ``fn`` computes where torch records no gradient
+(``no_grad``, ``inference_mode``) is a constant; custom ``autograd.Function`` classes and
+custom operators need a declared derivative (:func:`register_function`); in-place operations,
+``out=`` and turning a traced tensor into a Python number are refused; which entry a relu, a maximum or a max-pool lets
 through is a value, so the pattern does not depend on it.
 
 >>> import torch, sparsejac

@@ -116,6 +116,7 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
     # (grad mode on, inference mode off: :func:`_autograd_on`) custom Functions reach the
     # tracer while ``fn`` runs (:func:`custom.intercepting`)
+    fn = custom.rebound(fn)
     with tracer, custom.intercepting():
         out = fn(*call_args)
     out_leaves, out_spec = pytree.tree_flatten(out)

@@ -123,6 +123,19 @@ def _apply(cls, *args: Any, **kwargs: Any) -> Any:
     return original.__get__(None, cls)(*args, **kwargs)
 
 
+def rebound(fn: Any) -> Any:
+    """``fn`` itself, or, where it is ``X.apply`` of a custom Function (bound before the trace
+    began), a call that looks ``X.apply`` up when made, so that it reaches the tracer."""
+    import torch
+
+    original = torch.autograd.Function.__dict__["apply"]
+    cls = getattr(fn, "__self__", None)
+    if (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
+            and getattr(fn, "__func__", None) is getattr(original, "__func__", original)):
+        return lambda *args, **kwargs: cls.apply(*args, **kwargs)
+    return fn
+
+
 def running_function() -> type | None:
     """The custom Function whose forward torch's own ``apply`` is running on this thread, if
     any: a call that did not pass :func:`_apply` (a reference to ``X.apply`` taken before the

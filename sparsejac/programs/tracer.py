@@ -4,7 +4,10 @@ that depends on a differentiated argument, its Jacobian as a sum of structured t
 It knows no operation by name: each call on a traced tensor is looked up in the registry
 (:mod:`~sparsejac.programs.registry`), its arguments bound to the rule's parameters, and the
 rule applied. What it checks itself is what holds for every operation: in-place forms and
-``out=`` are refused, integer and boolean results are constants, complex results are refused.
+``out=`` are refused, integer and boolean results are constants, complex results are refused,
+and results computed where torch records no gradient (:func:`recording`: ``no_grad``,
+``inference_mode``) are constants. Custom ``autograd.Function`` calls and custom operators
+arrive as one operation each (:mod:`~sparsejac.programs.custom`).
 """
 
 from __future__ import annotations
