@@ -90,7 +90,7 @@ def enable_inside_inference(x):
 
 
 def detached(x):
-    return x * x.detach() + x.detach().sin()
+    return x * x.detach() + x.detach().sin() + x.data * x
 
 
 @pytest.mark.parametrize("fn", [in_no_grad, in_inference_mode, in_set_grad_enabled,

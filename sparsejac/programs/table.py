@@ -34,6 +34,11 @@ rule) or `decomposition` (written with other rules, which the tracer follows).
   flow on values runs once.
 - Which entry a relu, a maximum, a max-pool or a clamp lets through is a value, not structure:
   the pattern covers every entry that could pass.
+- Grad modes are torch's: what is computed under `no_grad`, `inference_mode` or
+  `set_grad_enabled(False)` is a constant (`enable_grad` inside `no_grad` follows again).
+- Custom `torch.autograd.Function` classes and custom operators are refused by name until
+  their derivative is declared with `sparsejac.register_function` (torch defines it by their
+  backward); reentrant activation checkpointing is declared already.
 - Refused, with a message naming the operation: in-place operations and `out=`; turning a traced
   tensor into a Python value (`item`, `tolist`, `numpy`); complex results; dropout in training
   mode; any operation not listed here (write it with listed ones, or pass the tensor as a

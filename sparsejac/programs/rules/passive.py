@@ -22,6 +22,6 @@ passive("constant", (
     "logical_not", "round", "floor", "ceil", "trunc", "argsort", "__and__", "__or__",
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
     "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor",
-    "heaviside", "signbit", "sgn", "frac_constant", "bernoulli_constant",
+    "heaviside", "signbit", "sgn", "frac_constant", "bernoulli_constant", "data",
 ))
 passive("python", ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__array__"))
