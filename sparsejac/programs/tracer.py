@@ -55,7 +55,7 @@ class Tracer:
         # (weakref callback), so an id is never reused while its entry stands, and the terms
         # of intermediates the program dropped are freed as it runs.
         self._traced: dict[int, tuple[Any, Terms]] = {}
-        labels.live = self.live_bytes
+        labels.live = T.WeakCall(self, "live_bytes", default=0)  # weakly: no cycle
         # For the second order: the steps taken, (rule, params, result's meta stand-in, the
         # slot its adjoint lands in), in order; None when only first derivatives are wanted.
         self.tape: list | None = None
@@ -77,8 +77,7 @@ class Tracer:
             terms = {k: v for k, v in (terms or {}).items() if v}
         if terms or terms is DEAD:
             key = id(tensor)
-            self._traced[key] = (weakref.ref(tensor, lambda _, key=key: self._forget(key)),
-                                 terms)
+            self._traced[key] = (weakref.ref(tensor, T.WeakCall(self, "_forget", key)), terms)
 
     def _forget(self, key: int) -> None:
         self._traced.pop(key, None)
