@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import UnsupportedOperationError
 from . import registry
 from . import terms as T
+from .naming import display_name
 
 PREFIX = "jacobian_of: "
 Terms = dict  # leaf key -> list[T.Term]: the Jacobian of one tensor w.r.t. each argument leaf
@@ -165,7 +166,7 @@ class Tracer:
             if _constant(result):
                 return result
             raise UnsupportedOperationError(
-                f"{PREFIX}operation {name!r} ({func!r}) on a traced tensor is not supported. "
+                f"{PREFIX}operation {display_name(func)} on a traced tensor is not supported. "
                 "See sparsejac.programs.RULES (or the docs' operation table) for the supported "
                 "operations; write it with those, or pass the tensor in as a constant"
             )
