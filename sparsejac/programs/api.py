@@ -792,12 +792,13 @@ class ProgramPlan:
             peak, held = max(peak, held + p), held + kept
         return peak
 
-    def peak_nbytes(self, format: str = "csr") -> int:
+    def peak_nbytes(self, format: str = "coo") -> int:
         """The predicted peak of the next :meth:`jacobian` in ``format``, in bytes: the most
         the trace's dense factors reach (the live ones and the one being made), or the factors
         alive at its end plus every result's arrays and the writers' temporaries, whichever
         is more. A pattern not kept yet for ``format`` is counted (the first refill in a format
         makes it). ``jacobian(..., memory_limit=L)`` refuses at once where this exceeds ``L``.
+        ``format`` defaults to ``"coo"``, as :meth:`jacobian`'s and :meth:`nbytes`'s.
 
         >>> import torch, sparsejac
         >>> w = torch.randn(16, 16, dtype=torch.float64)
@@ -831,12 +832,14 @@ class ProgramPlan:
     def matrix_shape(self):
         return self._blocks[0].csr.shape
 
-    def nbytes(self, format: str = "csr", dtype: Any = None) -> int:
-        """Bytes of the result's arrays in ``format`` (values in ``dtype``, default the
-        plan's)."""
+    def nbytes(self, format: str = "coo", dtype: Any = None) -> int:
+        """Bytes of the result's arrays in ``format`` (default ``"coo"``, what :meth:`jacobian`
+        returns by default, as :meth:`sparsejac.plan.Plan.nbytes`), values in ``dtype`` (a
+        numpy or torch dtype; default the plan's)."""
         formats.get(format, PREFIX)  # the name, and its package installed
-        itemsize = np.dtype(_np_dtype(dtype or self.dtype)).itemsize
         f = formats.get(format, require=False)
+        itemsize = f.value_itemsize(self.dtype if dtype is None
+                                    else options.value_dtype(dtype, PREFIX))
         total = 0
         for index, transposed in self._layout:
             b = self._blocks[index]
@@ -846,7 +849,7 @@ class ProgramPlan:
             total += f.nbytes(b.nnz, out, inp, itemsize, idx)
         return total
 
-    def pattern(self, format: str = "csr"):
+    def pattern(self, format: str = "coo"):
         """The first block's pattern: a boolean array in ``format`` (ones where stored)."""
         b = self._blocks[0]
         return b.result(np.ones(b.nnz, dtype=bool), format)
