@@ -47,12 +47,16 @@ def choice(value: Any, name: str, allowed: Sequence[str], prefix: str) -> str:
     return value
 
 
-def wrt_index(wrt: Any, n: int, prefix: str, what: str = "operand", tuples: bool = True) -> int:
+def wrt_index(wrt: Any, n: int, prefix: str, what: str = "operand", tuples: bool = True,
+              within: Any = None) -> int:
     """``wrt`` as an index in ``range(n)`` (negative counts from the end); ``tuples`` says
-    whether the caller also takes a tuple (for the message)."""
+    whether the caller also takes a tuple (for the message), ``within`` the tuple ``wrt`` is
+    an entry of."""
     if isinstance(wrt, bool) or not isinstance(wrt, (int, np.integer)):
-        kinds = "an int or a tuple of ints" if tuples else "an int"
-        raise ArgumentTypeError(f"{prefix}wrt must be {kinds}, got {type(wrt).__name__}")
+        kinds = "an int or a tuple of ints" if tuples else f"one {what}'s index, an int"
+        where = f" in wrt={within!r}" if within is not None else ""
+        raise ArgumentTypeError(
+            f"{prefix}wrt must be {kinds}, got {type(wrt).__name__} {wrt!r}{where}")
     if not -n <= wrt < n:
         raise ArgumentError(f"{prefix}wrt={int(wrt)} is out of range for {n} {what}(s)")
     return int(wrt) % n
@@ -64,7 +68,7 @@ def wrt_indices(wrt: Any, n: int, prefix: str, what: str = "operand") -> list[in
         return [wrt_index(wrt, n, prefix, what)]
     if not wrt:
         raise ArgumentError(f"{prefix}wrt is an empty sequence")
-    return [wrt_index(w, n, prefix, what) for w in wrt]
+    return [wrt_index(w, n, prefix, what, within=wrt) for w in wrt]
 
 
 def value_dtype(dtype: Any, prefix: str, name: str = "dtype") -> Any:
