@@ -217,3 +217,24 @@ def test_65_operands(wrt):
     A = sparsejac.linear_operator(subscripts, *x, wrt=wrt)
     np.testing.assert_allclose(A @ np.ones(2), expected @ np.ones(2), rtol=1e-12)
     np.testing.assert_allclose(A.rmatvec(np.ones(2)), expected.T @ np.ones(2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("module", ["sparsejac.dask", "sparsejac.chunked", "sparsejac.store"])
+def test_importing_the_dask_modules_without_dask_says_how_to_install_it(module):
+    import os
+    import subprocess
+    import sys
+
+    # dask made unimportable (None in sys.modules), in a fresh interpreter
+    code = (f"import sys; sys.modules['dask'] = None\n"
+            f"import sparsejac\n"
+            f"try:\n    import {module}\n"
+            f"except sparsejac.MissingDependencyError as e:\n"
+            f"    print(isinstance(e, ImportError), '|', e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout
+    assert out.startswith("True |"), out  # also an ImportError, for except ImportError
+    assert f"{module} needs dask" in out
+    assert "pip install 'einsum-sparsejac[dask]'" in out and "'dask[array]' distributed" in out
