@@ -224,3 +224,33 @@ def test_memory_limit_that_is_not_a_size_is_refused_by_plans(limit):
     with pytest.raises(ArgumentTypeError, match=r"memory_limit must be a number of bytes"):
         p.jacobian(x, memory_limit=limit)
     assert p.jacobian(x, memory_limit=float("inf")).nnz == p.nnz
+
+
+@pytest.mark.parametrize("fn,shape,order", [(mlp, (6, 5), 1), (stencil, (12,), 1),
+                                            (lambda u: (torch.tanh(stencil(u)) ** 2).sum(),
+                                             (12,), 2)])
+@pytest.mark.parametrize("fmt", ["torch", "torch_csr"])
+def test_torch_refills_warn_of_nothing(fn, shape, order, fmt, monkeypatch):
+    import warnings
+
+    # torch warns once a process, so the cause is pinned too: no read-only array is wrapped
+    wrapped_read_only = []
+    from_numpy = torch.from_numpy
+
+    def spy(a):
+        wrapped_read_only.append(not a.flags.writeable)
+        return from_numpy(a)
+
+    monkeypatch.setattr(torch, "from_numpy", spy)
+    x = rand(*shape)
+    p = sparsejac.plan_of(fn, x, order=order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "NumPy array is not writable" among them
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        first = p.jacobian(x, format=fmt)
+        again = p.jacobian(rand(*shape, seed=3), format=fmt)
+    assert torch.equal(first.to_dense() != 0, again.to_dense() != 0) or p.rebuilds
+    assert wrapped_read_only and not any(wrapped_read_only)
+    # the kept pattern is still read-only for the scipy formats
+    with pytest.raises(ValueError, match="read-only"):
+        p.jacobian(x, format="csr").indices[0] = 1

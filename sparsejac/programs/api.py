@@ -462,6 +462,11 @@ class _Block:
             csr = scipy.sparse.csr_array(
                 (np.zeros(len(unique), dtype=_np_dtype(dtype)), (unique % shape[1]).astype(idx),
                  indptr), shape=shape)
+        # the torch formats' view of the kept arrays, made while they are writable: torch
+        # warns on wrapping a read-only array (it cannot mark a tensor read-only), and a copy
+        # per refill would be waste
+        self.torch_csr = formats.CompressedPattern(torch.from_numpy(csr.indices),
+                                                   torch.from_numpy(csr.indptr), csr.shape)
         for a in (csr.indices, csr.indptr):
             a.flags.writeable = False  # shared by every refill: read-only
         self.csr = csr
@@ -512,7 +517,7 @@ class _Block:
         key = (f.name, xp.name, str(device))
         if key not in self.patterns:
             if f.layout is formats.CSR and xp is W.NUMPY:
-                pattern = self.csr  # the kept CSR arrays themselves
+                pattern = self._kept_csr(f)  # the kept CSR arrays themselves
             else:
                 pattern = W.pattern(term, structure, f, self.out_shape, self.inp_shape, xp)
                 for a in f.layout.arrays(pattern):
@@ -521,6 +526,12 @@ class _Block:
             self.patterns[key] = pattern
         return W.container(terms, labels, f, dtype, xp, self.patterns[key], self.out_shape,
                            self.inp_shape)
+
+    def _kept_csr(self, f: formats.Format) -> Any:
+        """The kept CSR pattern for ``f``: the arrays, or for a torch format tensors sharing
+        their memory (:attr:`torch_csr`; a transposed block's mirror has no such view, and its
+        arrays are writable)."""
+        return self.torch_csr if f.on_torch and self.torch_csr is not None else self.csr
 
     def _transpose_order(self):
         """The transposed pattern, its data the position of each entry in this block's."""
@@ -596,11 +607,12 @@ class _Block:
                     (np.zeros(self.nnz, dtype=data.dtype), t.indices, t.indptr),
                     shape=t.shape)
                 mirror.nnz, mirror.cache, mirror.perm = self.nnz, {}, perm
+                mirror.torch_csr = None  # its arrays are its own, writable
             mirror = self.cache["T"]
             return mirror.result(data[mirror.perm], fmt)
         f = formats.get(fmt, require=False)
         if f.layout is formats.CSR:  # the kept arrays themselves, no copy
-            return f.container(self.csr, data, self.out_shape, self.inp_shape)
+            return f.container(self._kept_csr(f), data, self.out_shape, self.inp_shape)
         if fmt not in self.cache and f.layout is formats.COO:
             # the coordinates written from the kept rows and columns (as the first call's
             # writer writes them, W.rows_to_coords): the values stay in the CSR's order
