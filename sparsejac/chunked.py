@@ -29,12 +29,18 @@ import math
 from dataclasses import replace
 from typing import Any, Sequence
 
-import dask
-import dask.array as da
 import numpy as np
 import sparse
-from dask.base import tokenize
-from dask.utils import parse_bytes
+
+try:
+    import dask
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.utils import parse_bytes
+except ImportError as error:  # the package's own error, with how to install dask
+    from .errors import missing_dask
+
+    raise missing_dask(__name__, error) from None
 
 from . import formats, options
 from .backend import broadcast_base

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from . import formats, options
-from .errors import ArgumentError
+from .errors import DASK_HINT, ArgumentError
 from .report import compare_with_torch, human_bytes, size_ratio
 
 CHECK_LIMIT = 2_000_000  # dense elements up to which --check compares with torch
@@ -371,7 +371,7 @@ def _run_chunked(args, print_, plan, arrays, dtype, dense_bytes, want_check) -> 
     try:
         import dask  # noqa: F401
     except ImportError:
-        raise CommandError("--chunks needs dask: pip install 'einsum-sparsejac[dask]'") from None
+        raise CommandError(f"--chunks needs dask: {DASK_HINT}") from None
     from . import chunked, store
 
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None

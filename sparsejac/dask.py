@@ -8,6 +8,13 @@ True
 
 from __future__ import annotations
 
+try:
+    import dask  # noqa: F401  (first: the error names this module, not the one it imports)
+except ImportError as error:
+    from .errors import missing_dask
+
+    raise missing_dask(__name__, error) from None
+
 from .chunked import auto_chunks, jacobian
 from .errors import StoreError, StoreExistsError, StoreNotFoundError
 from .store import MANIFEST, load, save

@@ -46,6 +46,17 @@ class MissingDependencyError(SparsejacError, ImportError):
     installed; the message says which ``pip install`` adds it."""
 
 
+# How to add dask, for those who installed the package from the index (its ``dask`` extra)
+# and for everyone else (the packages themselves).
+DASK_HINT = "pip install 'einsum-sparsejac[dask]' (or: pip install 'dask[array]' distributed)"
+
+
+def missing_dask(module: str, error: ImportError) -> MissingDependencyError:
+    """The error of importing ``module`` (chunked Jacobians, their store) without dask."""
+    return MissingDependencyError(
+        f"{module} needs dask, which is not installed ({error}): {DASK_HINT}")
+
+
 class StoreError(SparsejacError, ValueError):
     """A saved Jacobian (``sparsejac.store.save``/``load``) is damaged, edited, incomplete or
     cannot be written; the message names the file and what is wrong with it."""

@@ -491,6 +491,14 @@ class Format:
         dtype = np.dtype(dtype)
         return np.dtype(np.float32) if dtype == np.float16 and not self.float16 else dtype
 
+    def value_itemsize(self, dtype) -> int:
+        """Bytes of one stored value for results of ``dtype``, a checked numpy or torch dtype
+        (:func:`sparsejac.options.value_dtype`): float16 as :meth:`value_dtype` stores it."""
+        if isinstance(dtype, np.dtype):
+            return self.value_dtype(dtype).itemsize
+        half = str(dtype) == "torch.float16"  # a torch dtype (torch need not be imported)
+        return 4 if half and not self.float16 else dtype.itemsize
+
     def index_itemsize(self, nnz: int, out_shape, inp_shape) -> int:
         """The index width rule: ``index_bytes``, else the narrowest that fits."""
         return self.index_bytes or index_dtype(nnz, self.layout.index_shape(out_shape,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from .errors import ShapeError, context
+from .errors import ArgumentTypeError, ShapeError, context
 from .grammar import bind, parse, require_text
 from .operands import as_arrays, result_dtype
 from . import options
@@ -47,7 +47,11 @@ class EinsumJacobianOperator(LinearOperator):
         arrays = as_arrays(operands, label)
         parsed = parse(subscripts, len(arrays))
         self.subscripts = subscripts
-        self.wrt = options.wrt_index(wrt, len(arrays), context(label))
+        if isinstance(wrt, (tuple, list)):  # sparsejac.jacobian takes these; an operator is one J
+            raise ArgumentTypeError(
+                f"{context(label)}linear_operator is the Jacobian w.r.t. one operand: wrt must "
+                f"be an int, got wrt={wrt!r}; make one operator per operand")
+        self.wrt = options.wrt_index(wrt, len(arrays), context(label), tuples=False)
         self.einsum = bind(parsed, [a.shape for a in arrays])
         dtype = result_dtype(arrays)
         # Kept as given: each product casts them to its dtype (the result's precision, as

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ArgumentError, ArgumentTypeError, JacobianTooLargeError, ShapeError
+from .operands import NUMERIC_KINDS
 
 
 def available_memory() -> int | None:
@@ -46,12 +47,16 @@ def choice(value: Any, name: str, allowed: Sequence[str], prefix: str) -> str:
     return value
 
 
-def wrt_index(wrt: Any, n: int, prefix: str, what: str = "operand", tuples: bool = True) -> int:
+def wrt_index(wrt: Any, n: int, prefix: str, what: str = "operand", tuples: bool = True,
+              within: Any = None) -> int:
     """``wrt`` as an index in ``range(n)`` (negative counts from the end); ``tuples`` says
-    whether the caller also takes a tuple (for the message)."""
+    whether the caller also takes a tuple (for the message), ``within`` the tuple ``wrt`` is
+    an entry of."""
     if isinstance(wrt, bool) or not isinstance(wrt, (int, np.integer)):
-        kinds = "an int or a tuple of ints" if tuples else "an int"
-        raise ArgumentTypeError(f"{prefix}wrt must be {kinds}, got {type(wrt).__name__}")
+        kinds = "an int or a tuple of ints" if tuples else f"one {what}'s index, an int"
+        where = f" in wrt={within!r}" if within is not None else ""
+        raise ArgumentTypeError(
+            f"{prefix}wrt must be {kinds}, got {type(wrt).__name__} {wrt!r}{where}")
     if not -n <= wrt < n:
         raise ArgumentError(f"{prefix}wrt={int(wrt)} is out of range for {n} {what}(s)")
     return int(wrt) % n
@@ -63,7 +68,35 @@ def wrt_indices(wrt: Any, n: int, prefix: str, what: str = "operand") -> list[in
         return [wrt_index(wrt, n, prefix, what)]
     if not wrt:
         raise ArgumentError(f"{prefix}wrt is an empty sequence")
-    return [wrt_index(w, n, prefix, what) for w in wrt]
+    return [wrt_index(w, n, prefix, what, within=wrt) for w in wrt]
+
+
+def value_dtype(dtype: Any, prefix: str, name: str = "dtype") -> Any:
+    """``dtype`` checked as the dtype of a result's values: a numeric numpy dtype (or what
+    ``np.dtype`` reads as one: ``np.float32``, ``"f4"``) as an ``np.dtype``, or a torch dtype
+    that is not ``torch.bool``, as it is.
+
+    >>> value_dtype("float32", ""), value_dtype(np.int64, "")
+    (dtype('float32'), dtype('int64'))
+    >>> value_dtype(object, "einsum 'i->i': ")
+    Traceback (most recent call last):
+    ...
+    sparsejac.errors.ArgumentTypeError: einsum 'i->i': dtype object is not a numeric dtype (integer, floating or complex)
+    """
+    if "torch" in type(dtype).__module__:  # a torch dtype (torch need not be imported here)
+        if getattr(dtype, "is_floating_point", None) is None or str(dtype) == "torch.bool":
+            raise ArgumentTypeError(f"{prefix}{name} {dtype!r} is not a numeric dtype")
+        return dtype
+    if isinstance(dtype, bool) or dtype is None:  # np.dtype(None) is float64: no default here
+        raise ArgumentTypeError(f"{prefix}{name} {dtype!r} is not a numpy or torch dtype")
+    try:
+        checked = np.dtype(dtype)
+    except TypeError:
+        raise ArgumentTypeError(f"{prefix}{name} {dtype!r} is not a numpy or torch dtype") from None
+    if checked.kind not in NUMERIC_KINDS:
+        raise ArgumentTypeError(f"{prefix}{name} {getattr(dtype, '__name__', dtype)!s} is not a "
+                                "numeric dtype (integer, floating or complex)")
+    return checked
 
 
 def shape(value: Any, index: int, prefix: str) -> tuple[int, ...]:
@@ -130,18 +163,31 @@ def memory_limit(value: Any, prefix: str) -> float | None:
 
 
 def limit_bytes(value: Any, prefix: str) -> float | None:
-    """``memory_limit`` checked and in bytes; None stays None (the caller's default)."""
+    """``memory_limit`` checked and in bytes; None stays None (the caller's default).
+
+    A real number (numpy's integers and floats too; not a bool, not a complex number) that is
+    not negative nor nan; ``math.inf`` is no limit. A string is a size (:func:`parse_bytes`).
+
+    >>> limit_bytes("4GB", ""), limit_bytes(512, ""), limit_bytes(math.inf, "")
+    (4000000000, 512, inf)
+    >>> limit_bytes(1e9 + 0j, "jacobian_of: ")
+    Traceback (most recent call last):
+    ...
+    sparsejac.errors.ArgumentTypeError: jacobian_of: memory_limit must be a number of bytes, a size such as '8GB' or '8GiB', or None, got complex
+    """
     if value is None:
         return None
     if isinstance(value, str):
         return parse_bytes(value, prefix)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    # np.number would let numpy's complex numbers through; np.timedelta64 is an np.integer
+    if isinstance(value, (bool, np.timedelta64)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
         raise ArgumentTypeError(
             f"{prefix}memory_limit must be a number of bytes, a size such as '8GB' or '8GiB', "
             f"or None, got {type(value).__name__}"
         )
     if not value >= 0:
-        raise ArgumentError(f"{prefix}memory_limit={value} must be >= 0")
+        raise ArgumentError(f"{prefix}memory_limit={value!r} must be a number of bytes >= 0")
     return value
 
 

@@ -100,14 +100,7 @@ class Plan:
         return context(self.subscripts)
 
     def _itemsize(self, fmt: Format, dtype: Any) -> int:
-        if "torch" in type(dtype).__module__:
-            return dtype.itemsize  # a torch dtype
-        try:
-            return fmt.value_dtype(np.dtype(dtype)).itemsize
-        except TypeError:
-            raise ArgumentTypeError(
-                f"{self._prefix()}dtype {dtype!r} is not a numpy or torch dtype"
-            ) from None
+        return fmt.value_itemsize(options.value_dtype(dtype, self._prefix()))
 
     def nbytes(self, format: str = "coo", dtype: Any = np.float64) -> int:
         """Bytes of the arrays a fresh build of ``format`` allocates for values of ``dtype``."""
@@ -119,7 +112,11 @@ class Plan:
         operands of ``dtype``: the result, the factor ``R`` and every temporary of the writers
         (what the memory guard checks)."""
         fmt = formats.get(format, self._prefix(), require=False)
-        return self._peak(fmt, fmt.value_dtype(np.dtype(dtype)), None, pattern=True)
+        checked = options.value_dtype(dtype, self._prefix())
+        # without operands only the values' size matters: a torch dtype's as a numpy one
+        value = (fmt.value_dtype(checked) if isinstance(checked, np.dtype)
+                 else np.dtype(f"V{fmt.value_itemsize(checked)}"))
+        return self._peak(fmt, value, None, pattern=True)
 
     def _factor_labels(self, fmt: Format) -> tuple[int, ...]:
         """The axes ``R`` is computed with for ``fmt``: the V order of the structure written

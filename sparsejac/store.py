@@ -41,10 +41,16 @@ import zipfile
 import zlib
 from typing import Any, Sequence
 
-import dask.array as da
 import numpy as np
 import sparse
-from dask.base import tokenize
+
+try:
+    import dask.array as da
+    from dask.base import tokenize
+except ImportError as error:  # the package's own error, with how to install dask
+    from .errors import missing_dask
+
+    raise missing_dask(__name__, error) from None
 
 from . import formats
 from .formats import OUT_NDIM

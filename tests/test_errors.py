@@ -55,6 +55,18 @@ CASES = [
     ("ij,jk->ik", [A23, A34], {"memory_limit": -1}, ArgumentError, r"memory_limit=-1 must be"),
     ("ij,jk->ik", [A23, A34], {"memory_limit": [1]}, ArgumentTypeError, r"memory_limit must be"),
     ("ij,jk->ik", [A23, A34], {"memory_limit": "1QB"}, ArgumentError, r"memory_limit '1QB' is not a size"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": 1e9 + 0j}, ArgumentTypeError,
+     r"memory_limit must be a number of bytes.*got complex"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": np.complex128(1e9)}, ArgumentTypeError,
+     r"memory_limit must be a number of bytes.*got complex128"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": np.timedelta64(5)}, ArgumentTypeError,
+     r"memory_limit must be a number of bytes.*got timedelta64"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": True}, ArgumentTypeError,
+     r"memory_limit must be a number of bytes.*got bool"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": np.bool_(True)}, ArgumentTypeError,
+     r"memory_limit must be a number of bytes.*got bool"),
+    ("ij,jk->ik", [A23, A34], {"memory_limit": float("nan")}, ArgumentError,
+     r"memory_limit=nan must be a number of bytes >= 0"),
 ]
 
 
@@ -100,6 +112,27 @@ def test_plan_shapes_and_dtypes_are_checked():
     with pytest.raises(ArgumentTypeError, match=r"dtype 'foo' is not a numpy or torch dtype"):
         sparsejac.plan("i->i", (3,)).nbytes("csr", "foo")
     assert sparsejac.plan("i->i", (np.int64(3),)).shape == (3, 3)
+
+
+@pytest.mark.parametrize("limit", [float("inf"), np.float64("inf"), "4GB", np.int64(10**9), 10**9])
+def test_memory_limits_that_are_sizes_are_taken(limit):
+    J = sparsejac.jacobian("ij,jk->ik", A23, A34, format="csr", memory_limit=limit)
+    assert J.nnz == sparsejac.plan("ij,jk->ik", (2, 3), (3, 4)).nnz
+
+
+@pytest.mark.parametrize("dtype", [object, str, bool, "U3", None, 3, "foo"])
+def test_nbytes_refuses_what_is_not_a_numeric_dtype(dtype):
+    p = sparsejac.plan("ij,jk->ik", (2, 3), (3, 4))
+    for size in (p.nbytes, p.peak_nbytes):
+        with pytest.raises(ArgumentTypeError, match=r"einsum 'ij,jk->ik': dtype .* is not a"):
+            size("csr", dtype)
+
+
+def test_nbytes_is_the_bytes_of_the_default_result():
+    p = sparsejac.plan("ij,jk->ik", (2, 3), (3, 4))
+    J = p.jacobian(A23, A34)  # the default format
+    assert p.nbytes() == p.nbytes("coo") == J.coords.nbytes + J.data.nbytes
+    assert p.nbytes("csr", np.float32) < p.nbytes("csr", np.float64)
 
 
 def test_sparse_operands_and_torchless_dtypes_are_refused():
@@ -184,3 +217,24 @@ def test_65_operands(wrt):
     A = sparsejac.linear_operator(subscripts, *x, wrt=wrt)
     np.testing.assert_allclose(A @ np.ones(2), expected @ np.ones(2), rtol=1e-12)
     np.testing.assert_allclose(A.rmatvec(np.ones(2)), expected.T @ np.ones(2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("module", ["sparsejac.dask", "sparsejac.chunked", "sparsejac.store"])
+def test_importing_the_dask_modules_without_dask_says_how_to_install_it(module):
+    import os
+    import subprocess
+    import sys
+
+    # dask made unimportable (None in sys.modules), in a fresh interpreter
+    code = (f"import sys; sys.modules['dask'] = None\n"
+            f"import sparsejac\n"
+            f"try:\n    import {module}\n"
+            f"except sparsejac.MissingDependencyError as e:\n"
+            f"    print(isinstance(e, ImportError), '|', e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout
+    assert out.startswith("True |"), out  # also an ImportError, for except ImportError
+    assert f"{module} needs dask" in out
+    assert "pip install 'einsum-sparsejac[dask]'" in out and "'dask[array]' distributed" in out

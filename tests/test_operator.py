@@ -137,6 +137,22 @@ def test_errors_are_sparsejac_errors():
         sparsejac.linear_operator("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), wrt=2)
 
 
+@pytest.mark.parametrize("wrt", [(0, 1), [1], (0,)])
+def test_a_tuple_wrt_is_refused_as_one_operand_per_operator(wrt):
+    with pytest.raises(sparsejac.ArgumentTypeError) as info:
+        sparsejac.linear_operator("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), wrt=wrt)
+    message = str(info.value)
+    assert "one operand" in message and f"wrt={wrt!r}" in message
+    assert "tuple of ints" not in message  # a tuple of ints is what it was given
+
+
+def test_a_wrong_wrt_is_named():
+    with pytest.raises(sparsejac.ArgumentTypeError, match=r"got float 1\.0$"):
+        sparsejac.linear_operator("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), wrt=1.0)
+    with pytest.raises(sparsejac.ArgumentTypeError, match=r"got float 1\.0 in wrt=\(0, 1\.0\)"):
+        sparsejac.jacobian("ij,jk->ik", np.ones((2, 3)), np.ones((3, 4)), wrt=(0, 1.0))
+
+
 def test_gauss_newton_step_with_lsqr():
     """The README's example: one Gauss-Newton step for min ||x @ w - y|| over x solves the
     linear least-squares problem exactly (the residual is linear in x)."""

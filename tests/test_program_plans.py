@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsejac
-from sparsejac.errors import ShapeError
+from sparsejac.errors import ArgumentTypeError, ShapeError
 
 D = torch.float64
 
@@ -201,3 +201,56 @@ def test_a_path_that_reads_a_skipped_term_is_traced_again_in_full():
     H = plan.jacobian(x0, format="csr")
     np.testing.assert_allclose(H.toarray(), torch.func.hessian(loss)(x0).numpy(), rtol=1e-10,
                                atol=1e-12)
+
+
+def test_nbytes_defaults_to_the_default_result_and_checks_its_dtype():
+    x = rand(6, 5)
+    p = sparsejac.plan_of(mlp, x)
+    J = p.jacobian(x)  # the default format, as the einsum plans' default
+    assert p.nbytes() == p.nbytes("coo") == J.coords.nbytes + J.data.nbytes
+    assert p.nbytes("csr", np.float32) < p.nbytes("csr") == p.nbytes("csr", torch.float64)
+    assert p.nbytes("csr", "float32") == p.nbytes("csr", torch.float32)
+    for dtype in (object, str, torch.bool, "foo"):
+        with pytest.raises(ArgumentTypeError, match=r"dtype .* is not a"):
+            p.nbytes("csr", dtype)
+
+
+@pytest.mark.parametrize("limit", [1e9 + 0j, np.complex128(1e9), True])
+def test_memory_limit_that_is_not_a_size_is_refused_by_plans(limit):
+    x = rand(6, 5)
+    with pytest.raises(ArgumentTypeError, match=r"memory_limit must be a number of bytes"):
+        sparsejac.plan_of(mlp, x, memory_limit=limit)
+    p = sparsejac.plan_of(mlp, x, memory_limit="4GB")
+    with pytest.raises(ArgumentTypeError, match=r"memory_limit must be a number of bytes"):
+        p.jacobian(x, memory_limit=limit)
+    assert p.jacobian(x, memory_limit=float("inf")).nnz == p.nnz
+
+
+@pytest.mark.parametrize("fn,shape,order", [(mlp, (6, 5), 1), (stencil, (12,), 1),
+                                            (lambda u: (torch.tanh(stencil(u)) ** 2).sum(),
+                                             (12,), 2)])
+@pytest.mark.parametrize("fmt", ["torch", "torch_csr"])
+def test_torch_refills_warn_of_nothing(fn, shape, order, fmt, monkeypatch):
+    import warnings
+
+    # torch warns once a process, so the cause is pinned too: no read-only array is wrapped
+    wrapped_read_only = []
+    from_numpy = torch.from_numpy
+
+    def spy(a):
+        wrapped_read_only.append(not a.flags.writeable)
+        return from_numpy(a)
+
+    monkeypatch.setattr(torch, "from_numpy", spy)
+    x = rand(*shape)
+    p = sparsejac.plan_of(fn, x, order=order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "NumPy array is not writable" among them
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        first = p.jacobian(x, format=fmt)
+        again = p.jacobian(rand(*shape, seed=3), format=fmt)
+    assert torch.equal(first.to_dense() != 0, again.to_dense() != 0) or p.rebuilds
+    assert wrapped_read_only and not any(wrapped_read_only)
+    # the kept pattern is still read-only for the scipy formats
+    with pytest.raises(ValueError, match="read-only"):
+        p.jacobian(x, format="csr").indices[0] = 1

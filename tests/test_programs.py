@@ -369,10 +369,38 @@ def test_layer_norm_of_two_entries_against_an_exact_reference():
 
 
 def test_unsupported_operation_names_it_and_says_where_the_supported_are():
-    with pytest.raises(UnsupportedOperationError, match="'cumprod'") as info:
+    with pytest.raises(UnsupportedOperationError, match=r"operation torch\.cumprod on") as info:
         sparsejac.jacobian_of(lambda x: torch.cumprod(x, 0), rand(3))
     assert isinstance(info.value, NotImplementedError)
     assert "sparsejac.programs.RULES" in str(info.value)
+
+
+@pytest.mark.parametrize("fn,name", [
+    (lambda x: torch.diff(x), "torch.diff"),
+    (lambda x: x.clamp_min(0.0), "Tensor.clamp_min"),
+    (lambda x: F.interpolate(x[None, None], scale_factor=2.0), "F.interpolate"),
+    (lambda x: torch.linalg.solve(x, x), "torch.linalg.solve"),
+    (lambda x: torch.special.erfcx(x), "torch.special.erfcx"),
+    (lambda x: torch.fft.fft(x).real, "torch.fft.fft"),
+    (lambda x: torch.ops.aten.sin.default(x), "torch.ops.aten.sin.default"),
+])
+def test_refusals_name_the_operation_as_the_user_wrote_it(fn, name):
+    with pytest.raises(UnsupportedOperationError) as info:
+        sparsejac.jacobian_of(fn, rand(3, 3))
+    message = str(info.value)
+    assert f"operation {name} on a traced tensor" in message
+    assert " at 0x" not in message and "<" not in message  # no interpreter repr
+
+
+def test_display_name_spells_methods_properties_and_functions():
+    from sparsejac.programs.naming import display_name
+
+    assert display_name(torch.Tensor.T.__get__) == "Tensor.T"
+    assert display_name(torch.Tensor.unique) == "Tensor.unique"  # a Python-level method
+    assert display_name(torch.ops.aten.sin) == "torch.ops.aten.sin"
+    assert display_name(torch.special.expit) == "torch.special.expit"
+    assert display_name(torch.sin) == "torch.sin"
+    assert display_name(F.gelu) == "F.gelu"  # a builtin of torch._C._nn, spelt as F's
 
 
 def test_in_place_and_python_values_are_refused():

@@ -482,6 +482,11 @@ class _Block:
             csr = scipy.sparse.csr_array(
                 (np.zeros(len(unique), dtype=_np_dtype(dtype)), (unique % shape[1]).astype(idx),
                  indptr), shape=shape)
+        # the torch formats' view of the kept arrays, made while they are writable: torch
+        # warns on wrapping a read-only array (it cannot mark a tensor read-only), and a copy
+        # per refill would be waste
+        self.torch_csr = formats.CompressedPattern(torch.from_numpy(csr.indices),
+                                                   torch.from_numpy(csr.indptr), csr.shape)
         for a in (csr.indices, csr.indptr):
             a.flags.writeable = False  # shared by every refill: read-only
         self.csr = csr
@@ -532,7 +537,7 @@ class _Block:
         key = (f.name, xp.name, str(device))
         if key not in self.patterns:
             if f.layout is formats.CSR and xp is W.NUMPY:
-                pattern = self.csr  # the kept CSR arrays themselves
+                pattern = self._kept_csr(f)  # the kept CSR arrays themselves
             else:
                 pattern = W.pattern(term, structure, f, self.out_shape, self.inp_shape, xp)
                 for a in f.layout.arrays(pattern):
@@ -541,6 +546,12 @@ class _Block:
             self.patterns[key] = pattern
         return W.container(terms, labels, f, dtype, xp, self.patterns[key], self.out_shape,
                            self.inp_shape)
+
+    def _kept_csr(self, f: formats.Format) -> Any:
+        """The kept CSR pattern for ``f``: the arrays, or for a torch format tensors sharing
+        their memory (:attr:`torch_csr`; a transposed block's mirror has no such view, and its
+        arrays are writable)."""
+        return self.torch_csr if f.on_torch and self.torch_csr is not None else self.csr
 
     def _transpose_order(self):
         """The transposed pattern, its data the position of each entry in this block's."""
@@ -616,11 +627,12 @@ class _Block:
                     (np.zeros(self.nnz, dtype=data.dtype), t.indices, t.indptr),
                     shape=t.shape)
                 mirror.nnz, mirror.cache, mirror.perm = self.nnz, {}, perm
+                mirror.torch_csr = None  # its arrays are its own, writable
             mirror = self.cache["T"]
             return mirror.result(data[mirror.perm], fmt)
         f = formats.get(fmt, require=False)
         if f.layout is formats.CSR:  # the kept arrays themselves, no copy
-            return f.container(self.csr, data, self.out_shape, self.inp_shape)
+            return f.container(self._kept_csr(f), data, self.out_shape, self.inp_shape)
         if fmt not in self.cache and f.layout is formats.COO:
             # the coordinates written from the kept rows and columns (as the first call's
             # writer writes them, W.rows_to_coords): the values stay in the CSR's order
@@ -812,12 +824,13 @@ class ProgramPlan:
             peak, held = max(peak, held + p), held + kept
         return peak
 
-    def peak_nbytes(self, format: str = "csr") -> int:
+    def peak_nbytes(self, format: str = "coo") -> int:
         """The predicted peak of the next :meth:`jacobian` in ``format``, in bytes: the most
         the trace's dense factors reach (the live ones and the one being made), or the factors
         alive at its end plus every result's arrays and the writers' temporaries, whichever
         is more. A pattern not kept yet for ``format`` is counted (the first refill in a format
         makes it). ``jacobian(..., memory_limit=L)`` refuses at once where this exceeds ``L``.
+        ``format`` defaults to ``"coo"``, as :meth:`jacobian`'s and :meth:`nbytes`'s.
 
         >>> import torch, sparsejac
         >>> w = torch.randn(16, 16, dtype=torch.float64)
@@ -851,12 +864,14 @@ class ProgramPlan:
     def matrix_shape(self):
         return self._blocks[0].csr.shape
 
-    def nbytes(self, format: str = "csr", dtype: Any = None) -> int:
-        """Bytes of the result's arrays in ``format`` (values in ``dtype``, default the
-        plan's)."""
+    def nbytes(self, format: str = "coo", dtype: Any = None) -> int:
+        """Bytes of the result's arrays in ``format`` (default ``"coo"``, what :meth:`jacobian`
+        returns by default, as :meth:`sparsejac.plan.Plan.nbytes`), values in ``dtype`` (a
+        numpy or torch dtype; default the plan's)."""
         formats.get(format, PREFIX)  # the name, and its package installed
-        itemsize = np.dtype(_np_dtype(dtype or self.dtype)).itemsize
         f = formats.get(format, require=False)
+        itemsize = f.value_itemsize(self.dtype if dtype is None
+                                    else options.value_dtype(dtype, PREFIX))
         total = 0
         for index, transposed in self._layout:
             b = self._blocks[index]
@@ -866,7 +881,7 @@ class ProgramPlan:
             total += f.nbytes(b.nnz, out, inp, itemsize, idx)
         return total
 
-    def pattern(self, format: str = "csr"):
+    def pattern(self, format: str = "coo"):
         """The first block's pattern: a boolean array in ``format`` (ones where stored)."""
         b = self._blocks[0]
         return b.result(np.ones(b.nnz, dtype=bool), format)

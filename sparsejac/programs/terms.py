@@ -54,6 +54,29 @@ class TooManyLabelsError(Exception):
     """An einsum over structured factors would need more than 52 distinct labels."""
 
 
+class WeakCall:
+    """``getattr(owner, method)(*args)`` while ``owner`` lives, else ``default``; any
+    arguments of the call itself are ignored (a weak reference's callback gets the dead
+    reference). It holds ``owner`` weakly: a callback that held it (a bound method, a lambda
+    over ``self``) stored in ``owner``'s own dicts would make a reference cycle, which only the
+    cyclic collector frees; a trace's tracer, labels and index tables would then outlive it
+    (hundreds of MB a refill at millions of entries) until the collector ran."""
+
+    __slots__ = ("_owner", "_method", "_args", "_default")
+
+    def __init__(self, owner: object, method: str, *args: object, default: object = None) -> None:
+        self._owner, self._method = weakref.ref(owner), method
+        self._args, self._default = args, default
+
+    def __call__(self, *ignored: object) -> object:
+        owner = self._owner()
+        return self._default if owner is None else getattr(owner, self._method)(*self._args)
+
+
+def _nothing_live() -> int:
+    return 0
+
+
 class Labels:
     """The size of every label of one trace, fresh labels, and memoised splits (so that terms
     which split the same label the same way keep sharing labels and can still be merged).
@@ -79,7 +102,7 @@ class Labels:
         self.limit = limit
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
-        self.live: Callable[[], int] = lambda: 0
+        self.live: Callable[[], int] = _nothing_live
         # the most bytes one guarded allocation brought the live factors to: the trace's peak,
         # known once it has run (what a plan refuses a refill by, before tracing again)
         self.peak = 0
@@ -105,8 +128,14 @@ class Labels:
     def made(self, tensor: "torch.Tensor") -> "torch.Tensor":
         """``tensor``, a factor just allocated, counted as in use for as long as it lives."""
         key = id(tensor)
-        self._made[key] = weakref.ref(tensor, lambda _, key=key: self._made.pop(key, None))
+        self._made[key] = weakref.ref(tensor, WeakCall(self, "_unmade", key))
         return tensor
+
+    def _unmade(self, key: int) -> None:
+        self._made.pop(key, None)
+
+    def _unscaled(self, key: int) -> None:
+        self.scaled.pop(key, None)
 
     def in_use(self) -> list["torch.Tensor"]:
         """The factors made here that are still alive (see :meth:`made`)."""
@@ -855,8 +884,8 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
         # parts, so that the second order can fold ``g`` into a step's weight and contract
         # the unscaled term (:func:`unscaled`); kept only while the product lives
         key = id(factor)
-        labels.scaled[key] = (weakref.ref(factor, lambda _, key=key: labels.scaled.pop(key, None)),
-                              term, g.detach())
+        labels.scaled[key] = (weakref.ref(factor, WeakCall(labels, "_unscaled", key)), term,
+                              g.detach())
     return Term(term.out, term.inp, factor, fl)
 
 

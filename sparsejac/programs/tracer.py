@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import UnsupportedOperationError
 from . import custom, registry
 from . import terms as T
+from .naming import display_name
 
 PREFIX = "jacobian_of: "
 Terms = dict  # leaf key -> list[T.Term]: the Jacobian of one tensor w.r.t. each argument leaf
@@ -59,7 +60,7 @@ class Tracer:
         # (weakref callback), so an id is never reused while its entry stands, and the terms
         # of intermediates the program dropped are freed as it runs.
         self._traced: dict[int, tuple[Any, Terms]] = {}
-        labels.live = self.live_bytes
+        labels.live = T.WeakCall(self, "live_bytes", default=0)  # weakly: no cycle
         # For the second order: the steps taken, (rule, params, result's meta stand-in, the
         # slot its adjoint lands in), in order; None when only first derivatives are wanted.
         self.tape: list | None = None
@@ -81,8 +82,7 @@ class Tracer:
             terms = {k: v for k, v in (terms or {}).items() if v}
         if terms or terms is DEAD:
             key = id(tensor)
-            self._traced[key] = (weakref.ref(tensor, lambda _, key=key: self._forget(key)),
-                                 terms)
+            self._traced[key] = (weakref.ref(tensor, T.WeakCall(self, "_forget", key)), terms)
 
     def _forget(self, key: int) -> None:
         self._traced.pop(key, None)
@@ -201,7 +201,7 @@ class Tracer:
             if _constant(result):
                 return result
             raise UnsupportedOperationError(
-                f"{PREFIX}operation {name!r} ({func!r}) on a traced tensor is not supported. "
+                f"{PREFIX}operation {display_name(func)} on a traced tensor is not supported. "
                 "See sparsejac.programs.RULES (or the docs' operation table) for the supported "
                 "operations; write it with those, or pass the tensor in as a constant"
             )
