@@ -145,10 +145,19 @@ def limit_bytes(value: Any, prefix: str) -> float | None:
     return value
 
 
-def guard(nbytes: int, limit: float | None, prefix: str, what: str) -> None:
-    """Refuse, before anything is allocated, a build of ``nbytes`` over ``limit``."""
-    if limit is not None and nbytes > limit:
+def guard(nbytes: int, limit: float | None, prefix: str, what: str, used: int = 0,
+          using: str = "live Jacobian factors") -> None:
+    """Refuse, before anything is allocated, a build of ``nbytes`` that would take the ``used``
+    bytes already in use (of ``using``) over ``limit``. Where ``used`` alone reaches the
+    limit, the message says so rather than quote a headroom below zero."""
+    if limit is None or nbytes + used <= limit:
+        return
+    need = f"{prefix}{what} needs about {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB)"
+    of = f"the memory limit of {int(limit):,} bytes ({limit / 2**30:.3g} GiB)"
+    if used >= limit:
         raise JacobianTooLargeError(
-            f"{prefix}{what} needs about {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB), over the "
-            f"memory limit of {int(limit):,} bytes ({limit / 2**30:.3g} GiB); nothing was allocated"
-        )
+            f"{need}, but {used:,} bytes of {using} already use all of {of}; nothing was "
+            "allocated")
+    beside = f" beside {used:,} bytes of {using}" if used else ""
+    raise JacobianTooLargeError(
+        f"{need}{beside}, over {of}; nothing was allocated")

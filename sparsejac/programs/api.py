@@ -95,7 +95,8 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
                       for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
         for j, t in enumerate(flat_args[p]):
-            tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]})
+            tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]},
+                          value=False)  # the caller's tensor, beside the limit
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
     import contextlib
 
@@ -295,10 +296,9 @@ def _build(c: _Collected, fmt: str):
     (below the diagonal) keep the CSR path: merged once as CSR, which the average and the
     transpose need, then converted to ``fmt``."""
     live = _factors_nbytes(c)  # the factors stay alive while the blocks are written
-    alive = f", beside {live:,} bytes of live Jacobian factors," if live else ""
+    alive = ""
     if c.labels.peak:  # what the trace itself reached (checked before each allocation)
-        alive += f" after a trace that peaked at {c.labels.peak:,} bytes of factors,"
-    limit = None if c.limit is None else c.limit - live
+        alive = f", after a trace that peaked at {c.labels.peak:,} bytes of factors,"
     held, built = 0, []
     transposed = {b for b, tr in c.layout if tr}
     for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
@@ -311,9 +311,9 @@ def _build(c: _Collected, fmt: str):
             peak = max(peak, csr_bytes + convert)
         else:
             peak, final = W.nbytes(terms, s1, s2, c.labels, c.dtype, fmt)
-        options.guard(held + peak, limit, PREFIX,
+        options.guard(held + peak, c.limit, PREFIX,
                       f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
-                      f"term(s), format {fmt!r}){alive}")
+                      f"term(s), format {fmt!r}){alive}", used=live)
         if merged:
             csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
             # its factors are written: freed before the average makes its transposed copy (a
