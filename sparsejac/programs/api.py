@@ -53,6 +53,12 @@ def _conversion_nbytes(fmt, nnz, out_shape, inp_shape, itemsize, csr_bytes):
                                                           csr_bytes)
 
 
+# under the default limit, this share of the headroom at the start is kept back from the
+# allocations the guard admits (threads' stacks and arenas, Python's objects, the allocator's
+# pieces), checked against the process's headroom as it runs
+ROOM_RESERVE = 16
+
+
 def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None = None):
     """Trace ``fn(*args)``: the tracer, the differentiated positions, the arguments' leaves and
     tree specs, the output's leaves and spec, the labels, the dtype and the limit. ``second``:
@@ -86,6 +92,8 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     labels = T.Labels(limit, PREFIX)
+    if memory_limit is None and limit is not None:  # the default: the process's own headroom
+        labels.room, labels.reserve = options.Headroom(), limit // ROOM_RESERVE
     tracer = make_tracer(labels, dtype)
     if second:
         tracer.tape = []
@@ -311,9 +319,11 @@ def _build(c: _Collected, fmt: str):
             peak = max(peak, csr_bytes + convert)
         else:
             peak, final = W.nbytes(terms, s1, s2, c.labels, c.dtype, fmt)
-        options.guard(held + peak, c.limit, PREFIX,
-                      f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
-                      f"term(s), format {fmt!r}){alive}", used=live)
+        what = (f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
+                f"term(s), format {fmt!r}){alive}")
+        options.guard(held + peak, c.limit, PREFIX, what, used=live)
+        if c.labels.room is not None:  # (what is written now is counted in the headroom)
+            options.guard_room(peak, c.labels.room(), c.labels.reserve, PREFIX, what)
         if merged:
             csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
             # its factors are written: freed before the average makes its transposed copy (a

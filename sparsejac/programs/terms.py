@@ -51,6 +51,10 @@ Atoms = tuple[int, ...]
 MAX_EINSUM_LABELS = 52  # torch.einsum's sublist format takes labels 0..51
 
 
+# an allocation this large reads the process's headroom (:attr:`Labels.room`) before it is made
+ROOM_BYTES = 1 << 20
+
+
 class TooManyLabelsError(Exception):
     """An einsum over structured factors would need more than 52 distinct labels."""
 
@@ -78,6 +82,11 @@ class Labels:
         # terms through the same maps collapse onto the same labels, and stay mergeable
         self._collapses: dict[tuple, "_Collapse | None"] = {}
         self.limit = limit
+        # under the default limit: what the process can still allocate, re-read as the trace
+        # runs (:class:`~sparsejac.options.Headroom`), and what is kept back from it
+        self.room: "options.Headroom | None" = None
+        self.reserve = 0
+        self._checks = 0
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
         self.live: Callable[[], int] = lambda: 0
@@ -103,6 +112,12 @@ class Labels:
             options.guard(nbytes, self.limit, self.prefix, f"{what} of shape {tuple(shape)}",
                           used=live, using="live Jacobian factors, the program's own tensors "
                                            "and index tables")
+        self._checks += 1
+        # the process's own headroom, read for a large allocation and now and then (small
+        # ones add up): a few microseconds, not a walk
+        if self.room is not None and (nbytes >= ROOM_BYTES or self._checks % 16 == 0):
+            options.guard_room(nbytes, self.room(), self.reserve, self.prefix,
+                               f"{what} of shape {tuple(shape)}")
 
     def made(self, tensor: "torch.Tensor") -> "torch.Tensor":
         """``tensor``, a factor just allocated, counted as in use for as long as it lives."""
