@@ -133,7 +133,8 @@ def random_program(rng: random.Random, steps: int, keep: list):
             elif op == 3:
                 y = torch.softmax(a, -1)
             elif op == 4:
-                y = (a.reshape(2, 12, 6).sum(1, keepdim=True) + a.reshape(2, 12, 6)).reshape(a.shape)
+                b = a.reshape(2, 12, 6)
+                y = (b.sum(1, keepdim=True) + b).reshape(a.shape)
             elif op == 5:
                 y = a[:, 1:].sum(-1, keepdim=True) * a
             else:
