@@ -22,18 +22,176 @@ from .operands import NUMERIC_KINDS
 
 
 def available_memory() -> int | None:
-    """Bytes of memory the machine has available now (``MemAvailable``), or None if unknown."""
+    """Bytes this process can still allocate now, or None if unknown: the least of the
+    machine's available memory (``MemAvailable``), the address space left under
+    ``RLIMIT_AS`` (``ulimit -v``), the data segment left under ``RLIMIT_DATA``, and what the
+    process's memory cgroup (a container's limit, ``memory.max``) has left.
+
+    Why all of them: under a limit below the machine's memory, allocating up to
+    ``MemAvailable`` fails in the allocator (an address-space limit) or gets the process
+    killed (a cgroup's), instead of a refusal by the guard."""
+    known = [n for n in (_machine_available(), _rlimit_left(), _cgroup_left()) if n is not None]
+    return max(0, min(known)) if known else None
+
+
+class Headroom:
+    """What the process can still allocate, re-read at each call: :func:`available_memory`'s
+    sources found once (which rlimits and cgroups limit it), then only the numbers that change
+    are read (``/proc/meminfo``, ``/proc/self/statm``, the cgroups' usage): tens of
+    microseconds, whatever the trace holds.
+
+    Why the guard reads it beside its own count: the process holds more than the tensors
+    alive (the allocator keeps memory freed in pieces, threads reserve address space), and
+    under the default limit the machine's, the rlimit's or the cgroup's true headroom is
+    what decides between a refusal and a kill."""
+
+    def __init__(self, root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgroup") -> None:
+        self._rlimits: list[tuple[int, int]] = []  # (soft limit, field of statm: 0 size, 5 data)
+        try:
+            import resource
+
+            for name, field in (("RLIMIT_AS", 0), ("RLIMIT_DATA", 5)):
+                which = getattr(resource, name, None)
+                soft = resource.getrlimit(which)[0] if which is not None else None
+                if soft is not None and soft != resource.RLIM_INFINITY:
+                    self._rlimits.append((soft, field))
+        except (ImportError, OSError, ValueError):
+            pass
+        # (usage file, limit, reclaimable page cache at the start) of each limited cgroup
+        self._cgroups = [(used, limit, cache) for used, limit, cache in _cgroups(root, proc)]
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __call__(self) -> int | None:
+        known = [_machine_available()]
+        if self._rlimits:
+            try:
+                with open("/proc/self/statm") as f:
+                    fields = f.read().split()
+                for soft, field in self._rlimits:
+                    known.append(soft - int(fields[field]) * self._page)
+            except (OSError, ValueError, IndexError):
+                pass
+        for used, limit, cache in self._cgroups:
+            now = _read_int(used)
+            if now is not None:
+                known.append(limit - now + cache)
+        known = [n for n in known if n is not None]
+        return max(0, min(known)) if known else None
+
+
+def _machine_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _status_bytes(field: str) -> int | None:
+    """A size from ``/proc/self/status`` (``VmSize``, ``VmData``), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _rlimit_left() -> int | None:
+    """The address space (``RLIMIT_AS``) or data segment (``RLIMIT_DATA``) left, whichever
+    is less; None where neither is limited (or the platform cannot say)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    left = []
+    for name, field in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        try:
+            soft = resource.getrlimit(which)[0]
+        except (OSError, ValueError):
+            continue
+        used = _status_bytes(field)
+        if soft != resource.RLIM_INFINITY and used is not None:
+            left.append(soft - used)
+    return min(left) if left else None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    try:
+        return int(text)
+    except ValueError:  # "max": no limit
+        return None
+
+
+def _inactive_file(path: str, key: str) -> int:
+    """Page cache the kernel reclaims before it kills (``memory.stat``'s ``key``)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroups(root: str, proc: str) -> list[tuple[str, int, int]]:
+    """``(usage file, limit, reclaimable page cache now)`` of the process's memory cgroup and
+    each one above it that has a limit (cgroup v2's ``memory.max``, v1's
+    ``memory.limit_in_bytes``)."""
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one unified hierarchy
+            base, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = os.path.join(root, "memory"), (
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # the process's cgroup, then its ancestors
+            here = os.path.join(base, *parts[:depth])
+            limit = _read_int(os.path.join(here, files[0]))
+            if limit is None or limit >= 2**62:  # "max", or v1's "no limit" (a huge number)
+                continue
+            used = os.path.join(here, files[1])
+            if _read_int(used) is None:
+                continue
+            found.append((used, limit, _inactive_file(os.path.join(here, "memory.stat"),
+                                                      files[2])))
+    return found
+
+
+def _cgroup_left(root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgroup") -> int | None:
+    """What the process's memory cgroups have left under their limits, the least of them (the
+    page cache they hold counts as free: the kernel reclaims it before it kills); None where
+    none is limited."""
+    left = [limit - _read_int(used) + cache for used, limit, cache in _cgroups(root, proc)
+            if _read_int(used) is not None]
+    return min(left) if left else None
 
 
 def choice(value: Any, name: str, allowed: Sequence[str], prefix: str) -> str:
@@ -191,10 +349,31 @@ def limit_bytes(value: Any, prefix: str) -> float | None:
     return value
 
 
-def guard(nbytes: int, limit: float | None, prefix: str, what: str) -> None:
-    """Refuse, before anything is allocated, a build of ``nbytes`` over ``limit``."""
-    if limit is not None and nbytes > limit:
+def guard(nbytes: int, limit: float | None, prefix: str, what: str, used: int = 0,
+          using: str = "live Jacobian factors") -> None:
+    """Refuse, before anything is allocated, a build of ``nbytes`` that would take the ``used``
+    bytes already in use (of ``using``) over ``limit``. Where ``used`` alone reaches the
+    limit, the message says so rather than quote a headroom below zero."""
+    if limit is None or nbytes + used <= limit:
+        return
+    need = f"{prefix}{what} needs about {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB)"
+    of = f"the memory limit of {int(limit):,} bytes ({limit / 2**30:.3g} GiB)"
+    if used >= limit:
         raise JacobianTooLargeError(
-            f"{prefix}{what} needs about {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB), over the "
-            f"memory limit of {int(limit):,} bytes ({limit / 2**30:.3g} GiB); nothing was allocated"
-        )
+            f"{need}, but {used:,} bytes of {using} already use all of {of}; nothing was "
+            "allocated")
+    beside = f" beside {used:,} bytes of {using}" if used else ""
+    raise JacobianTooLargeError(
+        f"{need}{beside}, over {of}; nothing was allocated")
+
+
+def guard_room(nbytes: int, left: int | None, reserve: int, prefix: str, what: str) -> None:
+    """Refuse ``nbytes`` where the process has less than that left (``left``, from
+    :class:`Headroom`) beyond ``reserve``: under the default limit, before the allocator
+    fails or the kernel kills the process."""
+    if left is not None and nbytes > left - reserve:
+        raise JacobianTooLargeError(
+            f"{prefix}{what} needs about {nbytes:,} bytes ({nbytes / 2**30:.3g} GiB), but the "
+            f"process can allocate only {max(0, left):,} bytes more now (the memory available, "
+            f"or what its address-space, data or cgroup limit leaves), {reserve:,} of them kept "
+            "in reserve; nothing was allocated (pass memory_limit to set the limit)")

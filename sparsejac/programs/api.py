@@ -68,6 +68,12 @@ def _autograd_on(collect: Callable) -> Callable:
     return collect_with_autograd
 
 
+# under the default limit, this share of the headroom at the start is kept back from the
+# allocations the guard admits (threads' stacks and arenas, Python's objects, the allocator's
+# pieces), checked against the process's headroom as it runs
+ROOM_RESERVE = 16
+
+
 def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None = None):
     """Trace ``fn(*args)``: the tracer, the differentiated positions, the arguments' leaves and
     tree specs, the output's leaves and spec, the labels, the dtype and the limit. ``second``:
@@ -101,6 +107,8 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     labels = T.Labels(limit, PREFIX)
+    if memory_limit is None and limit is not None:  # the default: the process's own headroom
+        labels.room, labels.reserve = options.Headroom(), limit // ROOM_RESERVE
     tracer = make_tracer(labels, dtype)
     if second:
         tracer.tape = []
@@ -112,7 +120,8 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
                       for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
         for j, t in enumerate(flat_args[p]):
-            tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]})
+            tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]},
+                          value=False)  # the caller's tensor, beside the limit
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
     # (grad mode on, inference mode off: :func:`_autograd_on`) custom Functions reach the
     # tracer while ``fn`` runs (:func:`custom.intercepting`)
@@ -315,10 +324,9 @@ def _build(c: _Collected, fmt: str):
     (below the diagonal) keep the CSR path: merged once as CSR, which the average and the
     transpose need, then converted to ``fmt``."""
     live = _factors_nbytes(c)  # the factors stay alive while the blocks are written
-    alive = f", beside {live:,} bytes of live Jacobian factors," if live else ""
+    alive = ""
     if c.labels.peak:  # what the trace itself reached (checked before each allocation)
-        alive += f" after a trace that peaked at {c.labels.peak:,} bytes of factors,"
-    limit = None if c.limit is None else c.limit - live
+        alive = f", after a trace that peaked at {c.labels.peak:,} bytes of factors,"
     held, built = 0, []
     transposed = {b for b, tr in c.layout if tr}
     for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
@@ -331,9 +339,11 @@ def _build(c: _Collected, fmt: str):
             peak = max(peak, csr_bytes + convert)
         else:
             peak, final = W.nbytes(terms, s1, s2, c.labels, c.dtype, fmt)
-        options.guard(held + peak, limit, PREFIX,
-                      f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
-                      f"term(s), format {fmt!r}){alive}")
+        what = (f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
+                f"term(s), format {fmt!r}){alive}")
+        options.guard(held + peak, c.limit, PREFIX, what, used=live)
+        if c.labels.room is not None:  # (what is written now is counted in the headroom)
+            options.guard_room(peak, c.labels.room(), c.labels.reserve, PREFIX, what)
         if merged:
             csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
             # its factors are written: freed before the average makes its transposed copy (a

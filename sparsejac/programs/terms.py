@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse
 
 from .. import formats, options
+from .ledger import Ledger, WeakCall
 from ..operands import _numpy_dtype
 from ..structure import Structure, distinct
 
@@ -50,27 +51,12 @@ Atoms = tuple[int, ...]
 MAX_EINSUM_LABELS = 52  # torch.einsum's sublist format takes labels 0..51
 
 
+# an allocation this large reads the process's headroom (:attr:`Labels.room`) before it is made
+ROOM_BYTES = 1 << 20
+
+
 class TooManyLabelsError(Exception):
     """An einsum over structured factors would need more than 52 distinct labels."""
-
-
-class WeakCall:
-    """``getattr(owner, method)(*args)`` while ``owner`` lives, else ``default``; any
-    arguments of the call itself are ignored (a weak reference's callback gets the dead
-    reference). It holds ``owner`` weakly: a callback that held it (a bound method, a lambda
-    over ``self``) stored in ``owner``'s own dicts would make a reference cycle, which only the
-    cyclic collector frees; a trace's tracer, labels and index tables would then outlive it
-    (hundreds of MB a refill at millions of entries) until the collector ran."""
-
-    __slots__ = ("_owner", "_method", "_args", "_default")
-
-    def __init__(self, owner: object, method: str, *args: object, default: object = None) -> None:
-        self._owner, self._method = weakref.ref(owner), method
-        self._args, self._default = args, default
-
-    def __call__(self, *ignored: object) -> object:
-        owner = self._owner()
-        return self._default if owner is None else getattr(owner, self._method)(*self._args)
 
 
 def _nothing_live() -> int:
@@ -100,6 +86,11 @@ class Labels:
         # terms through the same maps collapse onto the same labels, and stay mergeable
         self._collapses: dict[tuple, "_Collapse | None"] = {}
         self.limit = limit
+        # under the default limit: what the process can still allocate, re-read as the trace
+        # runs (:class:`~sparsejac.options.Headroom`), and what is kept back from it
+        self.room: "options.Headroom | None" = None
+        self.reserve = 0
+        self._checks = 0
         self.prefix = prefix  # starts the guard's messages; the tracer names the current operation
         # bytes of the factors alive now (the tracer's terms of live tensors); 0 if unknown
         self.live: Callable[[], int] = _nothing_live
@@ -109,38 +100,36 @@ class Labels:
         # bytes of the index maps' tables (int64, one per derived label, kept for the trace)
         self.tables_nbytes = 0
         self._table_storages: set[int] = set()
-        # factors made here and still referenced: a rule's new terms are in use before the
-        # tracer records them (attention's matmul holds one per path, then sums them)
-        self._made: dict[int, weakref.ref] = {}
+        # the storages alive that the guard counts: factors made here (a rule's new terms are
+        # in use before the tracer records them: attention's matmul holds one per path, then
+        # sums them), and what the tracer records (terms, the program's values)
+        self.ledger = Ledger()
 
     def guard(self, shape: Sequence[int], itemsize: int, what: str = "a Jacobian factor") -> None:
         """Refuse, before it is allocated, a tensor of ``shape`` that would take the bytes in
-        use (the live factors) over the memory limit; record the peak it would reach."""
+        use (the live factors, the program's values, the index tables) over the memory limit;
+        record the peak it would reach."""
         nbytes = math.prod(shape) * itemsize
         live = self.live() + self.tables_nbytes
         self.peak = max(self.peak, live + nbytes)
-        if self.limit is not None and nbytes > self.limit - live:
-            alive = (f" beside {live:,} bytes of live Jacobian factors and index tables"
-                     if live else "")
-            options.guard(nbytes, self.limit - live, self.prefix,
-                          f"{what} of shape {tuple(shape)}{alive}")
+        if self.limit is not None and live + nbytes > self.limit:
+            options.guard(nbytes, self.limit, self.prefix, f"{what} of shape {tuple(shape)}",
+                          used=live, using="live Jacobian factors, the program's own tensors "
+                                           "and index tables")
+        self._checks += 1
+        # the process's own headroom, read for a large allocation and now and then (small
+        # ones add up): a few microseconds, not a walk
+        if self.room is not None and (nbytes >= ROOM_BYTES or self._checks % 16 == 0):
+            options.guard_room(nbytes, self.room(), self.reserve, self.prefix,
+                               f"{what} of shape {tuple(shape)}")
 
     def made(self, tensor: "torch.Tensor") -> "torch.Tensor":
         """``tensor``, a factor just allocated, counted as in use for as long as it lives."""
-        key = id(tensor)
-        self._made[key] = weakref.ref(tensor, WeakCall(self, "_unmade", key))
+        self.ledger.track(tensor)
         return tensor
-
-    def _unmade(self, key: int) -> None:
-        self._made.pop(key, None)
 
     def _unscaled(self, key: int) -> None:
         self.scaled.pop(key, None)
-
-    def in_use(self) -> list["torch.Tensor"]:
-        """The factors made here that are still alive (see :meth:`made`)."""
-        alive = (ref() for ref in list(self._made.values()))
-        return [t for t in alive if t is not None]
 
     def derive(self, table: "torch.Tensor", over: Sequence[int], size: int) -> int:
         """A derived label of ``size`` whose value is ``table`` over the base labels ``over``;
@@ -547,13 +536,7 @@ def _stand_in(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def _laid(t: torch.Tensor, shape: Sequence[int], labels: Labels | None) -> torch.Tensor:
     """``t`` reshaped to ``shape``: a view where its strides allow, else a copy, guarded (an
     operand of a product permuted out of its order: as large as that operand)."""
-    try:
-        return t.view(shape)
-    except RuntimeError:
-        if labels is None:
-            return t.reshape(shape)
-        labels.guard(tuple(t.shape), t.element_size(), "a factor laid out for a product")
-        return labels.made(t.reshape(shape))
+    return _reshaped(t, shape, labels, "a factor laid out for a product")
 
 
 def torch_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -635,9 +618,9 @@ def split_label(term: Term, label: int, parts: Atoms, labels: Labels) -> Term:
     if label in fl:
         pos = fl.index(label)
         shape = tuple(factor.shape)
-        if not factor.is_contiguous():  # the reshape below may copy it
-            labels.guard(shape, factor.element_size())
-        factor = factor.reshape(shape[:pos] + labels.shape(parts) + shape[pos + 1 :])
+        # (a copy, guarded, where the strides do not allow a view)
+        factor = _reshaped(factor, shape[:pos] + labels.shape(parts) + shape[pos + 1 :], labels,
+                           "a Jacobian factor")
         fl = fl[:pos] + parts + fl[pos + 1 :]
     return Term(tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), factor, fl)
 
@@ -749,9 +732,9 @@ def merge_run(term: Term, run: Atoms, labels: Labels) -> Term | None:
         fl = fl + tuple(missing)
         rest = [i for i, l in enumerate(fl) if l not in run]
         order = rest + [fl.index(a) for a in run]
-        factor = factor.permute(order).reshape(
+        factor = labels.made(factor.permute(order).reshape(
             tuple(factor.shape[i] for i in rest) + (labels.size(run),)
-        )
+        ))
         fl = tuple(fl[i] for i in rest) + (label,)
     return Term((out,), (inp,), factor, fl)
 
@@ -1509,11 +1492,26 @@ def _materialise_term_nbytes(term: Term, labels: Labels, dtype: "torch.dtype",
 # --- index maps: selections, shifts, windows ------------------------------------------------
 
 
-def _align(tensor: "torch.Tensor", ls: Sequence[int], target: Sequence[int]) -> "torch.Tensor":
-    """``tensor`` (one axis per distinct label of ``ls``) permuted and unsqueezed to ``target``."""
+def _align(tensor: "torch.Tensor", ls: Sequence[int], target: Sequence[int],
+           labels: Labels | None = None) -> "torch.Tensor":
+    """``tensor`` (one axis per distinct label of ``ls``) permuted and unsqueezed to ``target``;
+    given ``labels``, a copy the reshape must make (a permuted diagonal) is guarded."""
     order = [ls.index(l) for l in target if l in ls]
     t = tensor.permute(order) if order else tensor
-    return t.reshape([tensor.shape[ls.index(l)] if l in ls else 1 for l in target])
+    return _reshaped(t, [tensor.shape[ls.index(l)] if l in ls else 1 for l in target], labels)
+
+
+def _reshaped(t: "torch.Tensor", shape: Sequence[int], labels: Labels | None,
+              what: str = "a factor laid out") -> "torch.Tensor":
+    """``t.reshape(shape)``: a view where the strides allow; else, given ``labels``, a copy
+    guarded before it is made and counted while it lives."""
+    if labels is None:
+        return t.reshape(shape)
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        labels.guard(tuple(t.shape), t.element_size(), what)
+        return labels.made(t.reshape(shape))
 
 
 def _diagonal(tensor: "torch.Tensor", ls: Sequence[int]) -> tuple["torch.Tensor", tuple[int, ...]]:
@@ -1581,22 +1579,26 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
         ks = [ls.index(a) for a in hit]
         rest = [i for i in range(len(ls)) if i not in ks]
         shape = labels.shape(over)
-        labels.guard(tuple(shape) + tuple(tensor.shape[i] for i in rest),
-                     tensor.element_size(), "a gathered factor")
         # one flat row index over the substituted axes and a row gather (index_select) of the
         # tensor laid out (hit, rest): contiguous rows, several times faster than an advanced
-        # index of one table per axis; the layout is a copy of the (smaller) gathered tensor
+        # index of one table per axis; the layout is a copy of the (smaller) gathered tensor.
+        # The layout is made first and counted, so that the gather's guard sees it alive.
         import torch
 
-        flat = torch.zeros((), dtype=torch.int64, device=tensor.device)
-        for a, k in zip(hit, ks):
-            flat = flat * tensor.shape[k] + subs[a].clamp(min=0).reshape(shape).to(tensor.device)
         rest_shape = tuple(tensor.shape[i] for i in rest)
         rows = tensor.permute(ks + rest)
         if not rows.is_contiguous():
             labels.guard(tuple(rows.shape), tensor.element_size(), "a factor laid out to gather")
+            rows = labels.made(rows.contiguous())
         rows = rows.reshape(math.prod(tensor.shape[k] for k in ks), math.prod(rest_shape))
-        tensor = rows.index_select(0, flat.expand(shape).reshape(-1))
+        labels.guard((2,) + tuple(shape), 8, "a gather's index")
+        flat = torch.zeros((), dtype=torch.int64, device=tensor.device)
+        for a, k in zip(hit, ks):
+            flat = flat * tensor.shape[k] + subs[a].clamp(min=0).reshape(shape).to(tensor.device)
+        flat = labels.made(flat.expand(shape).reshape(-1))
+        labels.guard(tuple(shape) + rest_shape, tensor.element_size(), "a gathered factor")
+        tensor = labels.made(rows.index_select(0, flat))
+        del flat
         tensor = tensor.reshape(tuple(shape) + rest_shape)
         del rows
         ls = list(over) + [ls[i] for i in rest]
@@ -1626,7 +1628,7 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
         order = tuple(l for l in free if l in fl)
         # a label the substitution left on no axis (a map made constant in it) is summed over,
         # as compose sums what no axis carries: its entries all land on one place
-        factor = (_align(factor, fl, order) if set(fl) <= set(order)
+        factor = (_align(factor, fl, order, labels) if set(fl) <= set(order)
                   else _einsum([(factor, fl)], order, labels))
         fl = order
     return Term(tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), factor, fl)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import UnsupportedOperationError
 from . import custom, registry
+from .ledger import WeakCall, storage_key
 from . import terms as T
 from .naming import display_name
 
@@ -60,7 +61,7 @@ class Tracer:
         # (weakref callback), so an id is never reused while its entry stands, and the terms
         # of intermediates the program dropped are freed as it runs.
         self._traced: dict[int, tuple[Any, Terms]] = {}
-        labels.live = T.WeakCall(self, "live_bytes", default=0)  # weakly: no cycle
+        labels.live = WeakCall(self, "live_bytes", default=0)  # weakly: no cycle
         # For the second order: the steps taken, (rule, params, result's meta stand-in, the
         # slot its adjoint lands in), in order; None when only first derivatives are wanted.
         self.tape: list | None = None
@@ -77,12 +78,20 @@ class Tracer:
         self.skip: dict[int, str] | None = None
         self.read_dead = False
 
-    def record(self, tensor: Any, terms: Terms | None) -> None:
+    def record(self, tensor: Any, terms: Terms | None, value: bool = True) -> None:
+        """Carry ``terms`` for ``tensor``; the guard counts the tensors the terms hold and,
+        with ``value``, ``tensor`` itself (a value the program made and holds; the
+        differentiated arguments are the caller's, outside the limit), while they live."""
         if terms is not DEAD:
             terms = {k: v for k, v in (terms or {}).items() if v}
         if terms or terms is DEAD:
             key = id(tensor)
-            self._traced[key] = (weakref.ref(tensor, T.WeakCall(self, "_forget", key)), terms)
+            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "_forget", key)), terms)
+            for ts in terms.values():
+                for t in ts:
+                    self.labels.ledger.track_all(t.held())
+        if value and _is_tensor(tensor):  # (a rule's stand-in has no values)
+            self.labels.ledger.track(tensor)
 
     def _forget(self, key: int) -> None:
         self._traced.pop(key, None)
@@ -124,11 +133,17 @@ class Tracer:
         return {i: name for i, (name, _) in enumerate(self.reads) if i not in need}
 
     def live_bytes(self) -> int:
-        """Bytes of the distinct factors held by the terms of live tensors, and of those the
-        current rule has made but not yet recorded (:meth:`Labels.in_use`)."""
-        factors = [f for _, terms in list(self._traced.values())
+        """Bytes of the distinct storages the guard counts: the factors held by the terms of
+        live tensors and those a rule has made but not yet recorded, and the program's values
+        (a running count, :class:`~sparsejac.programs.ledger.Ledger`: no walk per check)."""
+        return self.labels.ledger.nbytes
+
+    def walked_bytes(self) -> int:
+        """:meth:`live_bytes` recounted by a walk over every live traced tensor, its terms'
+        tensors and every tracked one (a check of the running count; it visits them all)."""
+        tensors = [f for _, terms in list(self._traced.values())
                    for ts in terms.values() for t in ts for f in t.held()]
-        return storage_nbytes(factors + self.labels.in_use())
+        return storage_nbytes(tensors + self.labels.ledger.tensors())
 
     def keep_only(self, obj: Any) -> None:
         """Drop the terms of every traced tensor but the leaves of ``obj``."""
@@ -333,11 +348,17 @@ def storage_nbytes(tensors: Any) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views of one tensor count once)."""
     seen, total = set(), 0
     for f in tensors:
-        key = (f.untyped_storage().data_ptr(), f.untyped_storage().nbytes())
+        key = storage_key(f)
         if key not in seen:
             seen.add(key)
             total += key[1]
     return total
+
+
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
 
 
 def _constant(result: Any) -> bool:
