@@ -245,6 +245,10 @@ class Tracer:
                 raise UnsupportedOperationError(
                     f"{PREFIX}{name!r} gives a complex tensor; complex values are not supported"
                 )
+            if isinstance(r, torch.Tensor) and r.is_floating_point():
+                # counted from now, not from when the rule records it: the rule's own factors
+                # are guarded with the result already alive
+                self.labels.ledger.track(r)
         self.labels.prefix = f"{PREFIX}{name!r}: "
         second = self.tape is not None
         expand = rule.expand if second and rule.kind == "rule" and rule.second is None else None
