@@ -30,8 +30,7 @@ def available_memory() -> int | None:
     Why all of them: under a limit below the machine's memory, allocating up to
     ``MemAvailable`` fails in the allocator (an address-space limit) or gets the process
     killed (a cgroup's), instead of a refusal by the guard."""
-    known = [n for n in (_machine_available(), _rlimit_left(), _cgroup_left()) if n is not None]
-    return max(0, min(known)) if known else None
+    return Headroom()()
 
 
 class Headroom:
@@ -58,7 +57,7 @@ class Headroom:
         except (ImportError, OSError, ValueError):
             pass
         # (usage file, limit, reclaimable page cache at the start) of each limited cgroup
-        self._cgroups = [(used, limit, cache) for used, limit, cache in _cgroups(root, proc)]
+        self._cgroups = [(used, limit, cache) for used, limit, cache in memory_cgroups(root, proc)]
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
     def __call__(self) -> int | None:
@@ -93,40 +92,6 @@ def _machine_available() -> int | None:
         return None
 
 
-def _status_bytes(field: str) -> int | None:
-    """A size from ``/proc/self/status`` (``VmSize``, ``VmData``), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _rlimit_left() -> int | None:
-    """The address space (``RLIMIT_AS``) or data segment (``RLIMIT_DATA``) left, whichever
-    is less; None where neither is limited (or the platform cannot say)."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return None
-    left = []
-    for name, field in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        try:
-            soft = resource.getrlimit(which)[0]
-        except (OSError, ValueError):
-            continue
-        used = _status_bytes(field)
-        if soft != resource.RLIM_INFINITY and used is not None:
-            left.append(soft - used)
-    return min(left) if left else None
-
-
 def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
@@ -152,7 +117,7 @@ def _inactive_file(path: str, key: str) -> int:
     return 0
 
 
-def _cgroups(root: str, proc: str) -> list[tuple[str, int, int]]:
+def memory_cgroups(root: str, proc: str) -> list[tuple[str, int, int]]:
     """``(usage file, limit, reclaimable page cache now)`` of the process's memory cgroup and
     each one above it that has a limit (cgroup v2's ``memory.max``, v1's
     ``memory.limit_in_bytes``)."""
@@ -183,15 +148,6 @@ def _cgroups(root: str, proc: str) -> list[tuple[str, int, int]]:
             found.append((used, limit, _inactive_file(os.path.join(here, "memory.stat"),
                                                       files[2])))
     return found
-
-
-def _cgroup_left(root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgroup") -> int | None:
-    """What the process's memory cgroups have left under their limits, the least of them (the
-    page cache they hold counts as free: the kernel reclaims it before it kills); None where
-    none is limited."""
-    left = [limit - _read_int(used) + cache for used, limit, cache in _cgroups(root, proc)
-            if _read_int(used) is not None]
-    return min(left) if left else None
 
 
 def choice(value: Any, name: str, allowed: Sequence[str], prefix: str) -> str:

@@ -221,8 +221,8 @@ def test_cgroup_headroom_v2_and_v1(tmp_path):
     _write(root / "a" / "memory.max", "5000\n")
     _write(root / "a" / "memory.current", "3000\n")
     _write(root / "a" / "memory.stat", "anon 2000\ninactive_file 500\n")
-    assert options._cgroup_left(str(root), str(tmp_path / "proc")) == 5000 - 3000 + 500
     head = options.Headroom(str(root), str(tmp_path / "proc"))
+    assert head() == min(5000 - 3000 + 500, options.Headroom("/nonexistent", "/nonexistent")())
     _write(root / "a" / "memory.current", "4000\n")  # re-read as it runs
     assert head() <= 5000 - 4000 + 500
     v1 = tmp_path / "v1"
@@ -231,8 +231,9 @@ def test_cgroup_headroom_v2_and_v1(tmp_path):
     _write(v1 / "memory" / "job" / "memory.usage_in_bytes", "1000\n")
     _write(v1 / "memory" / "memory.limit_in_bytes", str(2**63 - 4096) + "\n")
     _write(v1 / "memory" / "memory.usage_in_bytes", "7\n")
-    assert options._cgroup_left(str(v1), str(tmp_path / "proc1")) == 8000
-    assert options._cgroup_left(str(v1), str(tmp_path / "none")) is None
+    found = options.memory_cgroups(str(v1), str(tmp_path / "proc1"))
+    assert [(limit - int(open(used).read()) + cache) for used, limit, cache in found] == [8000]
+    assert options.memory_cgroups(str(v1), str(tmp_path / "none")) == []
 
 
 CHILD = textwrap.dedent("""
@@ -243,8 +244,9 @@ CHILD = textwrap.dedent("""
     from test_live_guard import poolformer
     fn, x = poolformer(16, 16)  # its trace needs more than 600 MB
     room = {room}
-    resource.setrlimit(resource.RLIMIT_AS, (options._status_bytes("VmSize") + room,
-                                            resource.RLIM_INFINITY))
+    import os
+    size = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (size + room, resource.RLIM_INFINITY))
     assert options.available_memory() <= room, options.available_memory()
     try:
         sparsejac.jacobian_of(fn, x)
