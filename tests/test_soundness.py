@@ -539,8 +539,9 @@ def test_bad_declarations():
         sparsejac.register_function("sparsejac_test::missing", "elementwise")
     with pytest.raises(ArgumentError, match="qualified name"):
         sparsejac.register_function("relu", "elementwise")
-    with pytest.raises(ArgumentTypeError, match="say what the derivative is"):
-        sparsejac.register_function(RoundSTE)
+    for target in (RoundSTE, cube, "sparsejac_test::cube"):
+        with pytest.raises(ArgumentTypeError, match="say what the derivative is"):
+            sparsejac.register_function(target)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -356,7 +356,7 @@ def register_function(target: Any, derivative: str | Callable | None = None, *,
     True
     """
     if derivative is None:
-        if isinstance(target, str) or callable(target) and not isinstance(target, type):
+        if (isinstance(target, str) and target in DECLARATIONS) or inspect.isfunction(target):
             decl = target
 
             def decorate(t: Any) -> Any:
