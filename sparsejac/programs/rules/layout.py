@@ -68,6 +68,8 @@ def swapaxes(cx, result, input, axis0, axis1):
 @rule(("transpose", "swapdims"), "input dim0 dim1", second="linear")
 def transpose(cx, result, input, dim0, dim1):
     n = input.dim()
+    if n == 0:  # torch takes dims 0 and -1 of a scalar as the scalar itself
+        return S.of(cx, input)
     perm = list(range(n))
     a, b = S.dim(dim0, n), S.dim(dim1, n)
     perm[a], perm[b] = perm[b], perm[a]
@@ -190,7 +192,8 @@ selection(("fliplr",), "input", torch.fliplr)
 selection(("flipud",), "input", torch.flipud)
 selection(("roll",), "input shifts dims=None",
           lambda input, shifts, dims: torch.roll(input, shifts, dims if dims is not None else ()))
-selection(("repeat",), "input *repeats", lambda input, repeats: input.repeat(*repeats))
+# (a tuple, not unpacked: ``x.repeat([])`` of a scalar is valid and ``x.repeat()`` is not)
+selection(("repeat",), "input *repeats", lambda input, repeats: input.repeat(tuple(repeats)))
 selection(("tile",), "input dims", torch.tile)
 selection(("repeat_interleave",), "input repeats=None dim=None output_size=None",
           lambda input, repeats, dim, output_size: torch.repeat_interleave(

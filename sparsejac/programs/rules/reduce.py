@@ -202,6 +202,8 @@ def prod(cx, result, input, dim, keepdim, dtype):
         flat = x.reshape(-1)
         g = _others(flat, 0).reshape(x.shape)
         return _weighted(cx, input, g, tuple(range(x.dim())), False)
+    if x.dim() == 0:  # the product along a scalar's dim 0 is the scalar
+        return S.of(cx, input)
     d = S.dim(dim, x.dim())
     return _weighted(cx, input, _others(x, d), (d,), bool(keepdim))
 
