@@ -225,4 +225,9 @@ def embedding(cx, result, input, weight, padding_idx, max_norm, norm_type, scale
     pos = F.embedding(input, positions(weight))
     if padding_idx is not None:  # torch gives the padding row no gradient
         pos = pos.masked_fill((input == padding_idx % weight.shape[0]).unsqueeze(-1), 0)
-    return place(cx, result, weight, pos)
+    terms = place(cx, result, weight, pos)
+    if scale_grad_by_freq:  # torch divides each row's gradient by its count in ``input``
+        count = torch.bincount(input.reshape(-1), minlength=weight.shape[0])[input]
+        g = (1.0 / count.to(cx.dtype)).unsqueeze(-1).expand(result.shape).contiguous()
+        terms = S.scaled(cx, terms, g)
+    return terms
