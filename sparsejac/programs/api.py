@@ -120,8 +120,9 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
                       for t in leaves] for p, leaves in enumerate(flat_args)]
     for p in sorted(set(positions)):
         for j, t in enumerate(flat_args[p]):
-            tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]},
-                          value=False)  # the caller's tensor, beside the limit
+            if t.numel():  # an empty argument has no columns: nothing depends on it
+                tracer.record(t, {(p, j): [T.identity(tuple(t.shape), labels, dtype, t.device)]},
+                              value=False)  # the caller's tensor, beside the limit
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
     # (grad mode on, inference mode off: :func:`_autograd_on`) custom Functions reach the
     # tracer while ``fn`` runs (:func:`custom.intercepting`)

@@ -24,6 +24,7 @@ Kinds of registration:
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -98,11 +99,38 @@ def rule(names: str | Sequence[str], params: str = "input", *, method: str | Non
     def decorate(fn: Callable) -> Callable:
         parsed = parse_params(params)
         _register(Rule(_names(names), "rule", parsed,
-                       parse_params(method) if method else None, fn, fn.__module__.rsplit(".", 1)[-1],
-                       _traced(parsed, traced), second, expand))
+                       parse_params(method) if method else None, _unless_empty(fn),
+                       fn.__module__.rsplit(".", 1)[-1], _traced(parsed, traced),
+                       second if not callable(second) else _unless_empty(second, order=2),
+                       expand))
         return fn
 
     return decorate
+
+
+def _empty(result: Any) -> bool:
+    """Whether every tensor ``result`` holds has no entries (a zero-size axis)."""
+    parts = result if isinstance(result, (tuple, list)) else (result,)
+    sizes = [r.numel() for r in parts if hasattr(r, "numel")]
+    return bool(sizes) and not any(sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def _unless_empty(fn: Callable, order: int = 1) -> Callable:
+    """``fn`` (a rule's first- or second-order function) that gives no terms for a result with
+    no entries: its Jacobian and Hessian are empty, whatever the operands, so the algebra never
+    meets a label of size 0 there (a sum, a selection or a division by an axis' size). Cached:
+    a function registered under two rules stays one function."""
+
+    @functools.wraps(fn)  # keeps attributes such as ``cross`` (second.py)
+    def wrapped(cx: Any, result: Any, *args: Any, **params: Any) -> Any:
+        if _empty(result):
+            if order == 2:
+                return []
+            return [{} for _ in result] if isinstance(result, (tuple, list)) else {}
+        return fn(cx, result, *args, **params)
+
+    return wrapped
 
 
 def decomposition(names: str | Sequence[str], params: str = "input", *,

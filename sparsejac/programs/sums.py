@@ -119,8 +119,9 @@ def sum_dims(cx: Tracer, x: Any, dims: Sequence[int], keepdim: bool) -> Terms:
 
 
 def reduce_dims(x: Any, d: Any) -> tuple[int, ...]:
-    """``dim`` of a reduction as sorted axes (None or () for all)."""
-    if d is None:
+    """``dim`` of a reduction as sorted axes (None or () for all; none for a scalar, whose dims
+    0 and -1 torch takes as the scalar itself)."""
+    if d is None or x.dim() == 0:
         return tuple(range(x.dim()))
     dims = d if isinstance(d, (list, tuple)) else (d,)
     if len(dims) == 0:

@@ -267,6 +267,8 @@ def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
     """Write the C-order coordinates in ``shape`` of the ``flat`` indices into the rows of
     ``out``: gathered from one table per axis (its digit at each flat index) where the tables
     are no larger than the entries, else divided out (a wide, sparse side)."""
+    if not len(flat):  # no entries (always so where an axis has size 0): nothing to write
+        return
     size = math.prod(shape)
     if len(shape) == 1:  # one axis: the flat indices themselves
         out[0] = flat

@@ -68,6 +68,8 @@ def swapaxes(cx, result, input, axis0, axis1):
 @rule(("transpose", "swapdims"), "input dim0 dim1", second="linear")
 def transpose(cx, result, input, dim0, dim1):
     n = input.dim()
+    if n == 0:  # torch takes dims 0 and -1 of a scalar as the scalar itself
+        return S.of(cx, input)
     perm = list(range(n))
     a, b = S.dim(dim0, n), S.dim(dim1, n)
     perm[a], perm[b] = perm[b], perm[a]
@@ -190,7 +192,8 @@ selection(("fliplr",), "input", torch.fliplr)
 selection(("flipud",), "input", torch.flipud)
 selection(("roll",), "input shifts dims=None",
           lambda input, shifts, dims: torch.roll(input, shifts, dims if dims is not None else ()))
-selection(("repeat",), "input *repeats", lambda input, repeats: input.repeat(*repeats))
+# (a tuple, not unpacked: ``x.repeat([])`` of a scalar is valid and ``x.repeat()`` is not)
+selection(("repeat",), "input *repeats", lambda input, repeats: input.repeat(tuple(repeats)))
 selection(("tile",), "input dims", torch.tile)
 selection(("repeat_interleave",), "input repeats=None dim=None output_size=None",
           lambda input, repeats, dim, output_size: torch.repeat_interleave(
@@ -222,4 +225,9 @@ def embedding(cx, result, input, weight, padding_idx, max_norm, norm_type, scale
     pos = F.embedding(input, positions(weight))
     if padding_idx is not None:  # torch gives the padding row no gradient
         pos = pos.masked_fill((input == padding_idx % weight.shape[0]).unsqueeze(-1), 0)
-    return place(cx, result, weight, pos)
+    terms = place(cx, result, weight, pos)
+    if scale_grad_by_freq:  # torch divides each row's gradient by its count in ``input``
+        count = torch.bincount(input.reshape(-1), minlength=weight.shape[0])[input]
+        g = (1.0 / count.to(cx.dtype)).unsqueeze(-1).expand(result.shape).contiguous()
+        terms = S.scaled(cx, terms, g)
+    return terms

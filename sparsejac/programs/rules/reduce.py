@@ -195,13 +195,30 @@ def vector_norm(cx, result, x, ord, dim, keepdim, dtype, out):
     return norm(cx, result, x, ord, dim, keepdim, dtype, out)
 
 
-@rule("prod", "input dim=None keepdim=False dtype=None")
+def _prod_expand(input, dim, keepdim, dtype):
+    """The product as a chain of elementwise products of slices, for the second order (each
+    product's cross terms are the Hessian; exact with zeros, unlike a sum of logarithms)."""
+    x = input.reshape(-1) if dim is None else input
+    d = 0 if dim is None else S.dim(dim, x.dim())
+    if x.dim() == 0:
+        return x
+    out = torch.ones_like(x.select(d, 0)) if x.shape[d] == 0 else x.select(d, 0)
+    for i in range(1, x.shape[d]):
+        out = out * x.select(d, i)
+    if dim is None:
+        return out.reshape((1,) * input.dim()) if keepdim else out
+    return out.unsqueeze(d) if keepdim else out
+
+
+@rule("prod", "input dim=None keepdim=False dtype=None", expand=_prod_expand)
 def prod(cx, result, input, dim, keepdim, dtype):
     x = input.detach().to(cx.dtype)
     if dim is None:
         flat = x.reshape(-1)
         g = _others(flat, 0).reshape(x.shape)
         return _weighted(cx, input, g, tuple(range(x.dim())), False)
+    if x.dim() == 0:  # the product along a scalar's dim 0 is the scalar
+        return S.of(cx, input)
     d = S.dim(dim, x.dim())
     return _weighted(cx, input, _others(x, d), (d,), bool(keepdim))
 
