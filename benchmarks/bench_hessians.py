@@ -1,9 +1,11 @@
 """Sparse Hessians of scalar torch programs: sparsejac against torch.func.hessian and a JAX peer.
 
-    python benchmarks/bench_hessians.py                  # every case (about 10 minutes, 2 cores)
+    python benchmarks/bench_hessians.py                  # every case
     python benchmarks/bench_hessians.py --quick          # small sizes, a smoke test
     python benchmarks/bench_hessians.py --cases tanh64   # some cases
     python benchmarks/bench_hessians.py --json out.json  # also the raw numbers
+
+docs/benchmarks.md shows the table, the command and the machine it ran on, and how long it took.
 
 Cases (CPU; inputs from a seeded numpy generator, the same values in torch and JAX):
 
@@ -31,14 +33,14 @@ timeout and a watchdog on its resident size:
 - ``first``: ``sparsejac.hessian_of(fn, x, format="csr")``, the first call in a fresh process
   (torch and sparsejac imported before the clock starts, nothing else); ``first*``: the same with
   ``torch._dynamo`` imported before the clock starts (torch's forward-mode AD imports it lazily on
-  its first decomposed op, about 4 s on these machines; see the notes).
+  its first decomposed op; see the notes).
 - ``refill``: ``plan.jacobian(x_new, format="csr")`` of ``plan = sparsejac.plan_of(fn, x,
   order=2)`` (best of 3 after a warm-up), checked against torch (Hessian-vector products by
   ``torch.func.jvp`` of ``torch.func.grad`` on 4 random vectors; and the dense
   ``torch.func.hessian`` where it is under 100 MB).
 - ``nnz``, ``result``: the CSR's stored entries and bytes (data + indices + indptr).
 
-The targets of issue 11 are checked as ratios; notes give the measured terms of the cost where a
+The project's targets are checked as ratios; notes give the measured terms of the cost where a
 target is missed.
 """
 
@@ -280,7 +282,8 @@ def spawn(case: str, method: str, sizes: dict, timeout: float, chunk: int | None
                          rss_floor=4 * GB, stderr_oom=False)
 
 
-def measure_case(case: str, sizes: dict, timeout: float, log) -> dict:
+def measure_case(case: str, sizes: dict, timeout: float, log,
+                 peer_timeout: float = PEER_TIMEOUT) -> dict:
     res: dict = {"sizes": sizes, "dtype": CASES[case][1]}
     for method in ("first", "first_pre", "plan"):
         res[method] = spawn(case, method, sizes, timeout)
@@ -293,7 +296,7 @@ def measure_case(case: str, sizes: dict, timeout: float, log) -> dict:
         res["torch"] = spawn(case, "torch", sizes, timeout)
     log(case, "torch", res["torch"])
     for chunk in (None, 16):
-        res["peer"] = spawn(case, "peer", sizes, PEER_TIMEOUT, chunk)
+        res["peer"] = spawn(case, "peer", sizes, peer_timeout, chunk)
         if not res["peer"].get("oom"):
             break
     log(case, "peer", res["peer"])
@@ -353,7 +356,7 @@ def table(results: dict) -> str:
             f"{first['second']:.4g}" if ok(first) else "",
             cell_time(plan), cell_mb(plan, "refill_peak"),
         ]) + " |")
-    lines += ["", "Targets (issue 11). `first*`: the same first call with `torch._dynamo` "
+    lines += ["", "Targets. `first*`: the same first call with `torch._dynamo` "
               "imported before the clock (see notes).", "",
               "| case | target | value (first call) | value (first*) |", "|---|---|---|---|"]
     for case, res in results.items():
@@ -417,7 +420,7 @@ def notes(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = harness.parser(__doc__, "cases", CASES, 300.0,
-                            f"seconds for each torch subprocess (the peer's: {PEER_TIMEOUT:.0f})")
+                            "seconds for each torch subprocess", PEER_TIMEOUT)
     args = parser.parse_args(argv)
     if args.worker:
         return harness.run_worker(args.worker, WORKERS)
@@ -428,7 +431,7 @@ def main(argv=None) -> int:
     for case in cases:
         _, _, full, quick = CASES[case]
         results[case] = measure_case(case, quick if args.quick else full, args.timeout,
-                                     harness.log)
+                                     harness.log, args.peer_timeout)
 
     header = (f"{datetime.datetime.now().isoformat(timespec='minutes')}; {os.cpu_count()} cores,"
               f"{harness.load_average()} {platform.machine()}, Python "

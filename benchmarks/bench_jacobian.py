@@ -1,14 +1,17 @@
-"""Side-by-side benchmark of sparse Jacobian construction (issue 3).
+"""Side-by-side benchmark of sparse Jacobian construction from einsums.
 
-    python benchmarks/bench_jacobian.py            # the full table (about 10 minutes, 2 cores)
-    python benchmarks/bench_jacobian.py --quick    # small sizes only
+    python benchmarks/bench_jacobian.py                  # the full table
+    python benchmarks/bench_jacobian.py --quick          # small sizes only
+    python benchmarks/bench_jacobian.py --only n=24,n=64 # cases whose id contains any of these
+
+docs/benchmarks.md shows the table, the command and the machine it ran on, and how long it took.
 
 Every measurement runs in a fresh subprocess (so peak memory is that call's alone and every
 method pays the same cold-start costs): the time of one call after imports and operand
 creation, and the peak resident memory above the process's memory before the call. Results are
 reported as ratios to the *write floor* (allocating and filling arrays of the output's sizes and
-dtypes, on every core in slabs, as sparsejac writes) and to the output's own bytes, because these machines are shared and
-noisy. Alternatives predicted to exceed the memory available (or, for the embedding, a time
+dtypes, on every core in slabs, as sparsejac writes) and to the output's own bytes, because
+absolute times vary between machines and runs. Alternatives predicted to exceed the memory available (or, for the embedding, a time
 budget) are skipped by prediction and shown as such.
 """
 
@@ -163,7 +166,8 @@ def skip_reason(case: Case, method: str) -> str | None:
         return f"skipped: needs {need / 1e9:.1f} GB" if need > budget else None
     if method == "embed":
         n_all = embedding_nnz(plan.einsum)
-        # sparse.einsum sorts: about 3 s per 1e7 entries (design.md section 3).
+        # sparse.einsum sorts every entry of the embedding (docs/how-it-works.md, "The note"); past
+        # 2e7 entries it would take over a minute (the measured rate: docs/benchmarks.md, Einsums).
         if n_all > 2e7:
             return f"skipped: embedding of {n_all:.2g} entries, over 60 s predicted"
         return None
@@ -251,12 +255,14 @@ def refill_ratio(n: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only")
-    parser.add_argument("--only", help="run only cases whose id contains this text")
+    parser.add_argument("--only", help="run only cases whose id contains one of these "
+                        "comma-separated texts")
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     cases = QUICK if args.quick else CASES
     if args.only:
-        cases = [c for c in cases if args.only in c.id]
+        texts = [t for t in args.only.split(",") if t]
+        cases = [c for c in cases if any(t in c.id for t in texts)]
 
     print(f"machine: {os.cpu_count()} cores, {available() / 2**30:.1f} GiB available; float32; "
           "times of one cold call in a fresh process")

@@ -1,4 +1,4 @@
-"""GPU check (issue 6): x @ w Jacobians built on the GPU against the CPU build and against
+"""GPU check: x @ w Jacobians built on the GPU against the CPU build and against
 torch.func.jacrev on the GPU. Needs a CUDA device.
 
     python benchmarks/gpu_check.py [--out FILE.md]

@@ -162,15 +162,19 @@ def verdict(value: float | None, threshold: float, direction: str, fmt: str) -> 
 # --------------------------------------------------------------------------- main
 
 
-def parser(doc: str, what: str, known, timeout: float,
-           timeout_help: str) -> argparse.ArgumentParser:
-    """The command line of a benchmark: ``--quick``, ``--<what>``, ``--json``, ``--timeout``."""
+def parser(doc: str, what: str, known, timeout: float, timeout_help: str,
+           peer_timeout: float) -> argparse.ArgumentParser:
+    """The command line of a benchmark: ``--quick``, ``--<what>``, ``--json``, ``--timeout``,
+    ``--peer-timeout``."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
     p.add_argument(f"--{what}", default=",".join(known),
                    help=f"comma-separated, of {','.join(known)}")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--timeout", type=float, default=timeout, help=timeout_help)
+    p.add_argument("--peer-timeout", type=float, default=peer_timeout,
+                   help="seconds for each run of the JAX peer (detection, colouring, compilation "
+                        f"and evaluations; default {peer_timeout:.0f})")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     return p
 
@@ -194,11 +198,13 @@ def run_worker(argv: list[str], workers: dict) -> int:
 
 
 def versions(root) -> str:
-    """torch's, jax's and asdex's versions, and the checkout's commit (``+ uncommitted changes``
-    where sparsejac/ differs from it)."""
+    """numpy's, scipy's, torch's, jax's and asdex's versions, and the checkout's commit
+    (``+ uncommitted changes`` where sparsejac/ differs from it)."""
+    import numpy
+    import scipy
     import torch
 
-    out = f"torch {torch.__version__}"
+    out = f"numpy {numpy.__version__}, scipy {scipy.__version__}, torch {torch.__version__}"
     try:
         from importlib.metadata import version
 

@@ -2,12 +2,12 @@
 
 :func:`jacobian` returns a lazy ``dask.array.Array`` of shape ``z.shape + operand.shape`` whose
 blocks are ``sparse.COO``. Each block is computed on its own from the closed form restricted to its
-index ranges (design.md section 1): every label of ``V`` is cut to the intersection of the ranges
-of the axes that carry it, which leaves the same :class:`~sparsejac.structure.Structure` with
-smaller sizes, its coordinates offset by each range's start and its factor ``R`` sliced on those
-ranges. No global coordinate array exists anywhere; a task needs only ``R`` (over the labels the
-other operands carry, usually far smaller than ``J``) and its ranges, so the graph runs on dask's
-default scheduler and unchanged on a ``dask.distributed`` cluster. Save and read back such
+index ranges (docs/how-it-works.md, section 1): every label of ``V`` is cut to the intersection of
+the ranges of the axes that carry it, which leaves the same :class:`~sparsejac.structure.Structure`
+with smaller sizes, its coordinates offset by each range's start and its factor ``R`` sliced on
+those ranges. No global coordinate array exists anywhere; a task needs only ``R`` (over the labels
+the other operands carry, usually far smaller than ``J``) and its ranges, so the graph runs on
+dask's default scheduler and unchanged on a ``dask.distributed`` cluster. Save and read back such
 arrays with :mod:`sparsejac.store`; :func:`sparsejac.to_scipy` gives the
 ``(z.size, operand.size)`` matrix of a (small enough) one.
 

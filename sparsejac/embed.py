@@ -1,4 +1,4 @@
-"""``method="embed"``: the design card's pipeline (design.md section 2), kept sparse.
+"""``method="embed"``: the note's pipeline (docs/how-it-works.md, "The note"), kept sparse.
 
 The seed note embeds the other operands into a tensor of shape
 ``t1.shape + ... + tn.shape + tk.shape`` (zero except where all letters agree) and collapses it

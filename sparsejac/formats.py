@@ -1,9 +1,9 @@
 """Writing a :class:`~sparsejac.structure.Structure` and its values into sparse containers.
 
 Every writer fills arrays of exactly the output's sizes, each nnz-sized array written once, by
-broadcasting small per-label tables (design.md section 1: enumerating ``V`` in C order gives the
-coordinates already sorted and free of duplicates). No sort, no N-D to linear conversions, and
-nothing from sparse's numba kernels, so a fresh process pays no compilation.
+broadcasting small per-label tables (docs/how-it-works.md, section 1: enumerating ``V`` in C order
+gives the coordinates already sorted and free of duplicates). No sort, no N-D to linear conversions,
+and nothing from sparse's numba kernels, so a fresh process pays no compilation.
 
 The pattern (``indices``/``indptr`` or ``coords``) depends on the structure alone and can be kept
 and reused with new values (:mod:`sparsejac.plan`).

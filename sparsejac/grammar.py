@@ -6,8 +6,8 @@ returns an :class:`Einsum`: every axis of every operand and of the output named 
 
 Broadcasting is resolved here once: ``...`` becomes one label per broadcast dimension (aligned
 from the right, as numpy does), and a dimension of size 1 whose label has another size elsewhere
-gets a fresh label of size 1 of its own (design.md section 1), so that later code never meets a
-broadcast.
+gets a fresh label of size 1 of its own (docs/how-it-works.md, section 1), so that later code
+never meets a broadcast.
 
 >>> e = bind(parse("ij,jk", 2), [(2, 3), (3, 4)])
 >>> e.output_shape

@@ -1,4 +1,4 @@
-"""The closed form of design.md section 1: a Jacobian as labels times a dense factor.
+"""The closed form of docs/how-it-works.md, section 1: a Jacobian as labels times a dense factor.
 
 A :class:`Structure` says, for a Jacobian ``J`` of shape ``rows_shape + cols_shape``, which label
 names each of its axes (a label on two axes is a Kronecker delta, a label repeated on one side a
