@@ -198,7 +198,7 @@ def value_dtype(dtype: Any, prefix: str, name: str = "dtype") -> Any:
     sparsejac.errors.ArgumentTypeError: einsum 'i->i': dtype object is not a numeric dtype (integer, floating or complex)
     """
     if "torch" in type(dtype).__module__:  # a torch dtype (torch need not be imported here)
-        if getattr(dtype, "is_floating_point", None) is None or str(dtype) == "torch.bool":
+        if getattr(dtype, "is_floating_point", None) is None or str(dtype).endswith(".bool"):
             raise ArgumentTypeError(f"{prefix}{name} {dtype!r} is not a numeric dtype")
         return dtype
     if isinstance(dtype, bool) or dtype is None:  # np.dtype(None) is float64: no default here
