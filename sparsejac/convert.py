@@ -52,11 +52,11 @@ def out_ndim_of(J: Any, out_ndim: Any, ndim: int, prefix: str = PREFIX) -> int:
     return int(out_ndim)
 
 
-def _is_dask(J: Any) -> bool:
+def is_dask(J: Any) -> bool:
     return type(J).__module__.startswith("dask") and hasattr(J, "chunks")
 
 
-def _is_torch(J: Any) -> bool:
+def is_torch(J: Any) -> bool:
     return type(J).__module__.startswith("torch") and hasattr(J, "layout")
 
 
@@ -88,9 +88,9 @@ def _csr(J: Any, out_ndim: Any):
         # sparse.COO keeps its coordinates sorted and free of duplicates (its constructor
         # canonicalises them unless told they are).
         return _matrix_from_coords(coo.coords, coo.data, coo.shape, k)
-    if _is_torch(J):
+    if is_torch(J):
         return _torch(J, out_ndim)
-    if _is_dask(J):
+    if is_dask(J):
         # The whole array in memory as COO, then the matrix: for arrays that fit.
         k = out_ndim_of(J, out_ndim, J.ndim)
         block = J.compute()

@@ -418,7 +418,7 @@ def _scipy(name: str):
     return wrap
 
 
-def _tensor(a):
+def as_tensor(a):
     import torch
 
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
@@ -428,7 +428,7 @@ def _torch_coo(pattern, data, shape, matrix_shape):
     import torch
 
     # Coalesced by construction (sorted, no duplicates): no coalesce() pass.
-    return torch.sparse_coo_tensor(_tensor(pattern), _tensor(data), shape, is_coalesced=True,
+    return torch.sparse_coo_tensor(as_tensor(pattern), as_tensor(data), shape, is_coalesced=True,
                                    check_invariants=False)
 
 
@@ -439,8 +439,8 @@ def _torch_csr(pattern, data, shape, matrix_shape):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(_tensor(pattern.indptr), _tensor(pattern.indices),
-                                       _tensor(data), matrix_shape, check_invariants=False)
+        return torch.sparse_csr_tensor(as_tensor(pattern.indptr), as_tensor(pattern.indices),
+                                       as_tensor(data), matrix_shape, check_invariants=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -525,7 +525,7 @@ class Format:
         arrays: torch tensors for a torch container."""
         idx = self.index_itemsize(structure.nnz, structure.rows_shape, structure.cols_shape)
         pattern = self.layout.write(structure, xp, idx)
-        return self.layout.map(pattern, _tensor) if self.on_torch and xp is NUMPY else pattern
+        return self.layout.map(pattern, as_tensor) if self.on_torch and xp is NUMPY else pattern
 
     def container(self, pattern, data, out_shape, inp_shape):
         """The container around ``pattern`` (sorted, free of duplicates: it is told so, no

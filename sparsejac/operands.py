@@ -42,7 +42,7 @@ def as_array(x: Any, index: int, subscripts: str) -> np.ndarray:
             )
         if t.device.type != "cpu":
             t = t.cpu()
-        if _numpy_dtype(t.dtype) is None:
+        if numpy_dtype(t.dtype) is None:
             # numpy has no such dtype (bfloat16, float8 kinds, complex32): upcast exactly.
             if t.is_complex():
                 t = t.to(torch.complex64)
@@ -102,7 +102,7 @@ def as_tensors(operands: Sequence[Any], device: Any, subscripts: str):
 
     tensors, dtypes = [], []
     for i, x in enumerate(operands):
-        kind = _numpy_dtype(x.dtype) if is_torch_tensor(x) and x.layout == torch.strided else None
+        kind = numpy_dtype(x.dtype) if is_torch_tensor(x) and x.layout == torch.strided else None
         if kind is not None and kind.kind in NUMERIC_KINDS:
             tensors.append(x.detach().resolve_conj().resolve_neg().to(device))
         else:
@@ -115,7 +115,7 @@ def as_tensors(operands: Sequence[Any], device: Any, subscripts: str):
     return tensors, np.result_type(*dtypes)
 
 
-def _numpy_dtype(torch_dtype) -> np.dtype | None:
+def numpy_dtype(torch_dtype) -> np.dtype | None:
     import torch
 
     try:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import formats
-from .convert import _is_dask, _is_torch, out_ndim_of
+from .convert import is_dask, is_torch, out_ndim_of
 from .errors import ArgumentError, ArgumentTypeError
 
 _CHUNK = 1 << 22
@@ -63,13 +63,13 @@ def _entries(J: Any, out_shape: Sequence[int] | None):
     import scipy.sparse
     import sparse
 
-    if _is_dask(J):
+    if is_dask(J):
         k = len(out_shape) if out_shape is not None else out_ndim_of(J, None, J.ndim, "spy: ")
         full = tuple(J.shape)
         oshape, ashape = full[:k], full[k:]
         matrix = (math.prod(oshape), math.prod(ashape))
         return _block_chunks(J, k, oshape, ashape), matrix, oshape, ashape
-    if _is_torch(J):
+    if is_torch(J):
         import torch
 
         if J.layout in (torch.sparse_csr, torch.sparse_csc):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import sparsejac
 from sparsejac.programs import terms as T
+from sparsejac.programs.write import materialise as M
 from sparsejac.programs.api import load
 from sparsejac.programs.tracer import make_tracer
 
@@ -269,7 +270,7 @@ def _traced_terms(fn, x):
 
 
 def _dense(terms, out_shape, in_shape, labels):
-    return T.materialise(terms, out_shape, in_shape, labels, D)
+    return M.materialise(terms, out_shape, in_shape, labels, D)
 
 
 def _three_convs(seed: int):

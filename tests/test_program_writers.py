@@ -1,5 +1,5 @@
 """Blocks that are not one plain term (index maps: convolutions, pooling, slices, padding; sums
-of terms not nested in one) written straight into each format (programs/write.py ``merged``):
+of terms not nested in one) written straight into each format (programs/write/blocks.py ``merged``):
 values against ``torch.func.jacrev`` in float64, the results canonical, the stored entries the
 rule's (the same in every format and as the CSR merge's), plans' refills and patterns, no
 format converted from another, and the guard's prediction against the measured peak."""
@@ -17,8 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 import sparsejac  # noqa: E402
 from sparsejac import formats  # noqa: E402
 from sparsejac.programs import api  # noqa: E402
-from sparsejac.programs import terms as T  # noqa: E402
-from sparsejac.programs import write as W  # noqa: E402
+from sparsejac.programs.write import blocks as W  # noqa: E402
+from sparsejac.programs.write import materialise as M  # noqa: E402
 from test_programs import numpy_peak  # noqa: E402  (pytest puts tests/ on the path)
 
 D = torch.float64
@@ -152,7 +152,7 @@ def check_all_formats(results, fn, x, ref=None):
             np.testing.assert_allclose(data, values, rtol=RTOL, atol=atol)
     # the rule: the union of the terms' structural entries, as the CSR merge stores them
     c = blocks(fn, x)
-    csr = T.materialise(c.blocks[0], out_shape, inp_shape, c.labels, D)
+    csr = M.materialise(c.blocks[0], out_shape, inp_shape, c.labels, D)
     rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
     np.testing.assert_array_equal(rows * csr.shape[1] + csr.indices, keys)
     return keys

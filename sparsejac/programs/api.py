@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -12,7 +11,10 @@ from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
 from . import custom, second
 from . import terms as T
-from . import write as W
+from .write import assemble as A
+from .write.blocks import on_device
+from .write.plans import PlanBlock
+from ..operands import numpy_dtype
 from .tracer import LOCK, PREFIX, make_tracer
 
 
@@ -44,13 +46,6 @@ def _as_tensor(torch, x: Any, where: str):
     raise OperandTypeError(
         f"{PREFIX}{where} is a {type(x).__name__}; pass a torch tensor, a numpy array, or a "
         "tuple, list or dict of them")
-
-
-def _conversion_nbytes(fmt, nnz, out_shape, inp_shape, itemsize, csr_bytes):
-    """``(extra, final)``: the bytes :func:`formats.from_csr` allocates beside the CSR of ``nnz``
-    entries (``csr_bytes``) to give ``fmt``, and those the result keeps."""
-    return formats.get(fmt, require=False).from_csr_nbytes(nnz, out_shape, inp_shape, itemsize,
-                                                          csr_bytes)
 
 
 def _autograd_on(collect: Callable) -> Callable:
@@ -290,84 +285,6 @@ def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _C
     return c
 
 
-def _factors_nbytes(c: _Collected) -> int:
-    """Bytes of the dense factors alive while the blocks are written: those of the blocks'
-    terms, or the tracer's live factors where it holds more."""
-    from .tracer import storage_nbytes
-
-    held = storage_nbytes([f for terms in c.blocks for t in terms for f in t.held()])
-    return max(held, c.labels.live()) + c.labels.tables_nbytes
-
-
-def _symmetrise(csr):
-    """Average a matrix with its transpose in place, where its pattern is symmetric (the two
-    halves of a Hessian block are summed in other orders, so they differ by rounding)."""
-    t = csr.T.tocsr()
-    t.sort_indices()
-    if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
-        # in place: the mirror's values are t's copy (at 3e6 entries each temporary is 24 MB)
-        np.add(csr.data, t.data, out=csr.data)
-        np.multiply(csr.data, 0.5, out=csr.data)
-    return csr
-
-
-def _transposed(csr):
-    t = csr.T.tocsr()
-    t.sort_indices()
-    return t
-
-
-def _build(c: _Collected, fmt: str):
-    """Write every block once (guarded), straight into ``fmt``'s arrays (:func:`.write.write`):
-    a block that is one term (or terms nested in one) without index maps from its structure,
-    the others (index maps, sums) merged once along the format's major axis. A Hessian's
-    symmetric blocks (averaged with their transposes) and the blocks it also uses transposed
-    (below the diagonal) keep the CSR path: merged once as CSR, which the average and the
-    transpose need, then converted to ``fmt``."""
-    live = _factors_nbytes(c)  # the factors stay alive while the blocks are written
-    alive = ""
-    if c.labels.peak:  # what the trace itself reached (checked before each allocation)
-        alive = f", after a trace that peaked at {c.labels.peak:,} bytes of factors,"
-    held, built = 0, []
-    transposed = {b for b, tr in c.layout if tr}
-    for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
-        nnz = sum(t.nnz(c.labels) for t in terms)
-        copies = sum(1 for b, tr in c.layout if b == i)
-        merged = i in c.symmetric or i in transposed
-        if merged:
-            peak, csr_bytes = T.materialise_nbytes(terms, s1, s2, c.labels, c.dtype)
-            convert, final = _conversion_nbytes(fmt, nnz, s1, s2, c.dtype.itemsize, csr_bytes)
-            peak = max(peak, csr_bytes + convert)
-        else:
-            peak, final = W.nbytes(terms, s1, s2, c.labels, c.dtype, fmt)
-        what = (f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
-                f"term(s), format {fmt!r}){alive}")
-        options.guard(held + peak, c.limit, PREFIX, what, used=live)
-        if c.labels.room is not None:  # (what is written now is counted in the headroom)
-            options.guard_room(peak, c.labels.room(), c.labels.reserve, PREFIX, what)
-        if merged:
-            csr = T.materialise(terms, s1, s2, c.labels, c.dtype)
-            # its factors are written: freed before the average makes its transposed copy (a
-            # Rosenbrock Hessian of 1e6 variables: 40 MB of factors beside 40 MB of copy); in
-            # place, as the loop's zip and enumerate still hold the list
-            terms.clear()
-            built.append(_symmetrise(csr) if i in c.symmetric else csr)
-        else:
-            built.append(W.write(terms, s1, s2, c.labels, c.dtype, fmt, c.device))
-        held += final * copies
-    results = []
-    for b, tr in c.layout:
-        s1, s2 = c.shapes[b]
-        if not (b in c.symmetric or b in transposed):
-            results.append(built[b])
-        else:
-            f = formats.get(fmt, require=False)
-            result = (f.from_csr(_transposed(built[b]), s2, s1) if tr
-                      else f.from_csr(built[b], s1, s2))
-            results.append(W.on_device(result, f, c.device))
-    return c.nest(results)
-
-
 def jacobian_of(
     fn: Callable[..., Any],
     *args: Any,
@@ -402,7 +319,7 @@ def jacobian_of(
         raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
     formats.get(format, PREFIX)  # the name, and its package installed
     with LOCK:
-        return _build(_jacobian_blocks(fn, args, wrt, memory_limit), format)
+        return A.build(_jacobian_blocks(fn, args, wrt, memory_limit), format)
 
 
 def hessian_of(
@@ -434,341 +351,14 @@ def hessian_of(
         raise ArgumentTypeError(f"hessian_of: fn must be callable, got {type(fn).__name__}")
     formats.get(format, PREFIX)  # the name, and its package installed
     with LOCK:
-        return _build(_hessian_blocks(fn, args, wrt, memory_limit), format)
+        return A.build(_hessian_blocks(fn, args, wrt, memory_limit), format)
 
 
 # --- traced plans ----------------------------------------------------------------------------
 
 
-class _Block:
-    """One block of a plan: its CSR pattern, and how each traced value lands in it."""
-
-    def __init__(self, terms, out_shape, inp_shape, labels, dtype, symmetric=False) -> None:
-        import torch
-
-        self.out_shape, self.inp_shape = tuple(out_shape), tuple(inp_shape)
-        shape = (math.prod(out_shape), math.prod(inp_shape))
-        self.direct = W.direct(terms, labels)
-        # the terms with their factors' shapes, strides and dtypes only: what a refill's
-        # writers allocate is predicted from them before tracing again (:meth:`write_nbytes`)
-        self.shadow = [T.Term(t.out, t.inp, _meta(t.factor), t.flabels) for t in terms]
-        self.kept: list[int | None] = [None] * len(terms)  # entries kept of each mapped term
-        self.cache: dict[str, Any] = {}
-        self.patterns: dict[tuple, Any] = {}  # direct blocks: each format's kept pattern
-        self.slots = None  # per term, where its kept values go (terms one entry a row)
-        if self.direct or not terms:
-            # the largest term's pattern holds the others' (W.nesting)
-            csr = T.materialise([W.largest(terms, labels)] if terms else [], out_shape,
-                                inp_shape, labels, dtype)
-            self.slot = None
-        elif any(t.mapped(labels) for t in terms) and T.by_rows_applies(terms, shape, labels):
-            # the union merged row by row: no coordinates, and distinct slots within a term
-            indptr, indices, self.slots, self.keeps = T.rows_pattern(terms, shape, labels)
-            csr = T._csr(np.zeros(len(indices), dtype=_np_dtype(dtype)), indices, indptr, shape)
-        else:  # several terms or index maps: coordinates once, then each value's slot
-            rows, cols, keeps = [], [], []
-            for term in terms:
-                if term.mapped(labels):
-                    r, c, keep = T.placed(term, labels)
-                    r, c = r[keep], c[keep]
-                    keeps.append(keep)
-                    self.kept[len(keeps) - 1] = len(r)
-                else:
-                    s, _ = T._structure(term, labels)
-                    pattern = formats.csr_pattern(s)
-                    c = torch.from_numpy(np.asarray(pattern.indices, dtype=np.int64))
-                    r = torch.from_numpy(np.repeat(np.arange(shape[0], dtype=np.int64),
-                                                   np.diff(pattern.indptr)))
-                    keeps.append(None)
-                rows.append(r.cpu().numpy())
-                cols.append(c.cpu().numpy())
-            key = np.concatenate(rows) * shape[1] + np.concatenate(cols)
-            unique, self.slot = np.unique(key, return_inverse=True)
-            self.keeps = keeps
-            idx = formats.index_dtype(max(len(unique), 1), shape)
-            indptr = np.zeros(shape[0] + 1, dtype=idx)
-            np.cumsum(np.bincount(unique // shape[1], minlength=shape[0]), out=indptr[1:])
-            import scipy.sparse
-
-            csr = scipy.sparse.csr_array(
-                (np.zeros(len(unique), dtype=_np_dtype(dtype)), (unique % shape[1]).astype(idx),
-                 indptr), shape=shape)
-        # the torch formats' view of the kept arrays, made while they are writable: torch
-        # warns on wrapping a read-only array (it cannot mark a tensor read-only), and a copy
-        # per refill would be waste
-        self.torch_csr = formats.CompressedPattern(torch.from_numpy(csr.indices),
-                                                   torch.from_numpy(csr.indptr), csr.shape)
-        for a in (csr.indices, csr.indptr):
-            a.flags.writeable = False  # shared by every refill: read-only
-        self.csr = csr
-        self.nnz = csr.nnz
-        self.mirror = None  # for a symmetric block: where each entry's mirror image is
-        self.swap = None  # or, for one plain term, the axes of V that transposing swaps
-        if symmetric:
-            t = self._transpose_order()
-            if np.array_equal(t.indptr, csr.indptr) and np.array_equal(t.indices, csr.indices):
-                self.mirror = t.data
-                if self.direct:
-                    self._swap(W.largest(terms, labels), labels)
-
-    def _swap(self, term, labels) -> None:
-        """Where the block is one plain term whose transpose swaps labels of ``V`` (rows
-        ``(b, i)`` and columns ``(b, k)``: ``V = (b, i, k)``, the mirror of ``v`` is ``v``
-        with ``i`` and ``k`` swapped), keep that permutation of ``V``'s axes instead of the
-        mirror's index array: the values are then averaged with a transposed view of
-        themselves, without a gather. Checked against the mirror found from the pattern."""
-        out, inp = term.out_atoms, term.inp_atoms
-        sigma: dict[int, int] = {}
-        for a, b in zip(out, inp):
-            if sigma.setdefault(a, b) != b or sigma.setdefault(b, a) != a:
-                return  # a label paired with two others: no permutation of V says it
-        free = term.free(labels)
-        if len(out) != len(inp) or set(sigma) != set(free):
-            return
-        perm = tuple(free.index(sigma[l]) for l in free)
-        shape = labels.shape(free)
-        order = np.arange(self.nnz, dtype=np.int64).reshape(shape).transpose(perm).reshape(-1)
-        if np.array_equal(order, self.mirror):
-            self.swap = (shape, perm)
-            self.mirror = None
-
-    def writes_directly(self, transposed: bool) -> bool:
-        """Whether :meth:`write` writes this block: direct, used as it is (not also as a
-        transpose), and not averaged with its mirror image (a symmetric Hessian block)."""
-        return self.direct and self.mirror is None and self.swap is None and not transposed
-
-    def write(self, terms, labels, dtype, fmt: str, device) -> Any:
-        """A direct block (one term, no index map) written in ``fmt``: its pattern for that
-        format and device made once and kept (read-only), the values written straight into
-        the format's order (:mod:`.write`)."""
-        f = formats.get(fmt, require=False)
-        xp = W.backend(f, device)
-        term = W.largest(terms, labels)
-        structure, _ = T._structure(term, labels)
-        key = (f.name, xp.name, str(device))
-        if key not in self.patterns:
-            if f.layout is formats.CSR and xp is W.NUMPY:
-                pattern = self._kept_csr(f)  # the kept CSR arrays themselves
-            else:
-                pattern = W.pattern(term, structure, f, self.out_shape, self.inp_shape, xp)
-                for a in f.layout.arrays(pattern):
-                    if isinstance(a, np.ndarray):
-                        a.flags.writeable = False  # shared by every refill: read-only
-            self.patterns[key] = pattern
-        return W.container(terms, labels, f, dtype, xp, self.patterns[key], self.out_shape,
-                           self.inp_shape)
-
-    def _kept_csr(self, f: formats.Format) -> Any:
-        """The kept CSR pattern for ``f``: the arrays, or for a torch format tensors sharing
-        their memory (:attr:`torch_csr`; a transposed block's mirror has no such view, and its
-        arrays are writable)."""
-        return self.torch_csr if f.on_torch and self.torch_csr is not None else self.csr
-
-    def _transpose_order(self):
-        """The transposed pattern, its data the position of each entry in this block's."""
-        import scipy.sparse
-
-        order = scipy.sparse.csr_array(
-            (np.arange(self.nnz, dtype=np.int64), self.csr.indices, self.csr.indptr),
-            shape=self.csr.shape)
-        t = order.T.tocsr()
-        t.sort_indices()
-        return t
-
-    def data(self, terms, labels, dtype) -> np.ndarray:
-        if self.swap is not None:  # exactly symmetric: (a + b) / 2 with b a's mirror
-            shape, perm = self.swap
-            if len(terms) == 1:  # the values are the factor spread: a view, no copy
-                s, fl = T._structure(terms[0], labels)
-                spread = s.spread(T._numpy_factor(terms[0], dtype), fl)
-            else:  # nested terms (W.nesting): the largest's values with the others added
-                spread = W.values(terms, labels, formats.get("csr", require=False),
-                                  dtype).reshape(shape)
-            data = np.empty(self.nnz, dtype=_np_dtype(dtype))
-            view = data.reshape(shape)
-            np.add(spread, spread.transpose(perm), out=view)
-            np.multiply(view, 0.5, out=view)
-            return data
-        data = self._data(terms, labels, dtype)
-        if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
-            # in place on the mirrored copy: two arrays at once whether or not numpy elides
-            # the temporaries of (data + data[mirror]) * 0.5 (the same sums: + commutes)
-            mirrored = data[self.mirror]
-            mirrored += data
-            mirrored *= 0.5
-            data = mirrored
-        return data
-
-    def _data(self, terms, labels, dtype) -> np.ndarray:
-        np_dtype = _np_dtype(dtype)
-        if self.direct:
-            return W.values(terms, labels, formats.get("csr", require=False), dtype)
-        if not terms:
-            return np.zeros(0, dtype=np_dtype)
-        if self.slots is not None:
-            data = np.zeros(self.nnz, dtype=np_dtype)
-            for term, slot, keep in zip(terms, self.slots, self.keeps):
-                T.add_values(data, slot, term, labels, dtype, keep)
-            return data
-        parts = []
-        for term, keep in zip(terms, self.keeps):
-            if keep is None:
-                s, fl = T._structure(term, labels)
-                d = np.empty(s.nnz, dtype=np_dtype)
-                formats.fill_values(s, T._numpy_factor(term, dtype), fl, d)
-                parts.append(d)
-            else:
-                parts.append(T.values(term, labels, dtype, keep.to(term.factor.device))
-                              .detach().cpu().numpy())
-        return np.bincount(self.slot, weights=np.concatenate(parts),
-                           minlength=self.nnz).astype(np_dtype)
-
-    def result(self, data: np.ndarray, fmt: str, transposed: bool = False):
-        import scipy.sparse
-
-        if transposed:  # a Hessian's block below the diagonal: the mirror of one above
-            if "T" not in self.cache:
-                t = self._transpose_order()
-                perm = t.data
-                t.data = np.zeros(0)
-                self.cache["T"] = _Block.__new__(_Block)
-                mirror = self.cache["T"]
-                mirror.out_shape, mirror.inp_shape = self.inp_shape, self.out_shape
-                mirror.csr = scipy.sparse.csr_array(
-                    (np.zeros(self.nnz, dtype=data.dtype), t.indices, t.indptr),
-                    shape=t.shape)
-                mirror.nnz, mirror.cache, mirror.perm = self.nnz, {}, perm
-                mirror.torch_csr = None  # its arrays are its own, writable
-            mirror = self.cache["T"]
-            return mirror.result(data[mirror.perm], fmt)
-        f = formats.get(fmt, require=False)
-        if f.layout is formats.CSR:  # the kept arrays themselves, no copy
-            return f.container(self._kept_csr(f), data, self.out_shape, self.inp_shape)
-        if fmt not in self.cache and f.layout is formats.COO:
-            # the coordinates written from the kept rows and columns (as the first call's
-            # writer writes them, W.rows_to_coords): the values stay in the CSR's order
-            idx = f.index_itemsize(self.nnz, self.out_shape, self.inp_shape)
-            self.cache[fmt] = (W.rows_to_coords(self.csr.indptr, self.csr.indices,
-                                                self.out_shape, self.inp_shape,
-                                                W.NUMPY.index(idx)), None)
-        if fmt not in self.cache:  # the format's pattern, and where each CSR value goes in it
-            order = scipy.sparse.csr_array(
-                (np.arange(self.nnz, dtype=np.int64), self.csr.indices, self.csr.indptr),
-                shape=self.csr.shape)
-            self.cache[fmt] = f.pattern_from_csr(order, self.out_shape, self.inp_shape)
-        pattern, perm = self.cache[fmt]
-        return f.container(pattern, data if f.layout.csr_order else data[perm], self.out_shape,
-                           self.inp_shape)
-
-    # --- what a refill allocates, predicted before it traces (the writers above, in step) ---
-
-    def write_nbytes(self, fmt: str, dtype, labels: T.Labels, device) -> tuple[int, int]:
-        """``(peak, kept)`` bytes of :meth:`write`: the format's pattern where it is not kept
-        yet (then as :func:`.write.nbytes` predicts the first call's), else the values and the
-        factor's copies (cast, laid out in ``V`` order, float16 held as float32)."""
-        f = formats.get(fmt, require=False)
-        xp = W.backend(f, device)
-        if (f.name, xp.name, str(device)) not in self.patterns and not (
-                f.layout is formats.CSR and xp is W.NUMPY):
-            return W.nbytes(self.shadow, self.out_shape, self.inp_shape, labels, dtype, f)
-        big = W.largest(self.shadow, labels)
-        structure, fl = T._structure(big, labels)
-        nnz, itemsize = structure.nnz, dtype.itemsize
-        value = np.dtype(f.value_dtype(_np_dtype(dtype))).itemsize
-        fill = nnz * itemsize + T._copy_nbytes(big, f.layout.target(structure), fl, dtype)
-        cast = nnz * (itemsize + value) if value != itemsize else 0
-        return max(fill, cast), nnz * value
-
-    def data_nbytes(self, dtype, labels: T.Labels) -> tuple[int, int]:
-        """``(peak, kept)`` bytes of :meth:`data`: each term's values, their concatenation,
-        ``np.bincount``'s float64 weights and sums, the cast back (and a mirror's average)."""
-        it = np.dtype(_np_dtype(dtype)).itemsize
-        nnz = self.nnz
-        if self.direct:
-            big = W.largest(self.shadow, labels)
-            s, fl = T._structure(big, labels)
-            peak = nnz * it + T._copy_nbytes(big, s, fl, dtype)
-            if len(self.shadow) > 1 and self.swap is not None:  # W.values, then the average
-                peak += nnz * it
-        elif not self.shadow:
-            return 0, 0
-        elif self.slots is not None:  # merged row by row: each term's values added at slots
-            # (its values, numpy's gather of data[slot] and the sum; a bound: m entries kept)
-            peak = nnz * it + max(3 * t.nnz(labels) * it for t in self.shadow)
-        else:
-            parts = peak = 0
-            for term, kept in zip(self.shadow, self.kept):
-                if kept is None:  # unmapped: written by its structure, as the first call
-                    s, fl = T._structure(term, labels)
-                    n = s.nnz * it
-                    peak = max(peak, parts + n + T._copy_nbytes(term, s, fl, dtype))
-                else:  # mapped: the factor cast, spread over V (a copy unless it is V), kept
-                    free = term.free(labels)
-                    size = labels.size(free)
-                    cast = term.factor.numel() * it if term.factor.dtype != dtype else 0
-                    order = [term.flabels.index(l) for l in free if l in term.flabels]
-                    view = (term.factor.numel() == size
-                            and term.factor.permute(order).is_contiguous())
-                    n = kept * it
-                    peak = max(peak, parts + cast + (0 if view else size * it) + n)
-                parts += n
-            wide = parts // it * 8 if it != 8 else 0  # bincount reads its weights as float64
-            peak = max(peak, 2 * parts + wide + nnz * 8, parts + nnz * (8 + it))
-        if self.mirror is not None:  # the mirrored copy, averaged in place
-            peak = max(peak, 2 * nnz * it)
-        return peak, nnz * it
-
-    def result_nbytes(self, fmt: str, transposed: bool, itemsize: int) -> tuple[int, int]:
-        """``(peak, kept)`` bytes of :meth:`result` beside its values: the format's pattern
-        where it is not kept yet (an upper bound: a conversion of the CSR), the values
-        permuted into its order."""
-        f = formats.get(fmt, require=False)
-        nnz, peak, kept = self.nnz, 0, 0
-        if transposed and "T" not in self.cache:  # the transposed order, kept
-            idx = self.csr.indices.itemsize
-            order = nnz * (8 + idx) + (self.csr.shape[1] + 1) * idx
-            peak, kept = nnz * 8 + order, order + nnz * itemsize
-        if transposed:
-            peak, kept = max(peak, kept + nnz * itemsize), kept + nnz * itemsize
-        if f.layout is formats.CSR:
-            return peak, kept
-        cache = self.cache["T"].cache if transposed and "T" in self.cache else self.cache
-        out, inp = ((self.inp_shape, self.out_shape) if transposed
-                    else (self.out_shape, self.inp_shape))
-        during = kept
-        if fmt not in cache and f.layout is formats.COO:  # coordinates from the kept rows
-            idx = f.index_itemsize(nnz, out, inp)
-            coords = nnz * (len(out) + len(inp)) * idx
-            peak = max(peak, kept + coords + W.rows_to_coords_nbytes(
-                nnz, out, inp, idx, self.csr.indices.itemsize))
-            during = kept = kept + coords
-        elif fmt not in cache:  # the positions (int64) as a CSR, converted: the pattern kept
-            csr = nnz * 8 + self.csr.indices.nbytes + self.csr.indptr.nbytes
-            extra, final = _conversion_nbytes(fmt, nnz, out, inp, 8, csr)
-            peak = max(peak, kept + nnz * 8 + extra)
-            # the positions stay alive until the result is made
-            during, kept = kept + final + nnz * 8, kept + final
-        if not f.layout.csr_order:
-            peak, kept = max(peak, during + nnz * itemsize), kept + nnz * itemsize
-        return peak, kept
-
-
 def _nothing_live() -> int:
     return 0
-
-
-def _meta(factor):
-    """An unallocated tensor with ``factor``'s shape, strides and dtype."""
-    import torch
-
-    return torch.empty_strided(tuple(factor.shape), factor.stride(), dtype=factor.dtype,
-                               device="meta")
-
-
-def _np_dtype(dtype):
-    from ..operands import _numpy_dtype
-
-    return _numpy_dtype(dtype)
 
 
 class ProgramPlan:
@@ -803,7 +393,7 @@ class ProgramPlan:
     def _adopt(self, c: _Collected) -> None:
         self._dead = getattr(c, "dead", None) or {}
         self._structure, self.dtype, self._layout = c.structure(), c.dtype, c.layout
-        self._blocks = [_Block(terms, s1, s2, c.labels, c.dtype, i in c.symmetric)
+        self._blocks = [PlanBlock(terms, s1, s2, c.labels, c.dtype, i in c.symmetric)
                         for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes))]
         self._labels, self._device = c.labels, c.device  # what the shadow terms refer to
         self._measure(c)
@@ -812,12 +402,12 @@ class ProgramPlan:
     def _measure(self, c: _Collected) -> None:
         """Keep what a trace showed: the peak its factors reached (checked before each
         allocation) and the bytes of those alive when it ends, beside which the writers run."""
-        self._trace_peak, self._live_end = c.labels.peak, _factors_nbytes(c)
+        self._trace_peak, self._live_end = c.labels.peak, A.factors_nbytes(c)
 
     def _write_nbytes(self, fmt: str) -> int:
         """The bytes the writers of :meth:`jacobian` hold at their peak, every result kept
         until the last is written (as :meth:`jacobian` writes them)."""
-        itemsize = np.dtype(_np_dtype(self.dtype)).itemsize
+        itemsize = np.dtype(numpy_dtype(self.dtype)).itemsize
         transposed = {i for i, tr in self._layout if tr}
         held = peak = 0
         done: set[int] = set()
@@ -940,7 +530,7 @@ class ProgramPlan:
                 if i not in data:
                     data[i] = b.data(terms, c.labels, c.dtype)
                 f = formats.get(format, require=False)
-                results.append(W.on_device(b.result(data[i], format, tr), f, c.device))
+                results.append(on_device(b.result(data[i], format, tr), f, c.device))
             return c.nest(results)
 
     hessian = jacobian

@@ -13,16 +13,16 @@ Labels of size 1 never appear: a size-1 axis has no atoms.
 Every operation of a program maps terms to terms without materialising anything: ``compose``
 (an einsum with the other operands' values: matmul, sums, softmax's contraction), ``scale`` (an
 elementwise derivative), ``expand`` (broadcasting), ``permute`` and ``reshape``. A tensor's
-Jacobian is a list of terms (a sum); ``merge`` adds terms with the same axes into one. Only
-:func:`materialise` writes sparse arrays, once, at the end.
+Jacobian is a list of terms (a sum); ``merge`` adds terms with the same axes into one. Nothing
+here writes sparse arrays: :mod:`sparsejac.programs.write` does, once, at the end.
 
 >>> import torch
 >>> labels = Labels()
 >>> x = identity((2, 3), labels, torch.float64)          # d x / d x
 >>> w = torch.arange(12.0, dtype=torch.float64).reshape(3, 4)
 >>> j = compose(x, ((0, 1), (1, 2)), (0, 2), (2, 3, 4), 0, [None, w], labels)   # x @ w
->>> j.nnz(labels), materialise([j], (2, 4), (2, 3), labels, torch.float64).nnz
-(24, 24)
+>>> j.nnz(labels), j.factor.shape
+(24, torch.Size([4, 3]))
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import scipy.sparse
 
-from .. import formats, options
+from .. import options
 from .ledger import Ledger, WeakCall
-from ..operands import _numpy_dtype
-from ..structure import Structure, distinct
+from ..structure import distinct
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -79,7 +77,7 @@ class Labels:
         self.derived: dict[int, tuple["torch.Tensor", tuple[int, ...]]] = {}
         self._maps: dict[tuple, list[int]] = {}
         self._splits: dict[tuple[int, tuple[int, ...]], Atoms] = {}
-        self._one_to_one: dict[int, bool] = {}  # memo of :func:`_one_to_one`
+        self._one_to_one: dict[int, bool] = {}  # memo of :func:`one_to_one`
         # id of a factor made by :func:`scale` -> (weak reference to it, the term scaled, g)
         self.scaled: dict[int, tuple] = {}
         # collapses (:func:`collapse`), keyed by the input-side maps and the labels summed:
@@ -976,7 +974,7 @@ def compose(
     return term
 
 
-def _aligned(term: Term, union: Sequence[int]) -> torch.Tensor:
+def aligned(term: Term, union: Sequence[int]) -> torch.Tensor:
     """The factor with its axes in ``union`` order, size 1 for labels it does not carry."""
     order = sorted(range(len(term.flabels)), key=lambda i: union.index(term.flabels[i]))
     f = term.factor.permute(order) if order else term.factor
@@ -1071,112 +1069,7 @@ def _scaled(term: Term, labels: Labels):
                      else rest[0][0], gl)
 
 
-def _structure(term: Term, labels: Labels) -> tuple[Structure, tuple[int, ...]]:
-    used = distinct(term.out_atoms + term.inp_atoms)
-    rename = {l: k for k, l in enumerate(used)}
-    structure = Structure(
-        tuple(rename[a] for a in term.out_atoms),
-        tuple(rename[a] for a in term.inp_atoms),
-        tuple(labels.sizes[l] for l in used),
-        tuple(rename[l] for l in term.free(labels) if l in term.flabels),
-    )
-    return structure, tuple(rename[l] for l in term.flabels)
-
-
-def _numpy_factor(term: Term, dtype: "torch.dtype") -> np.ndarray:
-    return term.factor.detach().to(dtype).cpu().resolve_conj().resolve_neg().numpy()
-
-
-def materialise(
-    terms: Sequence[Term],
-    out_shape: Sequence[int],
-    inp_shape: Sequence[int],
-    labels: Labels,
-    dtype: "torch.dtype",
-) -> scipy.sparse.csr_array:
-    """The sum of ``terms`` as a canonical CSR array of shape ``(out.size, arg.size)``.
-
-    Each term's pattern and values are written directly (:mod:`sparsejac.formats`); several terms
-    are summed as coordinates so that the stored entries are the union of their structural
-    nonzeros (a sum that happens to be zero stays stored, as elsewhere in the package).
-    :func:`materialise_nbytes` predicts what this allocates: keep the two in step."""
-    shape = (math.prod(out_shape), math.prod(inp_shape))
-
-    np_dtype = _numpy_dtype(dtype)
-    if not terms:
-        return scipy.sparse.csr_array(shape, dtype=np_dtype)
-    mapped = any(t.mapped(labels) for t in terms)
-    if mapped and by_rows_applies(terms, shape, labels):
-        indptr, indices, slots, keeps = rows_pattern(terms, shape, labels)
-        data = np.zeros(len(indices), dtype=np_dtype)
-        for term, slot, keep in zip(terms, slots, keeps):
-            add_values(data, slot, term, labels, dtype, keep)
-        return _csr(data, indices, indptr, shape)
-    if len(terms) == 1 and not mapped:
-        structure, fl = _structure(terms[0], labels)
-        pattern = formats.csr_pattern(structure)
-        data = np.empty(structure.nnz, dtype=np_dtype)
-        formats.fill_values(structure, _numpy_factor(terms[0], dtype), fl, data)
-        return formats.container("csr", pattern, data, (shape[0],), (shape[1],))
-    # Several terms, or index maps (a window's entries that land on one place): every term's
-    # coordinates and values go straight into one COO array of all their entries, one term's
-    # alive at a time; scipy sums the duplicates.
-    total = sum(t.nnz(labels) for t in terms)  # a bound where an index map drops entries
-    idx = formats.index_dtype(0, shape)  # scipy narrows wider coordinates (a copy): match it
-    rows, cols = np.empty(total, idx), np.empty(total, idx)
-    data = np.empty(total, np_dtype)
-    start = 0
-    for term in terms:
-        write = _materialise_mapped if term.mapped(labels) else _materialise_plain
-        start = write(term, labels, dtype, shape, rows, cols, data, start)
-    coo = scipy.sparse.coo_array((data[:start], (rows[:start], cols[:start])), shape=shape)
-    del rows, cols, data
-    return coo.tocsr()  # canonical: sums duplicates, keeping sums that are zero
-
-
-def _materialise_plain(term: Term, labels: Labels, dtype: "torch.dtype", shape: tuple[int, int],
-                 rows: np.ndarray, cols: np.ndarray, data: np.ndarray, start: int) -> int:
-    """Write a term without index maps into the entries from ``start`` on (its pattern's
-    coordinates, its values spread from the factor); returns where they end."""
-    structure, fl = _structure(term, labels)
-    stop = start + structure.nnz
-    pattern = formats.csr_pattern(structure)
-    cols[start:stop] = pattern.indices
-    rows[start:stop] = np.repeat(np.arange(shape[0], dtype=rows.dtype), np.diff(pattern.indptr))
-    del pattern
-    formats.fill_values(structure, _numpy_factor(term, dtype), fl, data[start:stop])
-    return stop
-
-
-def _materialise_mapped(term: Term, labels: Labels, dtype: "torch.dtype", shape: tuple[int, int],
-                        rows: np.ndarray, cols: np.ndarray, data: np.ndarray, start: int) -> int:
-    """Write a term with index maps into the entries from ``start`` on, those without a place
-    dropped (the kept entries moved up, in order); returns where they end. The coordinates
-    are written in place (:func:`_coordinates_into`), the values read from the factor
-    broadcast over ``V``: nothing ``V``-sized is made but the dropped entries' flags and the
-    kept ones' positions."""
-    m = term.nnz(labels)
-    stop = start + m
-    keep = _coordinates_into(term, labels, rows[start:stop], cols[start:stop])
-    free = term.free(labels)
-    shape_v = labels.shape(free)
-    factor = _align(term.factor.detach(), term.flabels, free).to(dtype).cpu()
-    spread = np.broadcast_to(factor.resolve_conj().resolve_neg().numpy(), shape_v)
-    if keep is None:  # every entry has a place: the spread written as it is, no temporary
-        np.copyto(data[start:stop].reshape(shape_v), spread)
-        return stop
-    kept = np.flatnonzero(keep)
-    stop = start + len(kept)
-    for a in (rows, cols):  # the kept entries moved up (a gather, then the copy)
-        a[start:stop] = a[start:start + m][kept]
-    if spread.flags.c_contiguous:  # the factor spans V in its order: read at the kept
-        data[start:stop] = spread.reshape(-1)[kept]
-    else:  # a broadcast or permuted view: a boolean read, not a flat copy of all of V
-        data[start:stop] = spread[keep.reshape(shape_v)]
-    return stop
-
-
-def _coordinates_into(term: Term, labels: Labels, rows: np.ndarray,
+def coordinates_into(term: Term, labels: Labels, rows: np.ndarray,
                       cols: np.ndarray) -> np.ndarray | None:
     """Write each entry's row and column (flat over ``V`` in C order, as :func:`placed`) into
     ``rows`` and ``cols`` (one per entry, an integer dtype wide enough for the block), in
@@ -1188,7 +1081,7 @@ def _coordinates_into(term: Term, labels: Labels, rows: np.ndarray,
     for axes, out in ((term.out, rows), (term.inp, cols)):
         grid = out.reshape(shape)
         grid[...] = 0
-        for atom, index, dropped in _atom_indices(axes, labels, free, out.dtype):
+        for atom, index, dropped in atom_indices(axes, labels, free, out.dtype):
             if dropped is not None:
                 bad = dropped if bad is None else (bad | dropped)
             grid *= labels.sizes[atom]
@@ -1196,14 +1089,14 @@ def _coordinates_into(term: Term, labels: Labels, rows: np.ndarray,
     return None if bad is None else ~np.broadcast_to(bad, shape).reshape(-1)
 
 
-def _atom_indices(axes, labels: Labels, free: Sequence[int], dtype):
+def atom_indices(axes, labels: Labels, free: Sequence[int], dtype):
     """For each atom of ``axes`` in order: the atom, its index over ``free`` (broadcastable:
     an index map's int64 table read in place, else a ramp of ``dtype``), and where the map
     gives no place (-1; None where it always gives one)."""
     for atom in (a for ax in axes for a in ax):
         if atom in labels.derived:
             table, over = labels.derived[atom]
-            index = _align(table, over, free).cpu().numpy()
+            index = align(table, over, free).cpu().numpy()
             yield atom, index, (index < 0) if index.min(initial=0) < 0 else None
         else:
             n = labels.sizes[atom]
@@ -1211,15 +1104,7 @@ def _atom_indices(axes, labels: Labels, free: Sequence[int], dtype):
                                                           for l in free]), None
 
 
-def _csr(data, indices, indptr, shape) -> scipy.sparse.csr_array:
-    """A CSR array around arrays that are canonical by construction (no copy, no scan)."""
-    csr = scipy.sparse.csr_array((data, indices, indptr), shape=shape, copy=False)
-    csr.has_sorted_indices = True
-    csr.has_canonical_format = True
-    return csr
-
-
-def _one_to_one(atom: int, labels: Labels) -> bool:
+def one_to_one(atom: int, labels: Labels) -> bool:
     """Whether a derived label is an injective map of one base label (its entries that exist
     are distinct), so that the base label can be read back from it."""
     if atom not in labels._one_to_one:
@@ -1235,7 +1120,7 @@ def _one_to_one(atom: int, labels: Labels) -> bool:
     return labels._one_to_one[atom]
 
 
-def _placed_numpy(term: Term, labels: Labels):
+def placed_numpy(term: Term, labels: Labels):
     """``(rows, cols, keep)`` as :func:`placed`, in numpy and with fewer temporaries: an
     axis of one atom over ``V`` in order is its table itself (a view); ``keep`` is None where
     every entry has a place."""
@@ -1244,7 +1129,7 @@ def _placed_numpy(term: Term, labels: Labels):
 
     def side(axes):
         flat, bad = None, None
-        for atom, v, dropped in _atom_indices(axes, labels, free, np.int64):
+        for atom, v, dropped in atom_indices(axes, labels, free, np.int64):
             if dropped is not None:
                 bad = dropped if bad is None else (bad | dropped)
             flat = v if flat is None else flat * labels.sizes[atom] + v
@@ -1259,240 +1144,10 @@ def _placed_numpy(term: Term, labels: Labels):
     return rows, cols, keep
 
 
-def rows_injective(term: Term, labels: Labels) -> bool:
-    """Whether the term has at most one entry in each row: every base label of ``V`` can be
-    read back from the output side (a plain atom there, or an injective index map of it
-    alone), so distinct assignments of ``V`` land on distinct rows."""
-    read = set()
-    for a in term.out_atoms:
-        if a not in labels.derived:
-            read.add(a)
-        elif _one_to_one(a, labels):
-            read.add(labels.derived[a][1][0])
-    return set(term.free(labels)) <= read
-
-
-def by_rows_applies(terms: Sequence[Term], shape: tuple[int, int], labels: Labels) -> bool:
-    """Whether :func:`rows_pattern` writes these terms: each has at most one entry per row,
-    and its per-row tables (one column per term and row) are not much larger than the
-    coordinates of every entry would be (few entries in many rows go by coordinates)."""
-    n = sum(t.nnz(labels) for t in terms)
-    return (len(terms) * shape[0] <= 4 * max(n, 1)
-            and all(rows_injective(t, labels) for t in terms))
-
-
-def rows_pattern(terms: Sequence[Term], shape: tuple[int, int], labels: Labels):
-    """``(indptr, indices, slots, keeps)``: the canonical CSR pattern of the union of terms
-    that have at most one entry per row (:func:`rows_injective`), built without coordinates
-    of the union: one column per term and row, merged row by row. ``slots[k]`` is where each
-    kept entry of term ``k`` (in :func:`placed`'s order, ``keeps[k]`` the entries kept, None
-    for all) lands in the data; within one term the slots are distinct (one entry a row).
-    :func:`rows_pattern_nbytes` predicts what this allocates: keep the two in step."""
-    nrows, ncols = shape
-    n = sum(t.nnz(labels) for t in terms)
-    idx = formats.index_dtype(n, shape)
-    cols = np.full((len(terms), nrows), -1, dtype=idx)  # term k's column in each row, or -1
-    rows, keeps = [], []
-    for k, term in enumerate(terms):
-        r, c, keep = _placed_numpy(term, labels)
-        if keep is not None:
-            r, c = r[keep], c[keep]
-        cols[k, r] = c
-        del c
-        rows.append(r.astype(idx))  # int64 from the index maps: narrowed for the slots
-        keeps.append(keep)
-        del r
-    # ``same[k]``: the first term with term k's column in every row (terms through the same
-    # maps: Rosenbrock's two diagonal steps), whose places term k shares
-    same = list(range(len(terms)))
-    for k in range(1, len(terms)):
-        same[k] = next((j for j in range(k) if same[j] == j and np.array_equal(cols[j], cols[k])),
-                       k)
-    unique = [k for k in range(len(terms)) if same[k] == k]
-    # ``new[k]``: term k's column is one no earlier term has in that row (the union's entry)
-    new = cols >= 0
-    for k in range(len(terms)):
-        if same[k] != k:
-            new[k] = False
-            continue
-        for j in unique:
-            if j >= k:
-                break
-            new[k] &= cols[j] != cols[k]
-    indptr = np.zeros(nrows + 1, dtype=idx)
-    np.cumsum(new.sum(0, dtype=idx), out=indptr[1:])
-    indices = np.empty(int(indptr[-1]), dtype=idx)
-    slots: list = [None] * len(terms)
-    rank = np.empty(nrows, dtype=idx)
-    for k in unique:
-        # the place of term k's column in its row: the union's columns below it come first
-        np.copyto(rank, indptr[:-1])
-        for j in unique:
-            if j != k:
-                rank += new[j] & (cols[j] < cols[k])
-        indices[rank[new[k]]] = cols[k][new[k]]
-        for m in range(k, len(terms)):
-            if same[m] == k:
-                slots[m] = rank[rows[m]]
-                rows[m] = None
-    return indptr, indices, slots, keeps
-
-
-def _placed_numpy_nbytes(term: Term, labels: Labels) -> int:
-    """A bound on what :func:`_placed_numpy` allocates for ``term``: per side, the mixed-radix
-    sums of several atoms, the copy of a side that does not span ``V``, the marks of entries
-    without a place; then what is kept of the rows and columns (tables are read in place)."""
-    free = term.free(labels)
-    m = labels.size(free)
-    total, marked = 0, False
-    for axes in (term.out, term.inp):
-        atoms = [a for ax in axes for a in ax]
-        total += 2 * 8 * m * max(len(atoms) - 1, 0)
-        derived = [a for a in atoms if a in labels.derived]
-        if len(atoms) != 1 or set(labels.base(atoms)) != set(free):
-            total += 8 * m  # broadcast to V: a copy
-        for a in derived:
-            if labels.derived[a][0].min() < 0:
-                marked = True
-                total += 2 * m
-    if marked:  # the kept flags, and the kept rows and columns
-        total += m + 2 * 8 * m
-    return total
-
-
-def rows_pattern_nbytes(terms: Sequence[Term], shape: tuple[int, int], labels: Labels,
-                        dtype: "torch.dtype") -> tuple[int, int]:
-    """``(peak, kept)`` bytes of :func:`materialise` through :func:`rows_pattern` (a bound: an
-    entry enumerated counts as kept): the per-row tables (a column and a flag per term and
-    row); first one term's coordinates at a time beside the rows of those before it; then the
-    merge's row-sized temporaries, the pattern and the slots (which replace the rows); last,
-    the values beside the slots, each term's values with its copy and numpy's indexed add."""
-    nrows = shape[0]
-    sizes = [t.nnz(labels) for t in terms]
-    n, big = sum(sizes), max(sizes)
-    idx = formats.index_dtype(n, shape).itemsize
-    itemsize = dtype.itemsize
-    tables = len(terms) * nrows * (idx + 1)
-    first = tables + max(sum(sizes[:k]) * idx + _placed_numpy_nbytes(t, labels) + m * idx
-                         for k, (t, m) in enumerate(zip(terms, sizes)))
-    pattern = (nrows + 1) * idx + n * idx  # indptr, indices (the union: at most every entry)
-    merge = tables + (n + big) * idx + nrows * (3 * idx + 2) + pattern
-    kept = pattern + n * itemsize
-    values = kept + n * idx + 2 * big * itemsize
-    return max(first, merge, values), kept
-
-
-def add_values(data: np.ndarray, slot: np.ndarray, term: Term, labels: Labels,
-               dtype: "torch.dtype", keep=None) -> None:
-    """Add a term's values (:func:`values`' order, ``keep``: those kept) at ``slot`` in
-    ``data`` (distinct slots: a plain indexed add)."""
-    import torch
-
-    v = values(term, labels, dtype, None if keep is None else torch.from_numpy(keep))
-    data[slot] += v.detach().cpu().resolve_conj().resolve_neg().numpy()
-
-
-def _pattern_nbytes(structure: Structure, shape: tuple[int, int]) -> tuple[int, int]:
-    """``(peak, kept)`` bytes of :func:`formats.csr_pattern`: ``indices`` and ``indptr``, and
-    before them the two index tables it broadcasts, then ``indptr``'s temporaries (see there)."""
-    nnz = structure.nnz
-    idx = formats.index_dtype(nnz, shape).itemsize
-    tables = 0
-    if nnz:  # as csr_pattern: the tables only for a nonempty pattern
-        head, tail = formats.index_tables(structure)
-        tables = 2 * (math.prod(n for n, _ in head) + math.prod(n for n, _ in tail)) * idx
-    rows = distinct(structure.rows)
-    hit = 0  # a diagonal on the row side: the int64 indices of the rows it hits
-    if len(rows) < len(structure.rows):
-        hit = 2 * math.prod(structure.sizes[l] for l in rows) * 8
-    indptr = (shape[0] + 1) * idx
-    return nnz * idx + max(tables, 2 * indptr + hit), nnz * idx + indptr
-
-
-def _copy_nbytes(term: Term, structure: Structure, fl: Sequence[int], dtype: "torch.dtype") -> int:
-    """Bytes of the copies of a factor that writing its values makes: the cast to ``dtype``,
-    and :meth:`Structure.spread`'s contiguous layout in ``V`` order (when it is not already)."""
-    factor = term.factor
-    itemsize = dtype.itemsize
-    size = factor.numel() * itemsize
-    cast = size if factor.dtype != dtype else 0
-    if factor.dim() == 0:
-        return cast
-    free = structure.free
-    order = sorted(range(len(fl)), key=lambda axis: free.index(fl[axis]))
-    laid_out = factor.permute(order).is_contiguous()
-    small = factor.numel() * 16 <= max(structure.nnz, 1) or factor.numel() <= 1 << 23
-    return cast + (size if small and not laid_out else 0)
-
-
-def materialise_nbytes(
-    terms: Sequence[Term],
-    out_shape: Sequence[int],
-    inp_shape: Sequence[int],
-    labels: Labels,
-    dtype: "torch.dtype",
-) -> tuple[int, int]:
-    """``(peak, kept)``: the bytes :func:`materialise` holds at its peak, and those its result
-    keeps. Exact for one term without index maps (up to small Python objects); for several,
-    or through index maps, an upper bound that takes every entry enumerated to be stored."""
-
-    itemsize = dtype.itemsize
-    shape = (math.prod(out_shape), math.prod(inp_shape))
-    nrows, ncols = shape
-    if not terms:
-        return (nrows + 1) * 4, (nrows + 1) * 4
-    mapped = any(t.mapped(labels) for t in terms)
-    if mapped and by_rows_applies(terms, shape, labels):
-        return rows_pattern_nbytes(terms, shape, labels, dtype)
-    if len(terms) == 1 and not mapped:
-        structure, fl = _structure(terms[0], labels)
-        nnz = structure.nnz
-        peak, kept = _pattern_nbytes(structure, shape)
-        copy = _copy_nbytes(terms[0], structure, fl, dtype)
-        return max(peak, kept + nnz * itemsize + copy), kept + nnz * itemsize
-    n = sum(t.nnz(labels) for t in terms)
-    idx = formats.index_dtype(0, shape).itemsize
-    coo = n * (2 * idx + itemsize)
-    fill = coo + max(_materialise_term_nbytes(t, labels, dtype, shape, idx) for t in terms)
-    # tocsr: indices as wide as the entries need (a cast of the coordinates if wider), then
-    # sum_duplicates' pruning copy, which it makes only when under half the entries remain:
-    # never where one plain term alone has half of them (the union holds every term's
-    # entries); an index map may send many of a term's entries to one place (or none)
-    idx2 = 8 if idx == 8 or max(n, ncols) > formats.INT32_MAX else 4
-    cast = 2 * n * idx2 if idx2 != idx else 0
-    csr = n * (idx2 + itemsize) + (nrows + 1) * idx2
-    halves = not mapped and max(t.nnz(labels) for t in terms) >= n // 2
-    prune = 0 if halves else n // 2 * (idx2 + itemsize)
-    return max(fill, coo + csr + max(cast, prune)), csr
-
-
-def _materialise_term_nbytes(term: Term, labels: Labels, dtype: "torch.dtype",
-                             shape: tuple[int, int], idx: int) -> int:
-    """Bytes one term's writer (:func:`_materialise_plain`, :func:`_materialise_mapped`)
-    allocates beside the COO arrays it writes into."""
-    itemsize = dtype.itemsize
-    if not term.mapped(labels):  # its pattern, the repeated row indices; the factor's copies
-        s, fl = _structure(term, labels)
-        peak, kept = _pattern_nbytes(s, shape)
-        ramps = shape[0] * (idx + formats.index_dtype(s.nnz, shape).itemsize)  # arange, diff
-        return max(peak, kept + ramps + s.nnz * idx, _copy_nbytes(term, s, fl, dtype))
-    m = term.nnz(labels)
-    factor = term.factor
-    cast = (factor.numel() * itemsize
-            if factor.dtype != dtype or factor.device.type != "cpu" else 0)
-    if not any(labels.derived[a][0].min() < 0
-               for a in term.out_atoms + term.inp_atoms if a in labels.derived):
-        return cast  # coordinates in place, values copied from the broadcast factor
-    # the dropped entries' marks (at most V's size), the kept flags (their broadcast copy and
-    # its negation), then the kept positions beside the flags: one gather of coordinates at
-    # a time, or the factor's copy and the values read
-    return max(3 * m, m + 8 * m + max(m * idx, cast + m * itemsize))
-
-
 # --- index maps: selections, shifts, windows ------------------------------------------------
 
 
-def _align(tensor: "torch.Tensor", ls: Sequence[int], target: Sequence[int],
+def align(tensor: "torch.Tensor", ls: Sequence[int], target: Sequence[int],
            labels: Labels | None = None) -> "torch.Tensor":
     """``tensor`` (one axis per distinct label of ``ls``) permuted and unsqueezed to ``target``;
     given ``labels``, a copy the reshape must make (a permuted diagonal) is guarded."""
@@ -1540,10 +1195,10 @@ def coordinate(atoms: Sequence[int], labels: Labels, like: "torch.Tensor"):
     for a in atoms:
         if a in labels.derived:
             table, tl = labels.derived[a]
-            v = _align(table.to(like.device), tl, over)
+            v = align(table.to(like.device), tl, over)
             bad = bad | (v < 0)
         else:
-            v = _align(_arange(labels.sizes[a], like), (a,), over)
+            v = align(_arange(labels.sizes[a], like), (a,), over)
         total = total * labels.sizes[a] + v
     return total.masked_fill(bad, -1), over
 
@@ -1617,7 +1272,7 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
             if set(tl) & set(subs):
                 t, ls, bad = regather(table, tl)
                 if bad is not None:
-                    t = t.masked_fill(_align(bad, over, ls), -1)
+                    t = t.masked_fill(align(bad, over, ls), -1)
                 new[a] = labels.derive(t, ls, labels.sizes[a])
     sub = lambda atoms: tuple(new.get(x, x) for x in atoms)  # noqa: E731
     factor, fl = term.factor, term.flabels
@@ -1628,7 +1283,7 @@ def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms, l
         order = tuple(l for l in free if l in fl)
         # a label the substitution left on no axis (a map made constant in it) is summed over,
         # as compose sums what no axis carries: its entries all land on one place
-        factor = (_align(factor, fl, order, labels) if set(fl) <= set(order)
+        factor = (align(factor, fl, order, labels) if set(fl) <= set(order)
                   else _einsum([(factor, fl)], order, labels))
         fl = order
     return Term(tuple(sub(a) for a in term.out), tuple(sub(a) for a in term.inp), factor, fl)
@@ -1728,7 +1383,7 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
     if term.factor is not old and set(over) <= set(term.flabels):
         # the factor was just gathered over the new labels (a tensor of its own): the entries
         # that do not exist are zeroed in place, not by a product that copies it
-        term.factor.masked_fill_(~_align(valid, over, term.flabels), 0)
+        term.factor.masked_fill_(~align(valid, over, term.flabels), 0)
         return term
     return mask(term, valid, over, labels)  # with the new axes in place: they are kept
 
@@ -1847,7 +1502,7 @@ def _collapse_group(maps: Sequence[int], summed: Sequence[int], labels: Labels) 
     tables = []
     for a in maps:
         table, over = labels.derived[a]
-        tables.append(_align(table, over, dom).expand(shape).reshape(nk, -1))
+        tables.append(align(table, over, dom).expand(shape).reshape(nk, -1))
     valid = tables[0] >= 0
     for t in tables[1:]:
         valid = valid & (t >= 0)
@@ -1959,7 +1614,7 @@ def collapse(term: Term, labels: Labels) -> Term:
             dropped = (dropped.unsqueeze(-1) | (t == n_out)).reshape(-1)
         slots = math.prod(outs)
         target = target.masked_fill(dropped, slots)
-        source = _align(factor, fl, done + rest).expand(labels.shape(done) + lead)
+        source = align(factor, fl, done + rest).expand(labels.shape(done) + lead)
         source = source.reshape(math.prod(ins), math.prod(lead))
         total = factor.new_zeros((slots + 1, math.prod(lead)))
         total.index_add_(0, target, source)
@@ -1980,14 +1635,14 @@ def torch_equal(a: "torch.Tensor", b: "torch.Tensor") -> bool:
 
 def placed(term: Term, labels: Labels):
     """``(rows, cols, keep)``: each entry's row and column, flat over ``V`` (int64 tensors on
-    the CPU, :func:`_coordinates_into`), and whether it has a place (an index map may drop it)."""
+    the CPU, :func:`coordinates_into`), and whether it has a place (an index map may drop it)."""
     import torch
 
     shape = labels.shape(term.free(labels))
     labels.guard((3,) + tuple(shape), 8, "the entries of an index-mapped term")
     m = math.prod(shape)
     rows, cols = np.empty(m, np.int64), np.empty(m, np.int64)
-    keep = _coordinates_into(term, labels, rows, cols)
+    keep = coordinates_into(term, labels, rows, cols)
     keep = np.ones(m, dtype=bool) if keep is None else keep
     return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(keep)
 
@@ -1995,6 +1650,6 @@ def placed(term: Term, labels: Labels):
 def values(term: Term, labels: Labels, dtype: "torch.dtype", keep=None):
     """The term's values flat over ``V``, in :func:`placed`'s order (``keep``: those kept)."""
     free = term.free(labels)
-    flat = _align(term.factor.to(dtype), term.flabels, free).expand(labels.shape(free))
+    flat = align(term.factor.to(dtype), term.flabels, free).expand(labels.shape(free))
     flat = flat.reshape(-1)
     return flat if keep is None else flat[keep]

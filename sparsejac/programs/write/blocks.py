@@ -10,7 +10,7 @@ pydata formats copy the factor to the CPU once.
 A sum of terms, or a term through index maps, has entries that several terms (or several
 assignments of one term) hit: :func:`merged` sums them once, in the format's own order, and
 writes the format's arrays from the merge; no format goes through another. The merge is
-:func:`sparsejac.programs.terms.materialise` over the format's major axis: rows for CSR, COO
+:func:`sparsejac.programs.write.materialise.materialise` over the format's major axis: rows for CSR, COO
 and the torch formats (row-major is COO's lexicographic order), columns for CSC (the terms
 transposed: the CSR of ``J.T`` is the CSC of ``J``). COO's coordinates are written over the
 tensors' own axes from the merged rows and columns; the torch formats' tensors are made from
@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .. import formats
-from ..backend import NUMPY, TorchBackend
-from ..operands import _numpy_dtype
-from ..structure import Structure, distinct
-from . import terms as T
+from ... import formats
+from ...backend import NUMPY, TorchBackend
+from ...operands import numpy_dtype
+from ...structure import Structure, distinct
+from .. import terms as T
+from . import materialise as M
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +96,7 @@ def _add_nested(data, structure: Structure, big: T.Term, terms: Sequence[T.Term]
         strides = [sum(grid.stride(free.index(rename[l])) for l in phi if phi[l] == a)
                    for a in own]
         # distinct assignments of ``own`` land on distinct entries: an in-place add is exact
-        value = T._aligned(t, own).detach().to(dtype=grid.dtype, device=grid.device)
+        value = T.aligned(t, own).detach().to(dtype=grid.dtype, device=grid.device)
         grid.as_strided(labels.shape(own), strides).add_(value)
 
 
@@ -112,7 +113,7 @@ def backend(fmt: formats.Format, device: Any):
 def factor_on(term: T.Term, dtype: "torch.dtype", xp) -> Any:
     """The term's factor in ``dtype`` on the backend ``xp`` (a numpy view where it can be)."""
     if xp is NUMPY:
-        return T._numpy_factor(term, dtype)
+        return M.numpy_factor(term, dtype)
     return term.factor.detach().to(dtype=dtype, device=xp.device)
 
 
@@ -161,7 +162,7 @@ def pattern(term: T.Term, structure: Structure, fmt: formats.Format, out_shape, 
     if fmt.layout is formats.COO:
         idx = fmt.index_itemsize(structure.nnz, out_shape, inp_shape)
         coords = coo_pattern(term, structure, out_shape, inp_shape, idx, xp)
-        return formats._tensor(coords) if fmt.on_torch else coords
+        return formats.as_tensor(coords) if fmt.on_torch else coords
     return fmt.write_pattern(structure, xp)
 
 
@@ -170,7 +171,7 @@ def values(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
     """The values of a direct block, in ``fmt``'s order (CSC: that of ``J.T``): the largest
     term's spread from its factor, the nested ones added where they lie."""
     big = largest(terms, labels)
-    structure, fl = T._structure(big, labels)
+    structure, fl = M.structure_of(big, labels)
     target = fmt.layout.target(structure)
     data = xp.empty(structure.nnz, xp_dtype(dtype, xp))
     formats.fill_values(target, factor_on(big, dtype, xp), fl, data, xp)
@@ -182,7 +183,7 @@ def values(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
 
 
 def xp_dtype(dtype: "torch.dtype", xp) -> Any:
-    return _numpy_dtype(dtype) if xp is NUMPY else dtype
+    return numpy_dtype(dtype) if xp is NUMPY else dtype
 
 
 def write(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence[int],
@@ -193,7 +194,7 @@ def write(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequence
     if direct(terms, labels):
         xp = backend(fmt, device)
         term = largest(terms, labels)
-        structure, _ = T._structure(term, labels)
+        structure, _ = M.structure_of(term, labels)
         p = pattern(term, structure, fmt, out_shape, inp_shape, xp)
         return container(terms, labels, fmt, dtype, xp, p, out_shape, inp_shape)
     return merged(terms, out_shape, inp_shape, labels, dtype, fmt, device)
@@ -218,10 +219,10 @@ def merged(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple, labels: 
     """A block that is not :func:`direct` (index maps, or a sum of terms not nested in one),
     its terms' entries merged once (duplicates summed) along ``fmt``'s major axis and written
     into ``fmt``'s arrays. Stored entries: the union of the terms' structural entries, those
-    an index map drops (-1) dropped, structural zeros kept (as :func:`T.materialise`).
+    an index map drops (-1) dropped, structural zeros kept (as :func:`M.materialise`).
     :func:`nbytes` predicts what this allocates: keep the two in step."""
     terms, major, minor = oriented(terms, out_shape, inp_shape, fmt)
-    csr = T.materialise(terms, major, minor, labels, dtype)
+    csr = M.materialise(terms, major, minor, labels, dtype)
     nnz, data = csr.nnz, csr.data
     idx = fmt.index_itemsize(nnz, out_shape, inp_shape)
     if fmt.layout is formats.COO:
@@ -241,7 +242,7 @@ def merged(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple, labels: 
 
 def _torch_on(array: np.ndarray, device: Any, gpu: bool) -> "torch.Tensor":
     """A numpy array as a torch tensor: the same memory on the CPU, a copy on a GPU."""
-    tensor = formats._tensor(array)
+    tensor = formats.as_tensor(array)
     return tensor.to(device) if gpu else tensor
 
 
@@ -315,7 +316,7 @@ def container(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
     """A direct block's values (:func:`values`) in ``fmt``'s container around ``pattern``."""
     data = values(terms, labels, fmt, dtype, xp)
     if fmt.on_torch and xp is NUMPY:
-        data = formats._tensor(data)
+        data = formats.as_tensor(data)
     return fmt.container(pattern, data, out_shape, inp_shape)
 
 
@@ -337,9 +338,9 @@ def nbytes(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequenc
     itemsize = dtype.itemsize
     if direct(terms, labels):
         term = largest(terms, labels)
-        structure, fl = T._structure(term, labels)
+        structure, fl = M.structure_of(term, labels)
         nnz = structure.nnz
-        value = np.dtype(fmt.value_dtype(_numpy_dtype(dtype))).itemsize
+        value = np.dtype(fmt.value_dtype(numpy_dtype(dtype))).itemsize
         kept = fmt.nbytes(nnz, out_shape, inp_shape, value)
         if fmt.layout is formats.COO:
             idx = fmt.index_itemsize(nnz, out_shape, inp_shape)
@@ -348,7 +349,7 @@ def nbytes(terms: Sequence[T.Term], out_shape: Sequence[int], inp_shape: Sequenc
             build = nnz * (len(out_shape) + len(inp_shape)) * idx + ramp
         else:
             build = fmt.pattern_peak_nbytes(structure)
-        copy = T._copy_nbytes(term, fmt.layout.target(structure), fl, dtype)
+        copy = M.copy_nbytes(term, fmt.layout.target(structure), fl, dtype)
         upcast = nnz * itemsize if value != itemsize else 0  # float16 values held as float32
         return max(build, kept + copy + upcast), kept
     return merged_nbytes(terms, out_shape, inp_shape, labels, dtype, fmt)
@@ -363,7 +364,7 @@ def merged_nbytes(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
     the entries enumerated, at least as wide). Torch tensors share the numpy arrays on the CPU; a GPU's
     copies are not host memory."""
     major_terms, major, minor = oriented(terms, out_shape, inp_shape, fmt)
-    peak, csr_bytes = T.materialise_nbytes(major_terms, major, minor, labels, dtype)
+    peak, csr_bytes = M.materialise_nbytes(major_terms, major, minor, labels, dtype)
     if fmt.layout is not formats.COO:
         return peak, csr_bytes
     n = sum(t.nnz(labels) for t in terms)
