@@ -692,7 +692,7 @@ def test_sums_of_nested_terms_are_written_directly(case):
         x = x[0]
     c = api._jacobian_blocks(fn, (x,), 0, None)
     assert len(c.blocks[0]) >= 2
-    assert write.direct(c.blocks[0], c.labels) == (case != "not_nested")
+    assert write.blocks.direct(c.blocks[0], c.labels) == (case != "not_nested")
     check(fn, x, exact_nnz=False)
     plan = sparsejac.plan_of(fn, x)
     x2 = torch.randn(x.shape, generator=g, dtype=D)
