@@ -1,6 +1,10 @@
-"""The name a user writes for a torch callable, for messages: ``torch.diff``,
+"""Names in the tracer's messages and lookups: :data:`PREFIX`, the context every message of
+the tracing entry points starts with; :func:`name_of`, the name torch reports for a callable (the
+registry's key); and :func:`display_name`, the name a user writes for it: ``torch.diff``,
 ``Tensor.clamp_min``, ``F.interpolate``, ``torch.linalg.solve``, ``torch.ops.aten.sin.default``
 rather than the interpreter's repr (``<built-in method diff of type object at 0x...>``).
+
+It imports nothing of the package: every module of the programs half may use it.
 
 >>> import torch, torch.nn.functional as F
 >>> [display_name(f) for f in (torch.diff, torch.Tensor.clamp_min, F.interpolate)]
@@ -13,8 +17,21 @@ from __future__ import annotations
 
 from typing import Any
 
+# The context of every message of the tracing entry points (rules, sums and the tracer raise
+# their messages with it).
+PREFIX = "jacobian_of: "
+
 # torch's submodules whose functions are builtins named ``<prefix>_<name>`` (linalg_solve)
 _SUBMODULES = ("linalg", "special", "fft")
+
+
+def name_of(func: Any) -> str:
+    """The name torch reports for ``func``, by which the registry knows the operation."""
+    name = getattr(func, "__name__", repr(func))
+    if name in ("__get__", "__set__"):  # a property such as .T, .mT, .shape
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    return name
 
 
 def display_name(func: Any) -> str:

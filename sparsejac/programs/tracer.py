@@ -20,23 +20,14 @@ from typing import Any
 
 from ..errors import UnsupportedOperationError
 from . import custom, registry
-from .ledger import WeakCall, storage_key
 from . import terms as T
-from .naming import display_name
+from .ledger import WeakCall, storage_nbytes
+from .naming import PREFIX, display_name, name_of
 
-PREFIX = "jacobian_of: "
 Terms = dict  # leaf key -> list[T.Term]: the Jacobian of one tensor w.r.t. each argument leaf
 
 # torch.func's transforms and the tracer's label state are not thread-safe: one trace at a time.
 LOCK = threading.RLock()
-
-
-def name_of(func: Any) -> str:
-    name = getattr(func, "__name__", repr(func))
-    if name in ("__get__", "__set__"):  # a property such as .T, .mT, .shape
-        owner = getattr(func, "__self__", None)
-        name = getattr(owner, "__name__", name)
-    return name
 
 
 def leaves(obj: Any):
@@ -346,17 +337,6 @@ class _Dead(dict):
 
 
 DEAD: Terms = _Dead()
-
-
-def storage_nbytes(tensors: Any) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one tensor count once)."""
-    seen, total = set(), 0
-    for f in tensors:
-        key = storage_key(f)
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-    return total
 
 
 def _is_tensor(x: Any) -> bool:
