@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
-from . import custom, second
+from . import intercept, second
 from . import terms as T
 from .write import assemble as A
 from .write.blocks import on_device
@@ -120,9 +120,9 @@ def _trace(fn, args, wrt, memory_limit, second: bool = False, skip: dict | None 
                               value=False)  # the caller's tensor, beside the limit
     call_args = [pytree.tree_unflatten(leaves, spec) for leaves, spec in zip(flat_args, specs)]
     # (grad mode on, inference mode off: :func:`_autograd_on`) custom Functions reach the
-    # tracer while ``fn`` runs (:func:`custom.intercepting`)
-    fn = custom.rebound(fn)
-    with tracer, custom.intercepting():
+    # tracer while ``fn`` runs (:func:`intercept.intercepting`)
+    fn = intercept.rebound(fn)
+    with tracer, intercept.intercepting():
         out = fn(*call_args)
     out_leaves, out_spec = pytree.tree_flatten(out)
     for o in out_leaves:

@@ -7,7 +7,7 @@ rule applied. What it checks itself is what holds for every operation: in-place 
 ``out=`` are refused, integer and boolean results are constants, complex results are refused,
 and results computed where torch records no gradient (:func:`recording`: ``no_grad``,
 ``inference_mode``) are constants. Custom ``autograd.Function`` calls and custom operators
-arrive as one operation each (:mod:`~sparsejac.programs.custom`).
+arrive as one operation each (:mod:`~sparsejac.programs.intercept`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import weakref
 from typing import Any
 
 from ..errors import UnsupportedOperationError
-from . import custom, registry
+from . import intercept, registry
 from . import terms as T
 from .ledger import WeakCall, storage_nbytes
 from .naming import PREFIX, display_name, name_of
@@ -163,10 +163,10 @@ class Tracer:
         ``set_grad_enabled(False)``): its results are constants, as torch's autograd and
         ``torch.func`` have them. A write into a traced tensor there would change the values
         under terms already formed from them, so it is refused; so is a custom Function's
-        forward that torch runs there itself (:func:`custom.running_function`)."""
-        cls = custom.running_function()
+        forward that torch runs there itself (:func:`intercept.running_function`)."""
+        cls = intercept.running_function()
         if cls is not None:
-            raise UnsupportedOperationError(custom.bypassed(cls, PREFIX))
+            raise UnsupportedOperationError(intercept.bypassed(cls, PREFIX))
         if _writes(name, kwargs) and self.traced(_written(args, kwargs)):
             raise UnsupportedOperationError(
                 f"{PREFIX}in-place operation {name!r} on a traced tensor inside a region where "
@@ -185,10 +185,10 @@ class Tracer:
         name = name_of(func)
         if not recording():
             return self._unrecorded(name, func, args, kwargs)
-        declared = custom.key_of(func)  # a custom Function or operator: declared by users
+        declared = intercept.key_of(func)  # a custom Function or operator: declared by users
         rule = registry.lookup(name, declared)
         if rule is None and declared is not None:
-            raise UnsupportedOperationError(custom.refusal(declared, PREFIX))
+            raise UnsupportedOperationError(intercept.refusal(declared, PREFIX))
         if rule is not None and rule.kind in ("metadata", "constant"):
             return func(*args, **kwargs)
         if rule is not None and rule.kind == "python":
@@ -246,7 +246,7 @@ class Tracer:
         if second and rule.kind == "rule" and rule.second is None and expand is None:
             if declared is not None:
                 raise UnsupportedOperationError(
-                    f"{PREFIX}{custom.describe(declared)} has no declared second order, so "
+                    f"{PREFIX}{intercept.describe(declared)} has no declared second order, so "
                     "hessian_of cannot follow it: register it with a rule and second=..., or "
                     "as \"forward\" where its backward is the forward's true derivative")
             raise UnsupportedOperationError(
