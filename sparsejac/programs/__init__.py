@@ -33,7 +33,7 @@ from .custom import register_function, unregister_function
 def __getattr__(name: str) -> Any:
     # The registry fills when the rules are imported, which imports torch: on first use.
     if name in ("RULES", "OPERATIONS"):
-        from .api import load
+        from .collect import load
         from .registry import RULES
 
         load()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import weakref
 from typing import Any
 
@@ -25,9 +24,6 @@ from .ledger import WeakCall, storage_nbytes
 from .naming import PREFIX, display_name, name_of
 
 Terms = dict  # leaf key -> list[T.Term]: the Jacobian of one tensor w.r.t. each argument leaf
-
-# torch.func's transforms and the tracer's label state are not thread-safe: one trace at a time.
-LOCK = threading.RLock()
 
 
 def leaves(obj: Any):
@@ -77,14 +73,15 @@ class Tracer:
             terms = {k: v for k, v in (terms or {}).items() if v}
         if terms or terms is DEAD:
             key = id(tensor)
-            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "_forget", key)), terms)
+            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "forget", key)), terms)
             for ts in terms.values():
                 for t in ts:
                     self.labels.ledger.track_all(t.held())
         if value and _is_tensor(tensor):  # (a rule's stand-in has no values)
             self.labels.ledger.track(tensor)
 
-    def _forget(self, key: int) -> None:
+    def forget(self, key: int) -> None:
+        """Drop the terms of the tensor whose id is ``key`` (nothing if it has none)."""
         self._traced.pop(key, None)
 
     def collapsed(self, terms: Terms | None) -> Terms | None:
@@ -140,7 +137,7 @@ class Tracer:
         """Drop the terms of every traced tensor but the leaves of ``obj``."""
         kept = {id(x) for x in leaves(obj)}
         for key in [k for k in self._traced if k not in kept]:
-            self._forget(key)
+            self.forget(key)
 
     def _operands(self, rule: Any, params: dict) -> int:
         """How many traced tensors ``params`` pass in the rule's traced parameters."""
