@@ -249,7 +249,7 @@ class ProgramPlan:
             c = self._collect(args, limit, skip=True)
             if c.structure() != self._structure:  # the path changed with the values
                 self.rebuilds += 1
-                if getattr(c, "skipped", False):  # the new path's own liveness, in full
+                if c.skipped:  # the new path's own liveness, in full
                     c = self._collect(args, limit)
                 self._adopt(c)
             else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from ..errors import ArgumentTypeError, OperandTypeError, ShapeError
 from . import intercept, second
 from . import terms as T
 from .naming import PREFIX
+from .tape import Tape
 from .tracer import make_tracer
 
 # torch.func's transforms and the tracer's label state are not thread-safe: one trace at a time
@@ -86,8 +87,8 @@ def trace(fn: Callable, args: tuple, wrt: Any, memory_limit: Any, second: bool =
     """Trace ``fn(*args)``: the tracer, the differentiated positions, the arguments' leaves and
     tree specs, the output's leaves and spec, the labels, the dtype and the limit. ``second``:
     also record the steps and let torch's autograd follow them (for the adjoints), and which
-    rule calls read which (:meth:`Tracer.dead_calls`); or, given ``skip`` (a refill), form no
-    terms for those calls."""
+    rule calls read which (the tracer's :class:`~sparsejac.programs.tape.Tape`); or, given
+    ``skip`` (a refill), form no terms for those calls."""
     torch = load()
     from torch.utils import _pytree as pytree
 
@@ -119,8 +120,7 @@ def trace(fn: Callable, args: tuple, wrt: Any, memory_limit: Any, second: bool =
         labels.room, labels.reserve = options.Headroom(), limit // ROOM_RESERVE
     tracer = make_tracer(labels, dtype)
     if second:
-        tracer.tape = []
-        tracer.reads, tracer.skip = ([], None) if skip is None else (None, skip)
+        tracer.tape = Tape(skip)
         # the argument itself (``_as_tensor`` detached it), not a copy: 8 MB at 1e6 variables
         # (an inference tensor, made under inference_mode, cannot require grad: a copy then)
         flat_args = [[(t.clone() if t.is_inference() else t).detach().requires_grad_(True)
@@ -151,12 +151,18 @@ class Collected:
     shapes, and where each block goes in the nested result (``layout``: block index and
     whether it is transposed, in the order of the result's leaves; ``nest`` rebuilds it)."""
 
-    def __init__(self, blocks, shapes, labels, dtype, limit, layout, nest, what, sym=()):
+    def __init__(self, blocks: list[list[T.Term]], shapes: list[tuple], labels: T.Labels,
+                 dtype: Any, limit: float | None, layout: list[tuple[int, bool]],
+                 nest: Callable[[list], Any], what: list[str], sym: Sequence[int] = ()) -> None:
         # ``what``: a name for each block, for the guard's messages
         self.blocks, self.shapes, self.labels, self.dtype = blocks, shapes, labels, dtype
         self.limit, self.layout, self.nest, self.what = limit, layout, nest, what
         self.symmetric = set(sym)  # blocks that are symmetric (a Hessian's diagonal blocks)
         self.device = None  # the differentiated arguments' device (a CUDA one keeps results)
+        # a Hessian's (:func:`hessian_blocks`): the calls a refill may skip (None after a
+        # refill), whether it skipped any, and whether a rule read skipped terms after all
+        self.dead: dict[int, str] | None = None
+        self.skipped = self.read_dead = False
         for terms in blocks:  # products still unformed are formed now, each under the trace's
             for t in terms:   # guard, so that the writers' guard counts them as live factors
                 t.factor
@@ -224,31 +230,27 @@ def hessian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
                          f"{[tuple(o.shape) for o in out_leaves]}")
     out = out_leaves[0]
     found: dict = {}
-    steps = tracer.tape
-    tracer.tape = None  # ``steps`` holds what is still needed, and lets go of it step by step
+    # the trace is done: the tracer is first-order again (the second-order rules below run
+    # under no_grad), and the tape alone holds the steps, letting go of them one by one
+    tape, tracer.tape = tracer.tape, None
     # only the first-order terms of the steps' inputs are read from here on: the others
     # (tensors the program still holds, the output's) are dropped now
-    tracer.keep_only([params for _, params, _, _ in steps])
+    tracer.keep_only(tape.inputs())
     tracer.forget(id(out))  # the output's own first-order terms (a gradient): unused
     leaves = [t for p in positions for t in flat_args[p] if t.requires_grad]
-    if out.requires_grad and steps:
+    if out.requires_grad and tape.steps:
         # the backward pass leaves each step's adjoint in its slot (the tape's hooks); the
         # gradient it returns is dropped at once, and so is autograd's graph
         torch.autograd.grad(out.reshape(()), leaves, allow_unused=True)
         del out, out_leaves
         tracer.pending = {}
-        for i in range(len(steps)):
-            rule, params, result, slot = steps[i]
-            ybar = slot.pop("ybar", None)
-            # each step's tensors (and, through the tracer's weak references, the first-order
-            # terms of those no later step uses) are freed once its terms are formed: at a
-            # million variables every intermediate and its factor is 8 MB
-            steps[i] = None
-            if ybar is not None:  # None: the output does not depend on this step
-                labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
-                for k1, k2, term in rule.second(tracer, result, ybar.detach().to(dtype),
-                                                **params):
-                    found.setdefault((k1, k2), []).append(term)
+        # each step's tensors (and, through the tracer's weak references, the first-order
+        # terms of those no later step uses) are freed once its terms are formed: at a
+        # million variables every intermediate and its factor is 8 MB
+        for rule, params, result, ybar in tape.adjoints():
+            labels.prefix = f"{PREFIX}{rule.name!r} (second order): "
+            for k1, k2, term in rule.second(tracer, result, ybar.detach().to(dtype), **params):
+                found.setdefault((k1, k2), []).append(term)
             del rule, params, result, ybar
         labels.prefix = f"{PREFIX}second order: "
         for k1, k2, term in second.flush(tracer):
@@ -257,7 +259,8 @@ def hessian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
     # The steps' inputs hold their first-order terms in the tracer (and the tracer and the
     # labels hold each other: only the cyclic collector would free them): let them go before
     # the blocks are merged and written.
-    steps = None  # noqa: F841
+    dead = tape.dead_calls()
+    del tape
     keys = list(dict.fromkeys((p, j) for p in positions for j in range(len(flat_args[p]))))
     shape = {k: tuple(flat_args[k[0]][k[1]].shape) for k in keys}
     index, blocks, shapes, sym, what = {}, [], [], [], []
@@ -292,8 +295,7 @@ def hessian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
 
     c = Collected(blocks, shapes, labels, dtype, limit, layout, nest, what, sym)
     c.device = flat_args[positions[0]][0].device
-    c.dead = tracer.dead_calls() if tracer.reads is not None else None
-    c.skipped, c.read_dead = bool(skip), tracer.read_dead
+    c.dead, c.skipped, c.read_dead = dead, bool(skip), tracer.read_dead
     return c
 
 
