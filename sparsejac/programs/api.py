@@ -18,10 +18,19 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ..operands import numpy_dtype
 from . import collect as C
 from .collect import LOCK
-from .naming import PREFIX
+from .naming import PREFIX, entry_point
 from .write import assemble as A
 from .write.blocks import on_device
 from .write.plans import PlanBlock
+
+
+def _check(fn: Any, format: str | None = None) -> None:
+    """What every entry point checks before tracing: ``fn`` is callable, and ``format`` (where
+    given) is a format's name whose package is installed."""
+    if not callable(fn):
+        raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
+    if format is not None:
+        formats.get(format, PREFIX)
 
 
 def jacobian_of(
@@ -54,9 +63,7 @@ def jacobian_of(
     >>> J.shape, J.nnz      # per-sample blocks only: 8 * 3 * 4
     ((8, 3, 8, 4), 96)
     """
-    if not callable(fn):
-        raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
-    formats.get(format, PREFIX)  # the name, and its package installed
+    _check(fn, format)
     with LOCK:
         return A.build(C.jacobian_blocks(fn, args, wrt, memory_limit), format)
 
@@ -86,11 +93,10 @@ def hessian_of(
     >>> H.shape, H.nnz          # elementwise: diagonal
     ((18, 18), 18)
     """
-    if not callable(fn):
-        raise ArgumentTypeError(f"hessian_of: fn must be callable, got {type(fn).__name__}")
-    formats.get(format, PREFIX)  # the name, and its package installed
-    with LOCK:
-        return A.build(C.hessian_blocks(fn, args, wrt, memory_limit), format)
+    with entry_point("hessian_of"):
+        _check(fn, format)
+        with LOCK:
+            return A.build(C.hessian_blocks(fn, args, wrt, memory_limit), format)
 
 
 # --- traced plans ----------------------------------------------------------------------------
@@ -287,10 +293,10 @@ def plan_of(fn: Callable[..., Any], *args: Any, wrt: int | Sequence[int] = 0,
     >>> p.nnz, p.jacobian(torch.randn(8, 4, dtype=torch.float64), format="csr").shape
     (96, (24, 32))
     """
-    if not callable(fn):
-        raise ArgumentTypeError(f"{PREFIX}fn must be callable, got {type(fn).__name__}")
-    if order not in (1, 2) or isinstance(order, bool):
-        raise ArgumentError(f"{PREFIX}order={order!r}: 1 (Jacobians) or 2 (Hessians)")
-    return ProgramPlan(fn, args, wrt, memory_limit, order)
+    with entry_point("plan_of"):
+        _check(fn)
+        if order not in (1, 2) or isinstance(order, bool):
+            raise ArgumentError(f"{PREFIX}order={order!r}: 1 (Jacobians) or 2 (Hessians)")
+        return ProgramPlan(fn, args, wrt, memory_limit, order)
 
 

@@ -226,7 +226,7 @@ def hessian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
     (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
      limit) = trace(fn, args, wrt, memory_limit, second=True, skip=skip)
     if len(out_leaves) != 1 or out_leaves[0].numel() != 1:
-        raise ShapeError(f"{PREFIX}hessian_of needs fn to return one scalar tensor; got "
+        raise ShapeError(f"{PREFIX}a Hessian needs fn to return one scalar tensor; got "
                          f"{[tuple(o.shape) for o in out_leaves]}")
     out = out_leaves[0]
     found: dict = {}
