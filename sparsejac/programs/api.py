@@ -127,7 +127,8 @@ class ProgramPlan:
 
     def _collect(self, args, limit, skip: bool = False) -> C.Collected:
         """Trace ``fn(*args)``; ``skip``: a Hessian's first-order terms that the last full
-        trace showed nobody reads are not formed (:meth:`Tracer.dead_calls`)."""
+        trace showed nobody reads are not formed
+        (:meth:`~sparsejac.programs.tape.Tape.dead_calls`)."""
         if self.order != 2:
             return C.jacobian_blocks(self.fn, args, self.wrt, limit)
         c = C.hessian_blocks(self.fn, args, self.wrt, limit, self._dead if skip else None)

@@ -8,6 +8,13 @@ terms, shapes and labels, and where each goes in the nested result.
 The public entry points (:mod:`~sparsejac.programs.api`) call it and hand what it collects to the
 writers (:mod:`~sparsejac.programs.write`); it writes no result itself, and neither the tracer,
 the rules nor the writers import it.
+
+>>> import torch
+>>> w = torch.ones(3, 2, dtype=torch.float64)
+>>> c = jacobian_blocks(lambda x: torch.tanh(x @ w), (torch.ones(4, 3, dtype=torch.float64),), 0,
+...                     None)
+>>> c.shapes, c.what, c.layout
+([((4, 2), (4, 3))], ['the Jacobian w.r.t. argument 0'], [(0, False)])
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ def load() -> Any:
     return torch
 
 
-def _as_tensor(torch, x: Any, where: str):
+def _as_tensor(torch: Any, x: Any, where: str) -> Any:
+    """An argument's leaf as a detached tensor (a number or numpy array copied into one);
+    refused where it holds no values or no numbers."""
     if isinstance(x, torch.Tensor):
         if x.layout != torch.strided:
             raise OperandTypeError(f"{PREFIX}{where} has layout {x.layout}; pass a dense tensor")

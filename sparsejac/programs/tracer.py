@@ -297,7 +297,8 @@ def _constant(result: Any) -> bool:
     """Integer and boolean results (casts, indices, masks) carry no derivative in torch."""
     import torch
 
-    return isinstance(result, torch.Tensor) and not (result.is_floating_point() or result.is_complex())
+    return isinstance(result, torch.Tensor) and not (result.is_floating_point()
+                                                     or result.is_complex())
 
 
 @functools.cache
