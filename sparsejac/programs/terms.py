@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import options
 from .ledger import Ledger, WeakCall
+from ..paths import greedy, label_sizes
 from ..structure import distinct
 
 if TYPE_CHECKING:  # annotations only
@@ -311,15 +312,6 @@ class Term:
         return labels.size(self.free(labels))
 
 
-def _label_sizes(operands: Sequence[tuple["torch.Tensor", Sequence[int]]]) -> dict[int, int]:
-    """Each label's size over einsum operands (the largest: a size-1 axis broadcasts)."""
-    size: dict[int, int] = {}
-    for tensor, ls in operands:
-        for l, n in zip(ls, tensor.shape):
-            size[l] = max(size.get(l, 1), n)
-    return size
-
-
 def _einsum(
     operands: Sequence[tuple[torch.Tensor, Sequence[int]]], out: Sequence[int], labels: Labels
 ):
@@ -337,7 +329,7 @@ def _einsum(
     import torch
 
     rename = {l: k for k, l in enumerate(used)}
-    size = _label_sizes(operands)
+    size = label_sizes([ls for _, ls in operands], [t.shape for t, _ in operands])
     itemsize = max(tensor.element_size() for tensor, _ in operands)
 
     def step(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], keep: Sequence[int]):
@@ -366,26 +358,14 @@ def _einsum(
 def contract(
     operands: Sequence[tuple["torch.Tensor", Sequence[int]]], out: Sequence[int], labels: Labels
 ) -> "torch.Tensor":
-    """``einsum(operands -> out)`` by pairs chosen greedily: each step contracts the pair with
-    the fewest multiply-adds and writes, so that a chain ``W2 diag(g) W1 J`` contracts its small matrices
-    first and a chain of scales ``g3 g2 g1 F`` multiplies the scales together before it
-    makes one pass over the large factor ``F``. Every pair goes through
+    """``einsum(operands -> out)`` by pairs chosen greedily (:func:`sparsejac.paths.greedy`):
+    each step contracts the pair with the fewest multiply-adds and writes
+    (:func:`~sparsejac.paths.loop_and_writes`), so that a chain ``W2 diag(g) W1 J`` contracts
+    its small matrices first and a chain of scales ``g3 g2 g1 F`` multiplies the scales
+    together before it makes one pass over the large factor ``F``. Every pair goes through
     :func:`_einsum` (guarded, laid out for the writer); the last pair gives ``out``."""
     ops = [(t, tuple(ls)) for t, ls in operands]
-    size = _label_sizes(ops)
-    while len(ops) > 2:
-        best = None
-        for i in range(len(ops)):
-            for j in range(i + 1, len(ops)):
-                needed = set(out).union(*(ls for k, (_, ls) in enumerate(ops) if k not in (i, j)))
-                both = distinct(ops[i][1] + ops[j][1])
-                keep = tuple(l for l in both if l in needed)
-                # multiply-adds (the pair's loop), plus the entries it writes: of two pairs
-                # with equal loops, the one that sums a widened label away goes first
-                cost = math.prod(size[l] for l in both) + math.prod(size[l] for l in keep)
-                if best is None or cost < best[0]:
-                    best = (cost, i, j, keep)
-        _, i, j, keep = best
+    for i, j, keep in greedy([ls for _, ls in ops], out, [t.shape for t, _ in ops], stop=2):
         pair = _einsum([ops[i], ops[j]], keep, labels)
         ops = [op for k, op in enumerate(ops) if k not in (i, j)] + [(pair, keep)]
     return _einsum(ops, out, labels)
@@ -402,7 +382,7 @@ LAZY_SCALES = True
 def _product(ops: list, fl: tuple[int, ...], labels: Labels):
     """The factor ``einsum(ops -> fl)``: a :class:`Product` where it spreads its parts (see
     :data:`LAZY_SPREAD`), else formed now."""
-    sizes = _label_sizes(ops)
+    sizes = label_sizes([ls for _, ls in ops], [t.shape for t, _ in ops])
     entries = math.prod(sizes.get(l, 1) for l in fl)
     if len(ops) > 1 and entries > LAZY_SPREAD * sum(t.numel() for t, _ in ops):
         return Product(ops, fl, labels)
