@@ -7,8 +7,6 @@ through one move of the term algebra and adds the results.
 
 from __future__ import annotations
 
-import math
-import string
 from typing import Any, Callable, Sequence
 
 from ..errors import UnsupportedOperationError
@@ -129,12 +127,6 @@ def reduce_dims(x: Any, d: Any) -> tuple[int, ...]:
     return tuple(sorted({dim(k, x.dim()) for k in dims}))
 
 
-def letters(n: int) -> str:
-    if n > len(string.ascii_letters):
-        raise UnsupportedOperationError(f"{PREFIX}{n} axes are more than einsum letters")
-    return string.ascii_letters[:n]
-
-
 def elementwise(cx: Tracer, result: Any, derivatives: Sequence[tuple[Any, Any]]) -> Terms:
     """Sum over ``(x, dy/dx)`` pairs: each traced ``x`` broadcast to the result and scaled."""
     shape = tuple(result.shape)
@@ -144,10 +136,6 @@ def elementwise(cx: Tracer, result: Any, derivatives: Sequence[tuple[Any, Any]])
         if cx.terms(x) is not None:
             parts.append(scaled(cx, broadcast(cx, x, shape, fresh), g))
     return add(cx, *parts)
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
 
 
 class Stand:

@@ -372,11 +372,9 @@ def contract(
 
 
 # A product is kept unformed (:class:`Product`) where forming it would make a factor this many
-# times the entries of its parts: beyond it the next layer usually narrows the chain again.
+# times the entries of its parts: beyond it the next layer usually narrows the chain again. A
+# switch for A/B runs of the benchmarks and for tests that need a product formed (or not).
 LAZY_SPREAD = 4
-# Elementwise scales and scalars on a large factor are put off too (:func:`scale`, :func:`multiply`).
-# Both switches exist for A/B runs of the benchmarks and for tests that need a product formed.
-LAZY_SCALES = True
 
 
 def _product(ops: list, fl: tuple[int, ...], labels: Labels):
@@ -833,7 +831,7 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     if term.lazy is not None:  # g joins the chain (a relu between two linear layers)
         ops = _operands_of(term, set(gl) | set(fl))
         return Term(term.out, term.inp, _product(ops + [(gv, gl)], fl, labels), fl)
-    if LAZY_SCALES and set(gl) <= set(term.flabels) and gv.numel() < term.factor.numel():
+    if set(gl) <= set(term.flabels) and gv.numel() < term.factor.numel():
         # a pass over the factor, put off: the scales of the steps that follow (a layer
         # norm's, an activation's) join it and are multiplied together first, then applied
         # to the factor once (:func:`contract`)
@@ -871,8 +869,7 @@ def multiply(term: Term, c: "float | torch.Tensor", labels: Labels) -> Term:
     lazy = term.lazy
     # an unformed product takes ``c`` as one more operand (reading its factor would form it);
     # a formed factor puts the pass off like a scale (:func:`scale`)
-    if lazy is not None or (LAZY_SCALES and (isinstance(c, torch.Tensor)
-                                             or term.factor.numel() > 1)):
+    if lazy is not None or isinstance(c, torch.Tensor) or term.factor.numel() > 1:
         c = torch.as_tensor(c, dtype=term.like.dtype, device=term.like.device).reshape(())
         ops = list(lazy.operands) if lazy is not None else [(term.factor, term.flabels)]
         return replace(term, stored=Product(ops + [(c, ())], term.flabels, labels))
