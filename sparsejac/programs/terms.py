@@ -443,7 +443,7 @@ def _matmul_pair(a: torch.Tensor, la: Sequence[int], b: torch.Tensor, lb: Sequen
         # Each operand laid out in keep order first (both are much smaller than the product
         # unless one is as large: then it is left as it is): the product then streams through
         # contiguous memory, twice as fast as through a transposed view.
-        a2, b2 = _along(a, la, keep), _along(b, lb, keep)
+        a2, b2 = align(a, la, keep), align(b, lb, keep)
         a2, b2 = (t.contiguous() if 4 * t.numel() <= out.numel() else t for t in (a2, b2))
         return torch.mul(a2, b2, out=out)
     only_a = [l for l in keep if l in la and l not in lb]
@@ -519,13 +519,6 @@ def torch_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.matmul(a, b)
-
-
-def _along(t: torch.Tensor, lt: Sequence[int], keep: Sequence[int]) -> torch.Tensor:
-    """``t`` (labels ``lt``, each in ``keep``) viewed over ``keep``: size 1 where it lacks one."""
-    t = t.permute([list(lt).index(l) for l in keep if l in lt])
-    return t.reshape([t.shape[[l for l in keep if l in lt].index(l)] if l in lt else 1
-                      for l in keep])
 
 
 def identity(shape: Sequence[int], labels: Labels, dtype: torch.dtype, device=None) -> Term:
@@ -953,10 +946,7 @@ def compose(
 
 def aligned(term: Term, union: Sequence[int]) -> torch.Tensor:
     """The factor with its axes in ``union`` order, size 1 for labels it does not carry."""
-    order = sorted(range(len(term.flabels)), key=lambda i: union.index(term.flabels[i]))
-    f = term.factor.permute(order) if order else term.factor
-    shape = [f.shape[order.index(term.flabels.index(l))] if l in term.flabels else 1 for l in union]
-    return f.reshape(shape)
+    return align(term.factor, term.flabels, union)
 
 
 def _signature(term: Term, labels: Labels) -> tuple:
@@ -1002,7 +992,7 @@ def merge(terms: Sequence[Term], labels: Labels) -> list[Term]:
                           None if g is None else (g[0], tuple(rename[l] for l in g[1]))))
             present |= {rename[l] for l in t.flabels}
         union = tuple(l for l in free if l in present)
-        views = [(_along(f, fl, union), None if g is None else _along(g[0], g[1], union))
+        views = [(align(f, fl, union), None if g is None else align(g[0], g[1], union))
                  for (f, fl), g in parts]
         shape = np.broadcast_shapes(*(tuple(v.shape) for pair in views for v in pair
                                       if v is not None))  # (torch's broadcast imports sympy)
