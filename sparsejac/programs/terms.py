@@ -1274,19 +1274,15 @@ def resolve(term: Term, axis: int, labels: Labels) -> Term:
     return Term(out, term.inp, factor, fl)
 
 
-def _injective(atom: int, labels: Labels):
-    """For a derived label that is an injective map of one base label: ``(label, inverse)``
-    (``inverse[value]`` is the label's value, -1 where none); otherwise None."""
+def invert(atom: int, labels: Labels) -> tuple[int, "torch.Tensor"]:
+    """For a derived label that is :func:`one_to_one`: ``(label, inverse)``, its base label
+    and ``inverse[value]``, the base label's value where the map takes ``value`` (-1: none)."""
     import torch
 
     table, over = labels.derived[atom]
-    if len(over) != 1:
-        return None
-    valid = table[table >= 0]
-    if valid.numel() and int(torch.bincount(valid, minlength=labels.sizes[atom]).max()) > 1:
-        return None
+    valid = table >= 0
     inverse = torch.full((labels.sizes[atom],), -1, dtype=torch.int64, device=table.device)
-    inverse[valid] = torch.arange(table.numel(), device=table.device)[table >= 0]
+    inverse[table[valid]] = torch.arange(table.numel(), device=table.device)[valid]
     return over[0], inverse
 
 
@@ -1297,7 +1293,7 @@ def base_axis(term: Term, axis: int, labels: Labels) -> Term:
     for pos in range(len(term.out[axis])):
         atoms = term.out[axis]
         a = atoms[pos]
-        if a not in atoms[:pos] and (a not in labels.derived or _injective(a, labels)):
+        if a not in atoms[:pos] and (a not in labels.derived or one_to_one(a, labels)):
             continue
         (p,) = labels.fresh(labels.sizes[a])
         hot, hl = onehot(a, p, labels, term.factor)
@@ -1335,7 +1331,7 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
         if not every:
             digit = digit.masked_fill(~valid, -1)
         if a in labels.derived:
-            a, inverse = _injective(a, labels)
+            a, inverse = invert(a, labels)
             digit = inverse[digit.clamp(min=0)].masked_fill(digit < 0, -1)
         if a in subs:
             # two digits name the same label (a padded axis reshaped: the column is a map of
