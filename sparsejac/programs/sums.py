@@ -3,6 +3,9 @@
 A traced tensor's Jacobian is a dict from argument leaf to a list of
 :class:`~sparsejac.programs.terms.Term` (a sum). Each helper maps the terms of its inputs
 through one move of the term algebra and adds the results.
+
+It calls the algebra through the package (``T.name``: a test may patch one move) and reads the
+tracer's terms; it never imports a rule, the second order or a writer.
 """
 
 from __future__ import annotations
