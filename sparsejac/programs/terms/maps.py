@@ -100,10 +100,18 @@ def mask(term: Term, valid: "torch.Tensor", over: Sequence[int], labels: Labels)
         (valid != valid.narrow(d, 0, 1)).any())]
     valid = valid[tuple(slice(None) if d in keep else 0 for d in range(valid.dim()))]
     over = tuple(over[d] for d in keep)  # only the labels the condition depends on
-    carried = set(term.flabels) | set(over)
-    fl = tuple(l for l in term.free(labels) if l in carried)
-    factor = einsum([(term.factor, term.flabels), (valid.to(term.factor.dtype), over)], fl, labels)
-    return Term(term.out, term.inp, factor, fl)
+    return _times(term, valid.to(term.factor.dtype), over, labels)
+
+
+def _times(term: Term, value: "torch.Tensor", vl: Sequence[int], labels: Labels,
+           out: tuple[Atoms, ...] | None = None) -> Term:
+    """The term, with output axes ``out`` (default its own), times ``value`` over the labels
+    ``vl``: one factor over the free labels that either carries."""
+    out = term.out if out is None else out
+    free = labels.base([a for ax in out for a in ax] + list(term.inp_atoms))
+    carried = set(term.flabels) | set(vl)
+    fl = tuple(l for l in free if l in carried)
+    return Term(out, term.inp, einsum([(term.factor, term.flabels), (value, vl)], fl, labels), fl)
 
 
 def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms,
@@ -187,13 +195,8 @@ def resolve(term: Term, axis: int, labels: Labels) -> Term:
     index, over = coordinate(atoms, labels, term.like)
     hot = (index.unsqueeze(0) == arange(n, index).reshape((n,) + (1,) * index.dim()))
     out = term.out[:axis] + ((p,),) + term.out[axis + 1 :]
-    free = labels.base([a for ax in out for a in ax] + list(term.inp_atoms))
-    carried = set(term.flabels) | {p} | set(over)
-    fl = tuple(l for l in free if l in carried)
     labels.guard((n,) + tuple(index.shape), term.factor.element_size(), "a one-hot index map")
-    factor = einsum([(term.factor, term.flabels), (hot.to(term.factor.dtype), (p,) + over)],
-                    fl, labels)
-    return Term(out, term.inp, factor, fl)
+    return _times(term, hot.to(term.factor.dtype), (p,) + over, labels, out)
 
 
 def one_to_one(atom: int, labels: Labels) -> bool:
@@ -237,11 +240,7 @@ def base_axis(term: Term, axis: int, labels: Labels) -> Term:
         hot, hl = onehot(a, p, labels, term.factor)
         new_axis = atoms[:pos] + (p,) + atoms[pos + 1 :]
         out = term.out[:axis] + (new_axis,) + term.out[axis + 1 :]
-        free = labels.base([x for ax in out for x in ax] + list(term.inp_atoms))
-        carried = set(term.flabels) | set(hl)
-        fl = tuple(l for l in free if l in carried)
-        factor = einsum([(term.factor, term.flabels), (hot, hl)], fl, labels)
-        term = Term(out, term.inp, factor, fl)
+        term = _times(term, hot, hl, labels, out)
     return term
 
 
