@@ -57,8 +57,8 @@ from .term import Term, aligned, identity
 __all__ = [
     "Atoms", "Labels", "MAX_EINSUM_LABELS", "Product", "ROOM_BYTES", "Term", "TooManyLabelsError",
     "align", "aligned", "atom_indices", "base_axis", "bind", "collapse", "compose", "contract",
-    "coordinate", "coordinates_into", "densify", "einsum", "expand", "gather", "identity", "invert",
-    "mask", "matmul_pair", "merge", "merge_run", "multiply", "nothing_live", "on_base", "one_to_one",
-    "onehot", "permute", "placed", "placed_numpy", "remap", "reshape", "resolve", "scale",
-    "split_label", "substitute", "torch_equal", "torch_matmul", "unscaled", "values",
+    "coordinate", "coordinates_into", "densify", "einsum", "expand", "gather", "identity",
+    "invert", "mask", "matmul_pair", "merge", "merge_run", "multiply", "nothing_live", "on_base",
+    "one_to_one", "onehot", "permute", "placed", "placed_numpy", "remap", "reshape", "resolve",
+    "scale", "split_label", "substitute", "torch_equal", "torch_matmul", "unscaled", "values",
 ]

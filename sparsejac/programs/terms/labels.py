@@ -63,8 +63,8 @@ class Labels:
         self.injective: dict[int, bool] = {}  # memo of :func:`~.maps.one_to_one`
         # id of a factor made by :func:`scale` -> (weak reference to it, the term scaled, g)
         self.scaled: dict[int, tuple] = {}
-        # collapses (:func:`~.collapse.collapse`), keyed by the input-side maps and the labels summed:
-        # terms through the same maps collapse onto the same labels, and stay mergeable
+        # collapses (:func:`~.collapse.collapse`), keyed by the input-side maps and the labels
+        # summed: terms through the same maps collapse onto the same labels, and stay mergeable
         self.collapses: dict[tuple, Any] = {}
         self.limit = limit
         # under the default limit: what the process can still allocate, re-read as the trace

@@ -357,7 +357,7 @@ def remap(term: Term, axes: Sequence[int], table: "torch.Tensor", size: int,
     if size == 1:
         new_axis: Atoms = ()
     else:
-        new_axis = (labels.derive(value, over, size),) if over else (labels.derive(value.reshape(()), (), size),)
+        new_axis = (labels.derive(value if over else value.reshape(()), over, size),)
     term = mask(term, valid, over, labels)
     first = axes[0]
     out = term.out[:first] + (new_axis,) + term.out[axes[-1] + 1 :]
