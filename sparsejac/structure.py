@@ -24,6 +24,7 @@ from typing import Sequence
 from .backend import NUMPY
 from .errors import ShapeError, context
 from .grammar import Einsum
+from .paths import greedy, removed_size
 
 
 def distinct(labels: Sequence[int]) -> tuple[int, ...]:
@@ -141,30 +142,14 @@ MAX_EINSUM_OPERANDS = 32  # more at once are contracted pairwise first (numpy st
 
 
 def _contract_pair(terms: list, out: Sequence[int], xp) -> list:
-    """One greedy step: contract the two terms whose product keeps the fewest elements (labels
-    that no other term and not ``out`` carries are summed), preferring pairs that share a
-    label. Any number of operands then works, and intermediates stay small."""
-    sizes: dict[int, int] = {}
-    for array, labels in terms:
-        for label, n in zip(labels, array.shape):
-            sizes[label] = max(sizes.get(label, 1), n)
-    best = None
-    for i in range(len(terms)):
-        for j in range(i + 1, len(terms)):
-            elsewhere = set(out)
-            for k, (_, labels) in enumerate(terms):
-                if k != i and k != j:
-                    elsewhere.update(labels)
-            a, b = terms[i][1], terms[j][1]
-            kept = [l for l in dict.fromkeys(a + b) if l in elsewhere]
-            size = math.prod(sizes[l] for l in kept)
-            key = (not set(a) & set(b), size - math.prod(terms[i][0].shape)
-                   - math.prod(terms[j][0].shape))
-            if best is None or key < best[0]:
-                best = (key, i, j, kept)
-    _, i, j, kept = best
-    product = xp.einsum(terms[i][0], terms[i][1], terms[j][0], terms[j][1], kept)
-    return [t for k, t in enumerate(terms) if k not in (i, j)] + [(product, kept)]
+    """One greedy step (:func:`sparsejac.paths.greedy` by :func:`~sparsejac.paths.removed_size`):
+    contract the two terms whose product keeps the fewest elements (labels that no other term
+    and not ``out`` carries are summed), preferring pairs that share a label. Any number of
+    operands then works, and intermediates stay small."""
+    (i, j, kept), = greedy([labels for _, labels in terms], out,
+                           [array.shape for array, _ in terms], removed_size, len(terms) - 1)
+    product = xp.einsum(terms[i][0], terms[i][1], terms[j][0], terms[j][1], list(kept))
+    return [t for k, t in enumerate(terms) if k not in (i, j)] + [(product, list(kept))]
 
 
 def _compact(array, labels: Sequence[int], xp):

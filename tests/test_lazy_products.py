@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 import sparsejac
 from sparsejac.errors import JacobianTooLargeError
 from sparsejac.programs import terms as T
+from sparsejac.programs.terms import factors
 
 import test_hessians as H
 import test_models as M
@@ -67,7 +68,7 @@ def test_a_widening_chain_fits_where_its_widened_factor_would_not(monkeypatch):
     ref = torch.func.jacrev(fn)(x).reshape(J.shape)
     torch.testing.assert_close(torch.from_numpy(J.toarray()), ref, rtol=1e-10, atol=1e-12)
     # formed at once (the order before unformed products), the chain needs the widened factor
-    monkeypatch.setattr(T, "LAZY_SPREAD", float("inf"))
+    monkeypatch.setattr(factors, "LAZY_SPREAD", float("inf"))
     with pytest.raises(JacobianTooLargeError, match=r"\(2, 8, 256, 8, 8\)|\(2, 8, 8, 8, 256\)"):
         sparsejac.jacobian_of(fn, x, format="csr", memory_limit=limit)
 
@@ -84,7 +85,7 @@ def test_a_plan_refills_through_an_unformed_chain():
 @pytest.fixture
 def always_unformed(monkeypatch):
     """Every product that spreads its parts at all is kept unformed until read."""
-    monkeypatch.setattr(T, "LAZY_SPREAD", 0)
+    monkeypatch.setattr(factors, "LAZY_SPREAD", 0)
 
 
 MODEL_TESTS = [

@@ -1,4 +1,4 @@
-"""The pairwise contraction of Jacobian factors (terms._matmul_pair) against torch.einsum."""
+"""The pairwise contraction of Jacobian factors (terms.matmul_pair) against torch.einsum."""
 
 import torch
 from hypothesis import given, settings, strategies as st
@@ -25,11 +25,11 @@ def pairs(draw):
 @given(pairs())
 def test_pair_equals_einsum_and_is_contiguous(case):
     a, la, b, lb, keep = case
-    got = T._matmul_pair(a, la, b, lb, keep)
+    got = T.matmul_pair(a, la, b, lb, keep)
     want = torch.einsum(a, la, b, lb, keep)
     if got is None:
         # torch.einsum's turn: keep is empty or ends in a shared label, or torch.matmul would
-        # copy an operand expanded over a batch it lacks (see _matmul_pair)
+        # copy an operand expanded over a batch it lacks (see matmul_pair)
         # (labels of size 1 are dropped first: they set no layout)
         sizes = {**dict(zip(la, a.shape)), **dict(zip(lb, b.shape))}
         la, lb = [l for l in la if sizes[l] > 1], [l for l in lb if sizes[l] > 1]
@@ -62,6 +62,6 @@ def test_pair_equals_einsum_and_is_contiguous(case):
 def test_mlp_layer_shape_is_a_matmul_in_row_major_order():
     # a tanh MLP's factor (b, h, i) times the next weight (h, o), kept as (b, o, i)
     a, w = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
-    got = T._matmul_pair(a, [0, 1, 2], w, [1, 3], [0, 3, 2])
+    got = T.matmul_pair(a, [0, 1, 2], w, [1, 3], [0, 3, 2])
     assert got is not None and got.is_contiguous()
     torch.testing.assert_close(got, torch.einsum("bhi,ho->boi", a, w))

@@ -33,7 +33,8 @@ def test_note_patterns_against_torch(subscripts, method):
 
 
 def test_matmul_closed_form():
-    """design.md's example: J[i,k,m,n] = delta(i,m) w[n,k], nnz = I*J*K."""
+    """The closed form of docs/how-it-works.md, "## 1. One einsum", for a matmul:
+    J[i,k,m,n] = delta(i,m) w[n,k], nnz = I*J*K."""
     x, w = RNG.standard_normal((4, 3)), RNG.standard_normal((3, 5))
     J = sparsejac.jacobian("ij,jk->ik", x, w)
     assert J.nnz == 4 * 3 * 5

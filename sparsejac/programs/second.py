@@ -11,13 +11,20 @@ cross term ``W`` made of the other operands and ``ybar`` on the einsum's letters
 
 Each ``J_ui^T W J_uj`` is one einsum of two terms (:func:`pair`): the second term gets fresh
 labels, the labels of the two that index the same entry of ``u`` are identified (a delta:
-a batch stays block-diagonal), and what neither argument side carries is summed.
+a batch stays block-diagonal), and what neither argument side carries is summed
+(docs/how-it-works.md, "## 5. Hessians").
+
+It builds on the term algebra (:mod:`~sparsejac.programs.terms`), the tracer's terms and the
+helpers of :mod:`~sparsejac.programs.sums`; the rules import it, never the reverse, and it never
+imports a writer.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..structure import distinct
+from . import sums as S
 from . import terms as T
 from .tracer import Tracer
 
@@ -45,8 +52,8 @@ def pair(t1: T.Term, l1: Sequence[int], t2: T.Term, l2: Sequence[int],
     rows ``t1``'s argument axes and columns ``t2``'s (``others``: values on einsum letters)."""
     t2 = fresh_copy(t2, labels)
     while True:
-        t1, a1 = T._bind(t1, l1, labels)
-        t2, a2 = T._bind(t2, l2, labels)
+        t1, a1 = T.bind(t1, l1, labels)
+        t2, a2 = T.bind(t2, l2, labels)
         bad = next((e for e in a1 if e in a2 and not (
             labels.shape(a1[e]) == labels.shape(a2[e]) and _plain(a1[e] + a2[e], labels))), None)
         if bad is None:
@@ -58,7 +65,7 @@ def pair(t1: T.Term, l1: Sequence[int], t2: T.Term, l2: Sequence[int],
         if e in a2:
             for x, y in zip(a1[e], a2[e]):
                 if x != y:
-                    t2 = T._substitute(t2, y, x, labels)
+                    t2 = T.substitute(t2, y, x, labels)
                     a2 = {k: tuple(x if z == y else z for z in v) for k, v in a2.items()}
     amap = {**a2, **a1}
     # t1, then W, then t2: contracting W into t1 first keeps the intermediates at a term's size
@@ -71,7 +78,7 @@ def pair(t1: T.Term, l1: Sequence[int], t2: T.Term, l2: Sequence[int],
     free = labels.base(t1.inp_atoms + t2.inp_atoms)
     carried = {l for _, ls in ops for l in ls} | set(t2.flabels)
     fl = tuple(l for l in free if l in carried)
-    factor = T._einsum([_left(ops, fl, t2.flabels, labels), (t2.factor, t2.flabels)], fl, labels)
+    factor = T.einsum([_left(ops, fl, t2.flabels, labels), (t2.factor, t2.flabels)], fl, labels)
     term = T.Term(t1.inp, t2.inp, factor, fl)
     bound = labels.base([a for atoms in amap.values() for a in atoms])
     uncarried = set(bound) - set(free) - carried
@@ -84,15 +91,16 @@ def _left(ops: list, fl: Sequence[int], right: Sequence[int], labels: T.Labels):
     """``t1`` times the weights (``ops``), over the labels the result ``fl`` or ``t2``
     (``right``) still needs, laid out as the product with ``t2`` reads it: the result's labels
     first (in ``fl`` order), then those ``t2`` sums. ``torch.matmul`` then takes it as it is;
-    in ``_einsum``'s own order (the operands' labels as they come) it is copied to that layout
-    first, a strided copy as large as a Hessian block (tanh64: 17 ms of a 70 ms refill)."""
+    in :func:`~sparsejac.programs.terms.einsum`'s own order (the operands' labels as they come)
+    it is copied to that layout first, a strided copy as large as a Hessian block, a large part
+    of a refill."""
     have = {l for _, ls in ops for l in ls}
     keep = ([l for l in fl if l in have]
-            + [l for l in T.distinct([l for _, ls in ops for l in ls])
+            + [l for l in distinct([l for _, ls in ops for l in ls])
                if l in right and l not in fl])
     if len(ops) == 1 and tuple(ops[0][1]) == tuple(keep):
         return ops[0]
-    return T._einsum(ops, keep, labels), tuple(keep)
+    return T.einsum(ops, keep, labels), tuple(keep)
 
 
 def pairs(hx: Tracer, left, l1, right, l2, others) -> list:
@@ -156,8 +164,6 @@ def elementwise(call, traced: Sequence[str], closed=None):
     ``closed(**params)``'s second derivative where ``input`` alone is traced)."""
     import torch
 
-    from . import sums as S
-
     def second(hx, result, ybar, **p):
         names = [n for n in traced if hx.terms(p.get(n)) is not None]
         vals = {n: p[n].detach().contiguous() for n in names}
@@ -206,8 +212,6 @@ def cross(fn):
 @cross
 def product(hx, result, ybar, input, other) -> list:
     """The second order of ``input * other``: only the cross term, ``W = ybar``."""
-    from . import sums as S
-
     if hx.terms(input) is None or hx.terms(other) is None:
         return []
     shape = tuple(result.shape)

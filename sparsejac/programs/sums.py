@@ -3,12 +3,13 @@
 A traced tensor's Jacobian is a dict from argument leaf to a list of
 :class:`~sparsejac.programs.terms.Term` (a sum). Each helper maps the terms of its inputs
 through one move of the term algebra and adds the results.
+
+It calls the algebra through the package (``T.name``: a test may patch one move) and reads the
+tracer's terms; it never imports a rule, the second order or a writer.
 """
 
 from __future__ import annotations
 
-import math
-import string
 from typing import Any, Callable, Sequence
 
 from ..errors import UnsupportedOperationError
@@ -129,12 +130,6 @@ def reduce_dims(x: Any, d: Any) -> tuple[int, ...]:
     return tuple(sorted({dim(k, x.dim()) for k in dims}))
 
 
-def letters(n: int) -> str:
-    if n > len(string.ascii_letters):
-        raise UnsupportedOperationError(f"{PREFIX}{n} axes are more than einsum letters")
-    return string.ascii_letters[:n]
-
-
 def elementwise(cx: Tracer, result: Any, derivatives: Sequence[tuple[Any, Any]]) -> Terms:
     """Sum over ``(x, dy/dx)`` pairs: each traced ``x`` broadcast to the result and scaled."""
     shape = tuple(result.shape)
@@ -144,10 +139,6 @@ def elementwise(cx: Tracer, result: Any, derivatives: Sequence[tuple[Any, Any]])
         if cx.terms(x) is not None:
             parts.append(scaled(cx, broadcast(cx, x, shape, fresh), g))
     return add(cx, *parts)
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
 
 
 class Stand:

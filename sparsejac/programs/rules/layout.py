@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from ...errors import UnsupportedOperationError
 from .. import sums as S
-from .. import terms as T
-from ..registry import decomposition, rule
+from ..registry import rule
 from ..tracer import PREFIX
 
 
