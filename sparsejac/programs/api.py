@@ -8,7 +8,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import formats, options
-from ..errors import ArgumentError, ArgumentTypeError, OperandTypeError
+from ..errors import (ArgumentError, ArgumentTypeError, OperandTypeError,
+                      UnsupportedOperationError)
 from . import custom, second
 from . import terms as T
 from .write import assemble as A
@@ -222,7 +223,15 @@ def _hessian_blocks(fn, args, wrt, memory_limit, skip: dict | None = None) -> _C
     if out.requires_grad and steps:
         # the backward pass leaves each step's adjoint in its slot (the tape's hooks); the
         # gradient it returns is dropped at once, and so is autograd's graph
-        torch.autograd.grad(out.reshape(()), leaves, allow_unused=True)
+        try:
+            torch.autograd.grad(out.reshape(()), leaves, allow_unused=True)
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
+            raise UnsupportedOperationError(
+                f"{PREFIX}an in-place write modified values torch's autograd saved for the "
+                "backward pass the Hessian's adjoints run (torch.func.hessian refuses this "
+                "program too); write that step out of place") from None
         del out, out_leaves
         tracer.pending = {}
         for i in range(len(steps)):

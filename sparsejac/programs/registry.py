@@ -159,6 +159,23 @@ def _traced(params: tuple[tuple[str, Any], ...], traced: str | None) -> tuple[st
     return tuple(n.lstrip("*") for n, d in params if d is EMPTY or d is None or n.startswith("*"))
 
 
+class Writes:
+    """The handler of calls that write into an argument (in-place methods, ``out=``,
+    ``inplace=True``, slice assignment) and of views read after their base was written: one
+    object, registered by :mod:`.rules.inplace`, so that the tracer knows no write by name."""
+
+    handler: Any = None
+
+
+WRITES = Writes()
+
+
+def register_writer(handler: Any) -> None:
+    """Make ``handler`` (``write(cx, name, func, args, kwargs, inplace)``, ``alias(cx, x)``)
+    the one that follows writes."""
+    WRITES.handler = handler
+
+
 # Derivatives users declare (:mod:`~sparsejac.programs.custom`), keyed by a custom
 # ``autograd.Function`` class or a custom operator's qualified name; apart from ``RULES`` (the
 # operations torch reports by name), which the docs' table and the rule tests enumerate.

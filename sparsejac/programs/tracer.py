@@ -59,8 +59,17 @@ class Tracer:
         self.dtype = dtype
         # id -> (weak reference to the tensor, terms). An entry goes when its tensor does
         # (weakref callback), so an id is never reused while its entry stands, and the terms
-        # of intermediates the program dropped are freed as it runs.
-        self._traced: dict[int, tuple[Any, Terms]] = {}
+        # of intermediates the program dropped are freed as it runs. With them, the tensor's
+        # version (torch's count of writes into its storage) when they were recorded: a write
+        # through another view of the storage makes them stale (:meth:`terms`).
+        self._traced: dict[int, tuple[Any, Terms, int]] = {}
+        self.arguments: set[int] = set()  # ids of the differentiated arguments' tensors
+        # Bases the program wrote into (id -> weak reference), and views of them that are
+        # constants as they were made (under no_grad, or with no terms), with their version
+        # then: a view of a written base that is neither traced nor such a constant sees the
+        # base's values, so it takes its terms from the base's (:meth:`_aliased`).
+        self.written: dict[int, Any] = {}
+        self.frozen: dict[int, tuple[Any, int]] = {}
         labels.live = WeakCall(self, "live_bytes", default=0)  # weakly: no cycle
         # For the second order: the steps taken, (rule, params, result's meta stand-in, the
         # slot its adjoint lands in), in order; None when only first derivatives are wanted.
@@ -84,9 +93,12 @@ class Tracer:
         differentiated arguments are the caller's, outside the limit), while they live."""
         if terms is not DEAD:
             terms = {k: v for k, v in (terms or {}).items() if v}
+        key = id(tensor)
+        if not value:
+            self.arguments.add(key)
         if terms or terms is DEAD:
-            key = id(tensor)
-            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "_forget", key)), terms)
+            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "_forget", key)), terms,
+                                 _version(tensor))
             for ts in terms.values():
                 for t in ts:
                     self.labels.ledger.track_all(t.held())
@@ -95,6 +107,27 @@ class Tracer:
 
     def _forget(self, key: int) -> None:
         self._traced.pop(key, None)
+
+    def is_argument(self, x: Any) -> bool:
+        """Whether ``x`` is a differentiated argument's tensor itself."""
+        entry = self._traced.get(id(x))
+        return id(x) in self.arguments and entry is not None and entry[0]() is x
+
+    def holds(self, x: Any) -> bool:
+        """Whether a derivative recorded so far reads the values in ``x``'s storage: a factor
+        of a live tensor's terms, or (second order) a step the tape keeps."""
+        key = storage_key(x)
+        for entry in list(self._traced.values()):
+            if entry[1] is DEAD:
+                continue
+            for ts in entry[1].values():
+                for t in ts:
+                    if any(storage_key(f) == key for f in t.held()):
+                        return True
+        for step in self.tape or ():
+            if any(storage_key(v) == key for v in leaves(step[1]) if _is_tensor(v)):
+                return True
+        return False
 
     def collapsed(self, terms: Terms | None) -> Terms | None:
         """A rule's result terms with the entries that land on one place summed
@@ -108,7 +141,14 @@ class Tracer:
     def terms(self, x: Any) -> Terms | None:
         entry = self._traced.get(id(x))
         if entry is None or entry[0]() is not x:
+            if _is_tensor(x) and self._aliased(x):  # a view of a base written since it was made
+                self.record(x, registry.WRITES.handler.alias(self, x, False))
+                return self.terms(x) if self._has_terms(x) else None
             return None
+        if entry[1] is not DEAD and entry[2] != _version(x):  # written since: read from the base
+            self._forget(id(x))
+            self.record(x, registry.WRITES.handler.alias(self, x, True))
+            return self.terms(x) if self._has_terms(x) else None
         if entry[1] is DEAD:  # a refill skipped these terms, and a rule reads them
             self.read_dead = True
             return None
@@ -118,6 +158,32 @@ class Tracer:
         """Whether ``x`` is traced (its terms formed or skipped), without reading them."""
         entry = self._traced.get(id(x))
         return entry is not None and entry[0]() is x
+
+    def _aliased(self, x: Any) -> bool:
+        """Whether ``x``, not traced itself, is a view of a base the program wrote into (made
+        before the write, or a constant view made before a later write): it sees the base's
+        values, so it is traced through it."""
+        base = getattr(x, "_base", None)
+        if base is None or id(base) not in self.written or self.written[id(base)]() is not base:
+            return False
+        frozen = self.frozen.get(id(x))
+        if frozen is not None and frozen[0]() is x and frozen[1] == _version(x):
+            return False  # a constant view, its base not written since
+        return True
+
+    def wrote(self, root: Any) -> None:
+        """Note that the program wrote into ``root`` (views of it now see new values)."""
+        self.written[id(root)] = weakref.ref(root)
+
+    def freeze(self, results: Any) -> None:
+        """Keep, for views among ``results`` that carry no terms, the version they were made
+        at: they are constants until their base is written."""
+        for r in leaves(results):
+            if _is_tensor(r) and r._base is not None and not self._has_terms(r):
+                try:
+                    self.frozen[id(r)] = (weakref.ref(r), _version(r))
+                except TypeError:
+                    pass
 
     def dead_calls(self) -> dict[int, str]:
         """After a second-order trace: the rule calls (index -> name) whose results' terms
@@ -141,7 +207,7 @@ class Tracer:
     def walked_bytes(self) -> int:
         """:meth:`live_bytes` recounted by a walk over every live traced tensor, its terms'
         tensors and every tracked one (a check of the running count; it visits them all)."""
-        tensors = [f for _, terms in list(self._traced.values())
+        tensors = [f for _, terms, _ in list(self._traced.values())
                    for ts in terms.values() for t in ts for f in t.held()]
         return storage_nbytes(tensors + self.labels.ledger.tensors())
 
@@ -157,9 +223,10 @@ class Tracer:
                    if self._has_terms(x))
 
     def traced(self, obj: Any) -> bool:
-        return any(self._has_terms(x) for x in leaves(obj))
+        return any(self._has_terms(x) or (_is_tensor(x) and self._aliased(x))
+                   for x in leaves(obj))
 
-    def _quiet(self):
+    def quiet(self):
         """The grad mode the tracer's own work runs in: the first order records nothing for
         torch's autograd (parameters that require grad would otherwise grow graphs under every
         factor); the second order needs autograd's graph of the program for its adjoints."""
@@ -181,7 +248,9 @@ class Tracer:
                 f"{PREFIX}in-place operation {name!r} on a traced tensor inside a region where "
                 "torch records no gradient (no_grad, inference_mode) is not supported; write "
                 "into a copy, or detach the tensor first")
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        self.freeze(result)
+        return result
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         import torch
@@ -206,12 +275,10 @@ class Tracer:
                 "its dependence on the differentiated argument; keep the computation in torch"
             )
         if _writes(name, kwargs):
-            raise UnsupportedOperationError(
-                f"{PREFIX}in-place operation {name!r} on a traced tensor is not supported; "
-                "write it out of place (y = y + 1, not y += 1, y.add_(1) or inplace=True)"
-            )
+            return registry.WRITES.handler.write(self, name, func, args, kwargs,
+                                                 kwargs.get("inplace") is True)
         if rule is None:
-            with self._quiet():
+            with self.quiet():
                 result = func(*args, **kwargs)
             if _constant(result):
                 return result
@@ -225,17 +292,15 @@ class Tracer:
             params = registry.bind(rule, args, dict(kwargs), method)
         except TypeError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
-        if params.get("inplace") is True:
-            raise UnsupportedOperationError(
-                f"{PREFIX}{name!r} with inplace=True on a traced tensor is not supported; pass "
-                "inplace=False (nn modules: construct them with inplace=False)")
+        if params.get("inplace") is True:  # given by position
+            return registry.WRITES.handler.write(self, name, func, args, kwargs, True)
         for key, value in params.items():
             if key not in rule.traced and self.traced(value):
                 raise UnsupportedOperationError(
                     f"{PREFIX}{name!r}: a traced tensor as {key!r} is not supported; "
                     "its derivative there is not followed (detach it if it is a constant)"
                 )
-        with self._quiet():
+        with self.quiet():
             result = func(*args, **kwargs)
         if _constant(result):
             return result
@@ -279,7 +344,7 @@ class Tracer:
                 if self.skip is not None and index in self.skip:
                     parts = [DEAD] * len(outputs)
                 else:
-                    with self._quiet():
+                    with self.quiet():
                         got = rule.fn(self, result, **params)
                     parts = [got] if isinstance(result, torch.Tensor) else list(got)
                     parts = [self.collapsed(p) for p in parts]
@@ -292,6 +357,8 @@ class Tracer:
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
+            if self.written:
+                self.freeze(outputs)
             if second and rule.second != "linear" and not (
                     getattr(rule.second, "cross", False) and self._operands(rule, params) < 2):
                 # (a cross term needs two traced operands: a product or matmul with a
@@ -357,6 +424,11 @@ def storage_nbytes(tensors: Any) -> int:
             seen.add(key)
             total += key[1]
     return total
+
+
+def _version(x: Any) -> int:
+    """torch's count of writes into ``x``'s storage (0 for a rule's stand-in)."""
+    return getattr(x, "_version", 0)
 
 
 def _is_tensor(x: Any) -> bool:

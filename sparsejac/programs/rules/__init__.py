@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     conv,
     elementwise,
     functions,
+    inplace,
     layout,
     linalg,
     losses,
