@@ -436,7 +436,7 @@ def test_bad_arguments():
 def test_inplace_true_is_followed_in_every_spelling():
     for fn in (torch.nn.ReLU(inplace=True), lambda x: F.relu(x, True),
                lambda x: F.elu(x, inplace=True)):
-        check(lambda x: fn(x * 1.0), rand(3))
+        check(lambda x: fn(x * 1.0), rand(3), exact_nnz=False)  # (a kink's zeros are stored)
 
 
 def test_torch_formats_equal_coo():
