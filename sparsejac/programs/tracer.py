@@ -265,6 +265,8 @@ class Tracer:
             return self._unrecorded(name, func, args, kwargs)
         declared = custom.key_of(func)  # a custom Function or operator: declared by users
         rule = registry.lookup(name, declared)
+        if rule is None and declared is None:  # written with registered ones, where torch has it
+            rule = registry.fallback(name, func)
         if rule is None and declared is not None:
             raise UnsupportedOperationError(custom.refusal(declared, PREFIX))
         if rule is not None and rule.kind in ("metadata", "constant"):

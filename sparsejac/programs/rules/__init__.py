@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     attention,
+    composite,
     conv,
     elementwise,
     functions,
@@ -12,4 +13,5 @@ from . import (  # noqa: F401
     norm,
     passive,
     reduce,
+    tables,
 )
