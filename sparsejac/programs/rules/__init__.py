@@ -13,5 +13,6 @@ from . import (  # noqa: F401
     norm,
     passive,
     reduce,
+    scatter,
     tables,
 )

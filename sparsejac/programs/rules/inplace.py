@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedOperationError
-from .. import sums as S
 from ..ledger import storage_key
 from ..registry import register_writer
 from ..tracer import PREFIX
-from .layout import place, positions
+from .layout import place
+from .scatter import distinct, placed
 
 # In-place methods that write values read from nothing traced: the written elements become
 # constants (``fill_`` with a traced value is a broadcast of it, handled apart).
@@ -80,29 +80,14 @@ def positions_in(root: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     return where
 
 
-def overwrite(cx, root: torch.Tensor, where: torch.Tensor, new: Any) -> dict:
+def overwrite(cx, root: torch.Tensor, where: torch.Tensor, new: Any, name: str) -> dict:
     """The terms of ``root`` after the elements at flat positions ``where`` are set to ``new``
     (a tensor of ``where``'s shape, traced or constant): the others keep theirs."""
     flat = where.reshape(-1)
     if tuple(where.shape) == tuple(root.shape) and _in_order(flat):  # all of it: new's own terms
         return dict(cx.terms(new) or {}) if isinstance(new, torch.Tensor) else {}
-    kept = positions(root)
-    kept.view(-1)[flat] = 0  # 0: not from root
-    parts = [place(cx, root, root, kept, part=True)]
-    if isinstance(new, torch.Tensor) and cx.terms(new):
-        placed = torch.zeros(root.shape, dtype=torch.float64, device=root.device)
-        placed.view(-1)[flat] = positions(new).reshape(-1)
-        parts.append(place(cx, root, new, placed, part=True))
-    # the terms of an earlier write that this one covers land nowhere: dropped before the sum
-    return S.add(cx, *({k: [t for t in ts if not _nowhere(t, cx.labels)] for k, ts in p.items()}
-                       for p in parts))
-
-
-def _nowhere(term, labels) -> bool:
-    """Whether every entry of ``term`` was written over: an index map of its output that
-    gives no entry a place (a region written twice leaves the first write's terms so)."""
-    return any(a in labels.derived and bool((labels.derived[a][0] < 0).all())
-               for a in term.out_atoms)
+    return placed(cx, root, root, where, new if isinstance(new, torch.Tensor) else None, False,
+                  name)
 
 
 def _in_order(flat: torch.Tensor) -> bool:
@@ -132,7 +117,7 @@ class Writer:
         where = positions_in(root, dst)
         if name == "__setitem__":
             where = where[args[1]]
-            self._distinct(where, name)
+            distinct(where, name)
             new = args[2]
             if isinstance(new, torch.Tensor) and cx.terms(new):
                 with cx:
@@ -146,7 +131,7 @@ class Writer:
                 f"in-place operation {name!r} writes into the differentiated argument (torch "
                 "refuses this too: a leaf that requires grad); write into a copy (x = x.clone())")
         self._unheld(cx, root, name)
-        terms = overwrite(cx, root, where, new)
+        terms = overwrite(cx, root, where, new, name)
         with cx.quiet():  # the values, and in the second order the graph of the adjoints
             if name == "__setitem__" or new is None:
                 func(*args, **kwargs)
@@ -200,15 +185,6 @@ class Writer:
             if new is not dst and storage_key(new) == storage_key(dst):
                 new = new.clone()  # copy_ from an overlapping view of itself
         return new
-
-    @staticmethod
-    def _distinct(where: torch.Tensor, name: str) -> None:
-        flat = where.reshape(-1)
-        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()) and int(
-                torch.bincount(flat, minlength=1).max()) > 1:
-            raise _refuse(f"{name!r} writes one element twice (a repeated index); torch keeps "
-                          "one of the values and differentiates as if it kept both, so it is "
-                          "not supported: use index_put with accumulate=True, or distinct indices")
 
     @staticmethod
     def _unheld(cx, root: torch.Tensor, name: str) -> None:
