@@ -338,7 +338,7 @@ def _factors(fn, x) -> dict:
     the library's internals (the tracer's ``record``, wrapped here for one trace): None where
     they moved."""
     try:
-        from sparsejac.programs import api
+        from sparsejac.programs import collect
         from sparsejac.programs import tracer as tracing
 
         stats = {"largest": 0, "live": None}
@@ -358,7 +358,7 @@ def _factors(fn, x) -> dict:
 
         tracing.Tracer.record = record
         try:
-            traced = api._trace(fn, (x,), 0, sparsejac_limit())
+            traced = collect.trace(fn, (x,), 0, sparsejac_limit())
         finally:
             tracing.Tracer.record = original
         del traced
@@ -408,12 +408,12 @@ def work_plan(model: str, s: dict) -> dict:
     # The refill's terms: tracing (the torch ops and the tracer), then writing the values.
     # Timed alternately with refills (the machine is shared: both see the same load).
     try:
-        from sparsejac.programs import api
+        from sparsejac.programs import collect
 
         traces, refills = [], []
         for _ in range(n):
             t0 = time.perf_counter()
-            api._trace(fn, (x_new,), 0, sparsejac_limit())
+            collect.trace(fn, (x_new,), 0, sparsejac_limit())
             traces.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             plan.jacobian(x_new, format="csr")

@@ -238,3 +238,98 @@ def test_importing_the_dask_modules_without_dask_says_how_to_install_it(module):
     assert out.startswith("True |"), out  # also an ImportError, for except ImportError
     assert f"{module} needs dask" in out
     assert "pip install 'einsum-sparsejac[dask]'" in out and "'dask[array]' distributed" in out
+
+
+# -- the tracing entry points: each message starts with the name of the one called ------------
+
+
+def _tracing_cases(torch):
+    """(entry point, call, exception, message after the name) for each kind of refusal."""
+    from sparsejac import JacobianTooLargeError, UnsupportedOperationError
+
+    x = torch.ones(3, 2, dtype=torch.float64)
+    w = torch.ones(2, 4, dtype=torch.float64)
+    energy = lambda x: torch.tanh(x @ w).sum()  # noqa: E731
+    cases = []
+    for name, entry, kw in [("jacobian_of", sparsejac.jacobian_of, {}),
+                            ("hessian_of", sparsejac.hessian_of, {}),
+                            ("plan_of", sparsejac.plan_of, {}),
+                            ("plan_of", sparsejac.plan_of, {"order": 2})]:
+        def call(*args, entry=entry, kw=kw, **more):
+            return lambda: entry(*args, **kw, **more)
+
+        cases += [
+            (name, call(1, x), ArgumentTypeError, "fn must be callable, got int"),
+            (name, call(energy, x, wrt=3), ArgumentError, r"wrt=3 is out of range"),
+            (name, call(energy, "x"), OperandTypeError, "argument 0 is a str"),
+            (name, call(lambda x: x.add_(1).sum(), x), UnsupportedOperationError,
+             "in-place operation 'add_' on a traced tensor"),
+            (name, call(energy, x, memory_limit=10), JacobianTooLargeError,
+             "'matmul': derivative values of shape"),
+        ]
+        if entry is not sparsejac.plan_of:
+            cases.append((name, call(energy, x, format="nope"), ArgumentError,
+                          "format='nope' is not one of"))
+        if name == "hessian_of" or kw:
+            cases.append((name, call(torch.tanh, x), ShapeError,
+                          r"a Hessian needs fn to return one scalar tensor; got \[\(3, 2\)\]"))
+    cases.append(("plan_of", lambda: sparsejac.plan_of(energy, x, order=3), ArgumentError,
+                  r"order=3: 1 \(Jacobians\) or 2 \(Hessians\)"))
+    return cases
+
+
+def test_each_tracing_entry_point_names_itself():
+    """hessian_of's and plan_of's messages start with their own names, not jacobian_of's; the
+    body and the exception's type are the same for all three, jacobian_of's unchanged."""
+    torch = pytest.importorskip("torch")
+    for name, call, error, body in _tracing_cases(torch):
+        with pytest.raises(error, match=f"^{name}: {body}"):
+            call()
+
+
+def test_the_second_order_names_hessian_of_and_plan_of():
+    """Messages the second order raises (a declaration without one, the guard of its terms)."""
+    torch = pytest.importorskip("torch")
+    from sparsejac import JacobianTooLargeError, UnsupportedOperationError
+
+    class Round(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.round(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    x, w = torch.ones(8, dtype=torch.float64), torch.ones(8, 8, dtype=torch.float64)
+    sparsejac.register_function(Round, "elementwise")
+    try:
+        for name, entry, kw in [("hessian_of", sparsejac.hessian_of, {}),
+                                ("plan_of", sparsejac.plan_of, {"order": 2})]:
+            with pytest.raises(UnsupportedOperationError,
+                               match=f"^{name}: custom autograd.Function .*Round has no declared "
+                                     "second order"):
+                entry(lambda x: (Round.apply(x) * x).sum(), x, **kw)
+            # the first order fits; tanh's curvature, w^T diag(tanh'') w, does not
+            with pytest.raises(JacobianTooLargeError, match=f"^{name}: 'tanh' \\(second order\\)"):
+                entry(lambda x: torch.tanh(w @ x).sum(), x, memory_limit=1500, **kw)
+    finally:
+        sparsejac.unregister_function(Round)
+
+
+def test_without_torch_each_entry_point_names_itself():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, sparsejac\n"
+            "for f in (sparsejac.jacobian_of, sparsejac.hessian_of, sparsejac.plan_of):\n"
+            "    try:\n        f(lambda x: x, np.ones(3))\n"
+            "    except ImportError as e:\n        print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout.splitlines()
+    assert [line.split(":")[0] for line in out] == ["jacobian_of", "hessian_of", "plan_of"], out
+    assert all(line.split(": ", 1)[1].startswith("tracing needs torch") for line in out), out

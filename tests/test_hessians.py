@@ -244,7 +244,7 @@ def test_repeated_selection_goes_by_coordinates():
     M = check(fn, rand(7, seed=7))
     assert M.nnz == 4 + 2 * 6  # the diagonal at the 4 entries selected, the product's bands
     z = rand(7, seed=8)
-    c = sparsejac.programs.api._hessian_blocks(fn, (z,), 0, None)
+    c = sparsejac.programs.collect.hessian_blocks(fn, (z,), 0, None)
     assert not materialise.by_rows_applies(c.blocks[0], (7, 7), c.labels)
 
 
@@ -253,14 +253,14 @@ def test_row_by_row_writer_allocates_no_more_than_predicted():
     arrays, measured by tracemalloc; torch's tensors it reads are the terms' own)."""
     import tracemalloc
 
-    from sparsejac.programs import api
+    from sparsejac.programs import collect
     from sparsejac.programs.write import materialise as M
 
     def rosen(z):
         return (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()
 
     n = 200_000
-    c = api._hessian_blocks(rosen, (rand(n, seed=9),), 0, None)
+    c = collect.hessian_blocks(rosen, (rand(n, seed=9),), 0, None)
     terms = c.blocks[0]
     assert M.by_rows_applies(terms, (n, n), c.labels)
     predicted, kept = M.materialise_nbytes(terms, (n,), (n,), c.labels, D)
@@ -282,10 +282,10 @@ def test_steps_through_one_shared_weight_contract_once():
     """tanh's pair and the square's after it are both ``J^T diag(.) J`` with ``J`` the
     batch-shared ``W``: one term, one einsum (the square's ``diag(tanh')`` folded into its
     weight), values as torch's."""
-    from sparsejac.programs import api
+    from sparsejac.programs import collect
 
     fn = lambda x: (torch.tanh(x @ W) ** 2).sum()  # noqa: E731
-    c = api._hessian_blocks(fn, (x,), 0, None)
+    c = collect.hessian_blocks(fn, (x,), 0, None)
     assert len(c.blocks[0]) == 1
     check(fn, x)
     plan = sparsejac.plan_of(fn, x, order=2)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsejac
-from sparsejac.programs import api
+from sparsejac.programs import collect
 
 D = torch.float64
 FORMATS = ["coo", "csr", "csc", "torch", "torch_csr"]
@@ -44,14 +44,14 @@ def energy(x):  # curvature in several steps, a neighbour coupling, a linear tai
 def tracers(monkeypatch):
     """Weak references to every tracer made (and its labels), in order."""
     made: list[tuple[weakref.ref, weakref.ref]] = []
-    real = api.make_tracer
+    real = collect.make_tracer
 
     def spy(labels, dtype):
         tracer = real(labels, dtype)
         made.append((weakref.ref(tracer), weakref.ref(labels)))
         return tracer
 
-    monkeypatch.setattr(api, "make_tracer", spy)
+    monkeypatch.setattr(collect, "make_tracer", spy)
     return made
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import sparsejac  # noqa: E402
 from sparsejac import formats  # noqa: E402
-from sparsejac.programs import api  # noqa: E402
+from sparsejac.programs import collect  # noqa: E402
 from sparsejac.programs.write import blocks as W  # noqa: E402
 from sparsejac.programs.write import materialise as M  # noqa: E402
 from test_programs import numpy_peak  # noqa: E402  (pytest puts tests/ on the path)
@@ -56,7 +56,7 @@ PROGRAMS = {
 
 
 def blocks(fn, x):
-    return api._jacobian_blocks(fn, (x,), 0, None)
+    return collect.jacobian_blocks(fn, (x,), 0, None)
 
 
 @pytest.mark.parametrize("name", list(PROGRAMS))

@@ -11,8 +11,18 @@ Tracing limits, as ``torch.func``'s: the Jacobian is that of the path the real v
 (Python control flow on values runs once); what ``fn`` computes where torch records no gradient
 (``no_grad``, ``inference_mode``) is a constant; custom ``autograd.Function`` classes and
 custom operators need a declared derivative (:func:`register_function`); in-place operations,
-``out=`` and turning a traced tensor into a Python number are refused; which entry a relu, a maximum or a max-pool lets
-through is a value, so the pattern does not depend on it.
+``out=`` and turning a traced tensor into a Python number are refused; which entry a relu, a
+maximum or a max-pool lets through is a value, so the pattern does not depend on it.
+
+The modules, each importing only those below it: :mod:`~sparsejac.programs.api` (the entry
+points), :mod:`~sparsejac.programs.collect` (the tracing driver: a trace, then the Jacobian's
+or the Hessian's blocks), :mod:`~sparsejac.programs.write` (the writers),
+:mod:`~sparsejac.programs.custom` (users' declarations) and :mod:`~sparsejac.programs.rules`
+over :mod:`~sparsejac.programs.sums` and :mod:`~sparsejac.programs.second`;
+:mod:`~sparsejac.programs.tracer` (the first-order dispatch), :mod:`~sparsejac.programs.tape`
+(the second order's record), :mod:`~sparsejac.programs.intercept` (how custom Functions reach
+the tracer); :mod:`~sparsejac.programs.registry`, :mod:`~sparsejac.programs.terms`,
+:mod:`~sparsejac.programs.ledger` and :mod:`~sparsejac.programs.naming` at the bottom.
 
 >>> import torch, sparsejac
 >>> x, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
@@ -33,7 +43,7 @@ from .custom import register_function, unregister_function
 def __getattr__(name: str) -> Any:
     # The registry fills when the rules are imported, which imports torch: on first use.
     if name in ("RULES", "OPERATIONS"):
-        from .api import load
+        from .collect import load
         from .registry import RULES
 
         load()

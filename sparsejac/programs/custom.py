@@ -5,11 +5,11 @@ torch defines such an operation's derivative by its ``backward`` (or the functio
 ``register_autograd``), not by the operations its forward happens to run: a straight-through
 estimator rounds in its forward and passes the gradient in its backward. The tracer therefore
 never follows a Function's forward. A call to a Function on a traced tensor reaches the tracer
-as one operation (:func:`intercepting` routes ``Function.apply`` through the torch-function
-protocol while a trace runs on this thread), and a custom operator reaches it as its
-``OpOverload``; both are looked up here, in the registry the built-in rules use
-(:func:`~sparsejac.programs.registry.register_custom`), and refused by name where nothing was
-declared.
+as one operation, and a custom operator as its ``OpOverload``
+(:mod:`~sparsejac.programs.intercept`); both are looked up in the registry the built-in rules
+use, where this module declares them (:func:`~sparsejac.programs.registry.register_custom`), and
+refused by name where nothing was declared. This module is the declarations only: the tracer
+never imports it.
 
 What a user can declare (:func:`register_function`):
 
@@ -38,153 +38,17 @@ What a user can declare (:func:`register_function`):
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import ArgumentError, ArgumentTypeError, UnsupportedOperationError
 from . import registry
+from . import sums as S
+from .intercept import describe
+from .naming import PREFIX
 from .registry import EMPTY, Rule
 
 DECLARATIONS = ("elementwise", "forward")
-
-_HERE = threading.local()  # .depth: traces running on this thread
-_PATCH_LOCK = threading.Lock()
-_PATCHED = {"count": 0, "original": None}
-
-
-class FunctionCall:
-    """A custom Function's ``apply``, as the tracer sees it: one operation named after the
-    class, keyed in the registry by the class itself."""
-
-    def __init__(self, cls: type, original: Any) -> None:
-        self.cls, self._original = cls, original
-        self.__name__ = cls.__qualname__
-
-    @property
-    def key(self) -> Any:
-        return self.cls
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._original.__get__(None, self.cls)(*args, **kwargs)
-
-
-def key_of(func: Any) -> Any:
-    """The registry key of a call the tracer sees, where it is a user-declarable operation: a
-    Function's class, or a custom operator's qualified name (``"mylib::op"``); else None."""
-    if isinstance(func, FunctionCall):
-        return func.cls
-    kind = type(func).__name__
-    name = (func.name() if kind == "OpOverload" else
-            func._qualified_op_name if kind == "OpOverloadPacket" else None)
-    if name is not None and not name.startswith(("aten::", "prim::", "prims::")):
-        return name.split(".", 1)[0]
-    return None
-
-
-def describe(key: Any) -> str:
-    """How a message names a declarable operation."""
-    if isinstance(key, type):
-        return f"custom autograd.Function {key.__module__}.{key.__qualname__}"
-    return f"custom operator {key}"
-
-
-def refusal(key: Any, prefix: str) -> str:
-    """The message for a declarable operation that has no declared derivative."""
-    what = describe(key)
-    name = key.__qualname__ if isinstance(key, type) else repr(key)
-    forward = (f"; sparsejac.register_function({name}, \"forward\") if its backward is the true "
-               "derivative of its forward" if isinstance(key, type) else "")
-    return (f"{prefix}{what} on a traced tensor: torch defines its derivative by its backward, "
-            "which sparsejac does not read, so its forward is not traced. Declare it: "
-            f"sparsejac.register_function({name}, \"elementwise\") if each output entry depends "
-            f"only on the same entry of each input{forward}; or a rule fn(cx, result, *inputs) "
-            "written with sparsejac.programs.sums (see docs/programs.md, 'Custom Functions')")
-
-
-# --- interception of Function.apply ----------------------------------------------------------
-
-
-def _apply(cls, *args: Any, **kwargs: Any) -> Any:
-    """``Function.apply`` while a trace runs: on the tracing thread, the call goes through the
-    torch-function protocol (as ``torch`` functions do), so the tracer sees it as one
-    operation; anywhere else it is torch's own."""
-    original = _PATCHED["original"]
-    if getattr(_HERE, "depth", 0):
-        import torch
-        from torch.overrides import handle_torch_function, has_torch_function
-
-        from .tracer import leaves
-
-        tensors = tuple(x for x in leaves((args, kwargs)) if isinstance(x, torch.Tensor))
-        if tensors and has_torch_function(tensors):
-            return handle_torch_function(FunctionCall(cls, original), tensors, *args, **kwargs)
-    return original.__get__(None, cls)(*args, **kwargs)
-
-
-def rebound(fn: Any) -> Any:
-    """``fn`` itself, or, where it is ``X.apply`` of a custom Function (bound before the trace
-    began), a call that looks ``X.apply`` up when made, so that it reaches the tracer."""
-    import torch
-
-    original = torch.autograd.Function.__dict__["apply"]
-    cls = getattr(fn, "__self__", None)
-    if (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
-            and getattr(fn, "__func__", None) is getattr(original, "__func__", original)):
-        return lambda *args, **kwargs: cls.apply(*args, **kwargs)
-    return fn
-
-
-def running_function() -> type | None:
-    """The custom Function whose forward torch's own ``apply`` is running on this thread, if
-    any: a call that did not pass :func:`_apply` (a reference to ``X.apply`` taken before the
-    trace began), whose forward torch runs with grad mode off. The tracer refuses it rather
-    than take its operations for constants (:meth:`Tracer._unrecorded`)."""
-    import sys
-
-    original = _PATCHED["original"]
-    if original is None:
-        return None
-    code = original.__func__.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return frame.f_locals.get("cls")
-        frame = frame.f_back
-    return None
-
-
-def bypassed(cls: type, prefix: str) -> str:
-    """The message for a Function whose call did not reach the tracer."""
-    return (f"{prefix}{describe(cls)} ran its forward on a traced tensor through a reference to "
-            f"{cls.__qualname__}.apply taken before the trace began, which sparsejac cannot "
-            f"intercept: call {cls.__qualname__}.apply(...) inside fn (and pass x.detach() where "
-            "it is meant as a constant)")
-
-
-@contextlib.contextmanager
-def intercepting() -> Iterator[None]:
-    """While the block runs on this thread, calls of custom Functions reach the tracer."""
-    import torch
-
-    with _PATCH_LOCK:
-        if _PATCHED["count"] == 0:
-            _PATCHED["original"] = torch.autograd.Function.__dict__["apply"]
-            torch.autograd.Function.apply = classmethod(_apply)
-        _PATCHED["count"] += 1
-    _HERE.depth = getattr(_HERE, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _HERE.depth -= 1
-        with _PATCH_LOCK:
-            _PATCHED["count"] -= 1
-            if _PATCHED["count"] == 0:
-                torch.autograd.Function.apply = _PATCHED["original"]
-
-
-# --- declarations ----------------------------------------------------------------------------
 
 
 def _setup_context_style(cls: type) -> bool:
@@ -225,9 +89,6 @@ def _elementwise_rule(call: Callable, params: tuple, what: str) -> Callable:
 
     def jacobian(cx, result, **bound):
         import torch
-
-        from . import sums as S
-        from .tracer import PREFIX
 
         if not isinstance(result, torch.Tensor):
             raise UnsupportedOperationError(

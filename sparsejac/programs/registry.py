@@ -180,7 +180,7 @@ def register_writer(handler: Any) -> None:
 # registered operations (:mod:`.rules.tables` reads torch's own reference implementations):
 # ``provider(name, func) -> Rule | None``. What they give is kept, per name.
 FALLBACKS: list[Callable[[str, Any], Rule | None]] = []
-_FOUND: dict[str, Rule | None] = {}
+_FOUND: dict[Any, Rule | None] = {}
 
 
 def register_fallback(provider: Callable[[str, Any], Rule | None]) -> None:
@@ -190,10 +190,15 @@ def register_fallback(provider: Callable[[str, Any], Rule | None]) -> None:
 
 def fallback(name: str, func: Any) -> Rule | None:
     """A decomposition of an operation with no rule, from the first provider that has one."""
-    if name not in _FOUND:
-        _FOUND[name] = next((r for r in (p(name, func) for p in FALLBACKS) if r is not None),
-                            None)
-    return _FOUND[name]
+    try:
+        key: Any = (name, func)
+        hash(key)
+    except TypeError:
+        key = name
+    if key not in _FOUND:
+        _FOUND[key] = next((r for r in (p(name, func) for p in FALLBACKS) if r is not None),
+                           None)
+    return _FOUND[key]
 
 
 def decomposed(name: str, fn: Callable) -> Rule:

@@ -6,7 +6,7 @@ equals what this prints.
 
 from __future__ import annotations
 
-from .api import load
+from .collect import load
 from .registry import EMPTY, RULES
 
 GROUPS = {

@@ -3,43 +3,41 @@ that depends on a differentiated argument, its Jacobian as a sum of structured t
 
 It knows no operation by name: each call on a traced tensor is looked up in the registry
 (:mod:`~sparsejac.programs.registry`), its arguments bound to the rule's parameters, and the
-rule applied. What it checks itself is what holds for every operation: in-place forms and
-``out=`` are refused, integer and boolean results are constants, complex results are refused,
-and results computed where torch records no gradient (:func:`recording`: ``no_grad``,
-``inference_mode``) are constants. Custom ``autograd.Function`` calls and custom operators
-arrive as one operation each (:mod:`~sparsejac.programs.custom`).
+rule applied. What it checks itself is what holds for every operation: integer and boolean
+results are constants, complex results are refused, and results computed where torch records
+no gradient (:func:`recording`: ``no_grad``, ``inference_mode``) are constants. Calls that write
+into an argument (in-place forms, ``out=``, ``inplace=True``, slice assignment) go to the one
+registered writer (:data:`registry.WRITES`), and so do views read after their base was written
+(torch's version counter tells which). Custom ``autograd.Function`` calls and custom operators
+arrive as one operation each (:mod:`~sparsejac.programs.intercept`).
+
+This is the first-order dispatch. For a Hessian the tracer also holds a
+:class:`~sparsejac.programs.tape.Tape`, which records the steps with curvature and what each
+call read; running the backward pass and the second-order rules over it is the driver's
+(:mod:`~sparsejac.programs.collect`). It imports the registry, the terms, the tape and the
+interception hooks, never the rules, the declarations (:mod:`~sparsejac.programs.custom`), the
+driver or the writers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import UnsupportedOperationError
-from . import custom, registry
-from .ledger import WeakCall, storage_key
+from . import intercept, registry
 from . import terms as T
-from .naming import display_name
+from .ledger import WeakCall, storage_key, storage_nbytes
+from .naming import PREFIX, display_name, name_of
+from .tape import DEAD, Tape
 
-PREFIX = "jacobian_of: "
 Terms = dict  # leaf key -> list[T.Term]: the Jacobian of one tensor w.r.t. each argument leaf
 
-# torch.func's transforms and the tracer's label state are not thread-safe: one trace at a time.
-LOCK = threading.RLock()
 
-
-def name_of(func: Any) -> str:
-    name = getattr(func, "__name__", repr(func))
-    if name in ("__get__", "__set__"):  # a property such as .T, .mT, .shape
-        owner = getattr(func, "__self__", None)
-        name = getattr(owner, "__name__", name)
-    return name
-
-
-def leaves(obj: Any):
+def leaves(obj: Any) -> Iterator[Any]:
+    """What ``obj`` holds, through its lists, tuples and dicts (a call's arguments)."""
     if isinstance(obj, (list, tuple)):
         for o in obj:
             yield from leaves(o)
@@ -71,20 +69,13 @@ class Tracer:
         self.written: dict[int, Any] = {}
         self.frozen: dict[int, tuple[Any, int]] = {}
         labels.live = WeakCall(self, "live_bytes", default=0)  # weakly: no cycle
-        # For the second order: the steps taken, (rule, params, result's meta stand-in, the
-        # slot its adjoint lands in), in order; None when only first derivatives are wanted.
-        self.tape: list | None = None
+        # The second order's record of the trace (:mod:`~sparsejac.programs.tape`); None when
+        # only first derivatives are wanted, and once the trace is done.
+        self.tape: Tape | None = None
         # Hessian pairs kept to be contracted together (:func:`second.defer`); None: none kept
         self.pending: dict | None = None
-        # Rule calls, counted in order; for the second order (:meth:`dead_calls`): the calls
-        # each one read terms from, and those the tape keeps. ``skip``: calls (index -> name)
-        # whose results' terms a refill does not form (:data:`DEAD`); ``read_dead``: set where
-        # a rule asked for such terms after all (the path changed: the trace is not usable).
-        self.calls = 0
-        self.reads: list[tuple[str, frozenset]] | None = None
-        self.taped: list[int] = []
-        self._producer: dict[int, int] = {}
-        self.skip: dict[int, str] | None = None
+        # set where a rule asked for terms a refill skipped (:data:`DEAD`) after all: the path
+        # changed, and the trace is not usable
         self.read_dead = False
 
     def record(self, tensor: Any, terms: Terms | None, value: bool = True) -> None:
@@ -97,7 +88,7 @@ class Tracer:
         if not value:
             self.arguments.add(key)
         if terms or terms is DEAD:
-            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "_forget", key)), terms,
+            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "forget", key)), terms,
                                  _version(tensor))
             for ts in terms.values():
                 for t in ts:
@@ -105,7 +96,8 @@ class Tracer:
         if value and _is_tensor(tensor):  # (a rule's stand-in has no values)
             self.labels.ledger.track(tensor)
 
-    def _forget(self, key: int) -> None:
+    def forget(self, key: int) -> None:
+        """Drop the terms of the tensor whose id is ``key`` (nothing if it has none)."""
         self._traced.pop(key, None)
 
     def is_argument(self, x: Any) -> bool:
@@ -124,8 +116,8 @@ class Tracer:
                 for t in ts:
                     if any(storage_key(f) == key for f in t.held()):
                         return True
-        for step in self.tape or ():
-            if any(storage_key(v) == key for v in leaves(step[1]) if _is_tensor(v)):
+        for params in self.tape.inputs() if self.tape is not None else ():
+            if any(storage_key(v) == key for v in leaves(params) if _is_tensor(v)):
                 return True
         return False
 
@@ -146,7 +138,7 @@ class Tracer:
                 return self.terms(x) if self._has_terms(x) else None
             return None
         if entry[1] is not DEAD and entry[2] != _version(x):  # written since: read from the base
-            self._forget(id(x))
+            self.forget(id(x))
             self.record(x, registry.WRITES.handler.alias(self, x, True))
             return self.terms(x) if self._has_terms(x) else None
         if entry[1] is DEAD:  # a refill skipped these terms, and a rule reads them
@@ -185,19 +177,6 @@ class Tracer:
                 except TypeError:
                     pass
 
-    def dead_calls(self) -> dict[int, str]:
-        """After a second-order trace: the rule calls (index -> name) whose results' terms
-        nothing reads, neither a taped step's second-order rule nor, through the calls after
-        it, any of those: the tail of the program after its last curvature (``tanh(x @ W) **
-        2``'s square and sum: a 1M-entry factor each at tanh64), and linear branches that end
-        in the output. A refill skips them (:attr:`skip`)."""
-        need: set[int] = set()
-        taped = set(self.taped)
-        for i in range(len(self.reads) - 1, -1, -1):
-            if i in need or i in taped:
-                need |= self.reads[i][1]
-        return {i: name for i, (name, _) in enumerate(self.reads) if i not in need}
-
     def live_bytes(self) -> int:
         """Bytes of the distinct storages the guard counts: the factors held by the terms of
         live tensors and those a rule has made but not yet recorded, and the program's values
@@ -215,7 +194,7 @@ class Tracer:
         """Drop the terms of every traced tensor but the leaves of ``obj``."""
         kept = {id(x) for x in leaves(obj)}
         for key in [k for k in self._traced if k not in kept]:
-            self._forget(key)
+            self.forget(key)
 
     def _operands(self, rule: Any, params: dict) -> int:
         """How many traced tensors ``params`` pass in the rule's traced parameters."""
@@ -239,10 +218,10 @@ class Tracer:
         ``set_grad_enabled(False)``): its results are constants, as torch's autograd and
         ``torch.func`` have them. A write into a traced tensor there would change the values
         under terms already formed from them, so it is refused; so is a custom Function's
-        forward that torch runs there itself (:func:`custom.running_function`)."""
-        cls = custom.running_function()
+        forward that torch runs there itself (:func:`intercept.running_function`)."""
+        cls = intercept.running_function()
         if cls is not None:
-            raise UnsupportedOperationError(custom.bypassed(cls, PREFIX))
+            raise UnsupportedOperationError(intercept.bypassed(cls, PREFIX))
         if _writes(name, kwargs) and self.traced(_written(args, kwargs)):
             raise UnsupportedOperationError(
                 f"{PREFIX}in-place operation {name!r} on a traced tensor inside a region where "
@@ -263,12 +242,12 @@ class Tracer:
         name = name_of(func)
         if not recording():
             return self._unrecorded(name, func, args, kwargs)
-        declared = custom.key_of(func)  # a custom Function or operator: declared by users
+        declared = intercept.key_of(func)  # a custom Function or operator: declared by users
         rule = registry.lookup(name, declared)
         if rule is None and declared is None:  # written with registered ones, where torch has it
             rule = registry.fallback(name, func)
         if rule is None and declared is not None:
-            raise UnsupportedOperationError(custom.refusal(declared, PREFIX))
+            raise UnsupportedOperationError(intercept.refusal(declared, PREFIX))
         if rule is not None and rule.kind in ("metadata", "constant"):
             return func(*args, **kwargs)
         if rule is not None and rule.kind == "python":
@@ -317,17 +296,8 @@ class Tracer:
                 # are guarded with the result already alive
                 self.labels.ledger.track(r)
         self.labels.prefix = f"{PREFIX}{name!r}: "
-        second = self.tape is not None
-        expand = rule.expand if second and rule.kind == "rule" and rule.second is None else None
-        if second and rule.kind == "rule" and rule.second is None and expand is None:
-            if declared is not None:
-                raise UnsupportedOperationError(
-                    f"{PREFIX}{custom.describe(declared)} has no declared second order, so "
-                    "hessian_of cannot follow it: register it with a rule and second=..., or "
-                    "as \"forward\" where its backward is the forward's true derivative")
-            raise UnsupportedOperationError(
-                f"{PREFIX}{name!r} has no second-order rule, so hessian_of cannot follow it; "
-                "write it with operations that have one (see the docs' operation table)")
+        tape = self.tape
+        expand = tape.expansion(rule, name, declared) if tape is not None else None
         try:
             for r in outputs:
                 if isinstance(r, torch.Tensor):
@@ -335,46 +305,29 @@ class Tracer:
             if rule.kind == "decomposition" or expand is not None:
                 with self:
                     value = (expand or rule.fn)(**params)
-                if second:  # the adjoints must flow through the steps that were traced
+                if tape is not None:  # the adjoints must flow through the steps traced
                     return value
                 values = [value] if isinstance(value, torch.Tensor) else list(value)
                 parts = [self.terms(v) for v in values]
             else:
-                index, self.calls = self.calls, self.calls + 1
-                if self.skip is not None and self.skip.get(index, name) != name:
-                    self.skip = None  # another path than the one traced: skip no more
-                if self.skip is not None and index in self.skip:
+                index, skipped = tape.call(name) if tape is not None else (None, False)
+                if skipped:
                     parts = [DEAD] * len(outputs)
                 else:
                     with self.quiet():
                         got = rule.fn(self, result, **params)
                     parts = [got] if isinstance(result, torch.Tensor) else list(got)
                     parts = [self.collapsed(p) for p in parts]
-                if self.reads is not None:
-                    self.reads.append((name, frozenset(
-                        self._producer[id(x)] for x in leaves(params)
-                        if self._has_terms(x) and id(x) in self._producer)))
-                    for r in outputs:
-                        self._producer[id(r)] = index
+                if tape is not None:
+                    tape.read(index, name, (x for x in leaves(params) if self._has_terms(x)),
+                              outputs)
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
             if self.written:
                 self.freeze(outputs)
-            if second and rule.second != "linear" and not (
-                    getattr(rule.second, "cross", False) and self._operands(rule, params) < 2):
-                # (a cross term needs two traced operands: a product or matmul with a
-                # constant is linear, and taping it would keep its input and terms alive)
-                self.taped.append(self.calls - 1)
-                r = result if isinstance(result, torch.Tensor) else result[0]
-                if r.requires_grad:
-                    # the tape keeps no result (at a million variables each is 8 MB, and its
-                    # first-order terms live as long as it does): a hook keeps its adjoint when
-                    # the backward pass reaches it, and its shape and dtype stand in for it
-                    slot: dict = {}
-                    r.register_hook(functools.partial(_keep_adjoint, slot))
-                    self.tape.append((rule, params, torch.empty(r.shape, dtype=r.dtype,
-                                                                device="meta"), slot))
+            if tape is not None:
+                tape.step(rule, params, result, index, lambda: self._operands(rule, params))
         except T.TooManyLabelsError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
         finally:
@@ -405,29 +358,6 @@ def _written(args: tuple, kwargs: dict) -> Any:
     return args[:1]
 
 
-def _keep_adjoint(slot: dict, grad: Any) -> None:
-    """A taped step's adjoint, kept as the backward pass gives it (the gradient unchanged)."""
-    slot["ybar"] = grad
-
-
-class _Dead(dict):
-    """The terms a refill did not form (:meth:`Tracer.dead_calls`): traced, never read."""
-
-
-DEAD: Terms = _Dead()
-
-
-def storage_nbytes(tensors: Any) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one tensor count once)."""
-    seen, total = set(), 0
-    for f in tensors:
-        key = storage_key(f)
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-    return total
-
-
 def _version(x: Any) -> int:
     """torch's count of writes into ``x``'s storage (0 for a rule's stand-in)."""
     return getattr(x, "_version", 0)
@@ -443,7 +373,8 @@ def _constant(result: Any) -> bool:
     """Integer and boolean results (casts, indices, masks) carry no derivative in torch."""
     import torch
 
-    return isinstance(result, torch.Tensor) and not (result.is_floating_point() or result.is_complex())
+    return isinstance(result, torch.Tensor) and not (result.is_floating_point()
+                                                     or result.is_complex())
 
 
 @functools.cache

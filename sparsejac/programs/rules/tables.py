@@ -22,7 +22,7 @@ import torch._refs.special
 
 from ...errors import UnsupportedOperationError
 from ..registry import Rule, decomposed, register_fallback
-from ..tracer import PREFIX
+from ..naming import PREFIX, display_name
 
 # torch's reference modules, by the prefix torch's own functions carry in their names
 # (``torch.linalg.cross.__name__`` is ``"linalg_cross"``)
@@ -47,24 +47,34 @@ def reference(name: str, func: Any) -> Rule | None:
             continue
         ref = getattr(module, name[len(prefix):], None)
         if callable(ref) and getattr(ref, "__module__", "").startswith("torch._refs"):
-            return decomposed(name, _once(name, ref))
+            return decomposed(name, _followed(display_name(func), ref))
     return None
 
 
-def _once(name: str, ref: Any) -> Any:
-    """``ref``, refused where it calls the operation it stands for (a reference written with
-    the operation itself, or its in-place form, would recurse)."""
+def _followed(display: str, ref: Any) -> Any:
+    """``ref``, its refusals said of the operation the program called (``display``), and
+    refused where it calls that operation again (a reference written with the operation
+    itself, or its in-place form, would recurse)."""
     active: set[int] = set()
+
+    def refused(why: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"{PREFIX}operation {display} on a traced tensor is not supported (torch's "
+            f"reference implementation of it {why}). See sparsejac.programs.RULES (or the docs' "
+            "operation table) for the supported operations; write it with those, or pass the "
+            "tensor in as a constant")
 
     def call(*args: Any, **kwargs: Any) -> Any:
         key = threading.get_ident()
         if key in active:
-            raise UnsupportedOperationError(
-                f"{PREFIX}operation {name!r} on a traced tensor is not supported: torch's "
-                "reference implementation of it calls it again")
+            raise refused("calls it again")
         active.add(key)
         try:
             return ref(*args, **kwargs)
+        except UnsupportedOperationError as error:
+            inner = str(error)
+            raise refused("reaches: " + inner[len(PREFIX):] if inner.startswith(PREFIX)
+                          else inner) from None
         finally:
             active.discard(key)
 
