@@ -376,10 +376,10 @@ def test_unsupported_operation_names_it_and_says_where_the_supported_are():
 
 
 @pytest.mark.parametrize("fn,name", [
-    (lambda x: torch.diff(x), "torch.diff"),
-    (lambda x: x.clamp_min(0.0), "Tensor.clamp_min"),
+    (lambda x: torch.polygamma(2, x), "torch.polygamma"),
+    (lambda x: x.nanmedian(), "Tensor.nanmedian"),
     (lambda x: F.interpolate(x[None, None], scale_factor=2.0), "F.interpolate"),
-    (lambda x: torch.linalg.solve(x, x), "torch.linalg.solve"),
+    (lambda x: torch.quantile(x, 0.3), "torch.quantile"),
     (lambda x: torch.special.erfcx(x), "torch.special.erfcx"),
     (lambda x: torch.fft.fft(x).real, "torch.fft.fft"),
     (lambda x: torch.ops.aten.sin.default(x), "torch.ops.aten.sin.default"),
@@ -403,14 +403,13 @@ def test_display_name_spells_methods_properties_and_functions():
     assert display_name(F.gelu) == "F.gelu"  # a builtin of torch._C._nn, spelt as F's
 
 
-def test_in_place_and_python_values_are_refused():
+def test_in_place_is_followed_and_python_values_are_refused():
     def inplace(x):
         y = x * 2
         y += 1
         return y
 
-    with pytest.raises(UnsupportedOperationError, match="in-place"):
-        sparsejac.jacobian_of(inplace, rand(3))
+    check(inplace, rand(3))
     with pytest.raises(UnsupportedOperationError, match="item"):
         sparsejac.jacobian_of(lambda x: x * x.sum().item(), rand(3))
 
@@ -434,11 +433,10 @@ def test_bad_arguments():
         sparsejac.jacobian_of(lambda x: x[0], (rand(3), "abc"))
 
 
-def test_inplace_true_is_refused_in_every_spelling():
+def test_inplace_true_is_followed_in_every_spelling():
     for fn in (torch.nn.ReLU(inplace=True), lambda x: F.relu(x, True),
                lambda x: F.elu(x, inplace=True)):
-        with pytest.raises(UnsupportedOperationError, match="inplace"):
-            sparsejac.jacobian_of(lambda x: fn(x * 1.0), rand(3))
+        check(lambda x: fn(x * 1.0), rand(3), exact_nnz=False)  # (a kink's zeros are stored)
 
 
 def test_torch_formats_equal_coo():

@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import options
-from ..errors import ArgumentTypeError, OperandTypeError, ShapeError
+from ..errors import (ArgumentTypeError, OperandTypeError, ShapeError,
+                      UnsupportedOperationError)
 from . import intercept, second
 from . import terms as T
 from .naming import PREFIX
@@ -250,7 +251,15 @@ def hessian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
     if out.requires_grad and tape.steps:
         # the backward pass leaves each step's adjoint in its slot (the tape's hooks); the
         # gradient it returns is dropped at once, and so is autograd's graph
-        torch.autograd.grad(out.reshape(()), leaves, allow_unused=True)
+        try:
+            torch.autograd.grad(out.reshape(()), leaves, allow_unused=True)
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
+            raise UnsupportedOperationError(
+                f"{PREFIX}an in-place write modified values torch's autograd saved for the "
+                "backward pass the Hessian's adjoints run (torch.func.hessian refuses this "
+                "program too); write that step out of place") from None
         del out, out_leaves
         tracer.pending = {}
         # each step's tensors (and, through the tracer's weak references, the first-order

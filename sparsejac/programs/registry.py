@@ -159,6 +159,54 @@ def _traced(params: tuple[tuple[str, Any], ...], traced: str | None) -> tuple[st
     return tuple(n.lstrip("*") for n, d in params if d is EMPTY or d is None or n.startswith("*"))
 
 
+class Writes:
+    """The handler of calls that write into an argument (in-place methods, ``out=``,
+    ``inplace=True``, slice assignment) and of views read after their base was written: one
+    object, registered by :mod:`.rules.inplace`, so that the tracer knows no write by name."""
+
+    handler: Any = None
+
+
+WRITES = Writes()
+
+
+def register_writer(handler: Any) -> None:
+    """Make ``handler`` (``write(cx, name, func, args, kwargs, inplace)``, ``alias(cx, x)``)
+    the one that follows writes."""
+    WRITES.handler = handler
+
+
+# Where no rule is registered for an operation, these are asked in order for one written with
+# registered operations (:mod:`.rules.tables` reads torch's own reference implementations):
+# ``provider(name, func) -> Rule | None``. What they give is kept, per name.
+FALLBACKS: list[Callable[[str, Any], Rule | None]] = []
+_FOUND: dict[Any, Rule | None] = {}
+
+
+def register_fallback(provider: Callable[[str, Any], Rule | None]) -> None:
+    FALLBACKS.append(provider)
+    _FOUND.clear()
+
+
+def fallback(name: str, func: Any) -> Rule | None:
+    """A decomposition of an operation with no rule, from the first provider that has one."""
+    try:
+        key: Any = (name, func)
+        hash(key)
+    except TypeError:
+        key = name
+    if key not in _FOUND:
+        _FOUND[key] = next((r for r in (p(name, func) for p in FALLBACKS) if r is not None),
+                           None)
+    return _FOUND[key]
+
+
+def decomposed(name: str, fn: Callable) -> Rule:
+    """A decomposition rule that takes the call as it was made: ``fn(*args, **kwargs)``."""
+    return Rule((name,), "decomposition", (("*call", ()), ("**kwargs", {})), None,
+                lambda call, kwargs: fn(*call, **kwargs), "tables", ("call", "kwargs"))
+
+
 # Derivatives users declare (:mod:`~sparsejac.programs.custom`), keyed by a custom
 # ``autograd.Function`` class or a custom operator's qualified name; apart from ``RULES`` (the
 # operations torch reports by name), which the docs' table and the rule tests enumerate.
@@ -193,8 +241,8 @@ def bind(rule: Rule, args: Sequence[Any], kwargs: dict, method: bool) -> dict[st
     for i, (name, default) in enumerate(params):
         if name.startswith("*"):
             rest = args[i:]
-            if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-                rest = list(rest[0])
+            if len(rest) == 1 and isinstance(rest[0], (list, tuple)) and name != "*call":
+                rest = list(rest[0])  # (``*call``: the positional arguments as given)
             key = name[1:]
             bound[key] = tuple(rest) if rest else kwargs.pop(key, default)
             args = args[:i]

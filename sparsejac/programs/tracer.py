@@ -3,10 +3,12 @@ that depends on a differentiated argument, its Jacobian as a sum of structured t
 
 It knows no operation by name: each call on a traced tensor is looked up in the registry
 (:mod:`~sparsejac.programs.registry`), its arguments bound to the rule's parameters, and the
-rule applied. What it checks itself is what holds for every operation: in-place forms and
-``out=`` are refused, integer and boolean results are constants, complex results are refused,
-and results computed where torch records no gradient (:func:`recording`: ``no_grad``,
-``inference_mode``) are constants. Custom ``autograd.Function`` calls and custom operators
+rule applied. What it checks itself is what holds for every operation: integer and boolean
+results are constants, complex results are refused, and results computed where torch records
+no gradient (:func:`recording`: ``no_grad``, ``inference_mode``) are constants. Calls that write
+into an argument (in-place forms, ``out=``, ``inplace=True``, slice assignment) go to the one
+registered writer (:data:`registry.WRITES`), and so do views read after their base was written
+(torch's version counter tells which). Custom ``autograd.Function`` calls and custom operators
 arrive as one operation each (:mod:`~sparsejac.programs.intercept`).
 
 This is the first-order dispatch. For a Hessian the tracer also holds a
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 from ..errors import UnsupportedOperationError
 from . import intercept, registry
 from . import terms as T
-from .ledger import WeakCall, storage_nbytes
+from .ledger import WeakCall, storage_key, storage_nbytes
 from .naming import PREFIX, display_name, name_of
 from .tape import DEAD, Tape
 
@@ -55,8 +57,17 @@ class Tracer:
         self.dtype = dtype
         # id -> (weak reference to the tensor, terms). An entry goes when its tensor does
         # (weakref callback), so an id is never reused while its entry stands, and the terms
-        # of intermediates the program dropped are freed as it runs.
-        self._traced: dict[int, tuple[Any, Terms]] = {}
+        # of intermediates the program dropped are freed as it runs. With them, the tensor's
+        # version (torch's count of writes into its storage) when they were recorded: a write
+        # through another view of the storage makes them stale (:meth:`terms`).
+        self._traced: dict[int, tuple[Any, Terms, int]] = {}
+        self.arguments: set[int] = set()  # ids of the differentiated arguments' tensors
+        # Bases the program wrote into (id -> weak reference), and views of them that are
+        # constants as they were made (under no_grad, or with no terms), with their version
+        # then: a view of a written base that is neither traced nor such a constant sees the
+        # base's values, so it takes its terms from the base's (:meth:`_aliased`).
+        self.written: dict[int, Any] = {}
+        self.frozen: dict[int, tuple[Any, int]] = {}
         labels.live = WeakCall(self, "live_bytes", default=0)  # weakly: no cycle
         # The second order's record of the trace (:mod:`~sparsejac.programs.tape`); None when
         # only first derivatives are wanted, and once the trace is done.
@@ -73,9 +84,12 @@ class Tracer:
         differentiated arguments are the caller's, outside the limit), while they live."""
         if terms is not DEAD:
             terms = {k: v for k, v in (terms or {}).items() if v}
+        key = id(tensor)
+        if not value:
+            self.arguments.add(key)
         if terms or terms is DEAD:
-            key = id(tensor)
-            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "forget", key)), terms)
+            self._traced[key] = (weakref.ref(tensor, WeakCall(self, "forget", key)), terms,
+                                 _version(tensor))
             for ts in terms.values():
                 for t in ts:
                     self.labels.ledger.track_all(t.held())
@@ -85,6 +99,27 @@ class Tracer:
     def forget(self, key: int) -> None:
         """Drop the terms of the tensor whose id is ``key`` (nothing if it has none)."""
         self._traced.pop(key, None)
+
+    def is_argument(self, x: Any) -> bool:
+        """Whether ``x`` is a differentiated argument's tensor itself."""
+        entry = self._traced.get(id(x))
+        return id(x) in self.arguments and entry is not None and entry[0]() is x
+
+    def holds(self, x: Any) -> bool:
+        """Whether a derivative recorded so far reads the values in ``x``'s storage: a factor
+        of a live tensor's terms, or (second order) a step the tape keeps."""
+        key = storage_key(x)
+        for entry in list(self._traced.values()):
+            if entry[1] is DEAD:
+                continue
+            for ts in entry[1].values():
+                for t in ts:
+                    if any(storage_key(f) == key for f in t.held()):
+                        return True
+        for params in self.tape.inputs() if self.tape is not None else ():
+            if any(storage_key(v) == key for v in leaves(params) if _is_tensor(v)):
+                return True
+        return False
 
     def collapsed(self, terms: Terms | None) -> Terms | None:
         """A rule's result terms with the entries that land on one place summed
@@ -98,7 +133,14 @@ class Tracer:
     def terms(self, x: Any) -> Terms | None:
         entry = self._traced.get(id(x))
         if entry is None or entry[0]() is not x:
+            if _is_tensor(x) and self._aliased(x):  # a view of a base written since it was made
+                self.record(x, registry.WRITES.handler.alias(self, x, False))
+                return self.terms(x) if self._has_terms(x) else None
             return None
+        if entry[1] is not DEAD and entry[2] != _version(x):  # written since: read from the base
+            self.forget(id(x))
+            self.record(x, registry.WRITES.handler.alias(self, x, True))
+            return self.terms(x) if self._has_terms(x) else None
         if entry[1] is DEAD:  # a refill skipped these terms, and a rule reads them
             self.read_dead = True
             return None
@@ -109,6 +151,32 @@ class Tracer:
         entry = self._traced.get(id(x))
         return entry is not None and entry[0]() is x
 
+    def _aliased(self, x: Any) -> bool:
+        """Whether ``x``, not traced itself, is a view of a base the program wrote into (made
+        before the write, or a constant view made before a later write): it sees the base's
+        values, so it is traced through it."""
+        base = getattr(x, "_base", None)
+        if base is None or id(base) not in self.written or self.written[id(base)]() is not base:
+            return False
+        frozen = self.frozen.get(id(x))
+        if frozen is not None and frozen[0]() is x and frozen[1] == _version(x):
+            return False  # a constant view, its base not written since
+        return True
+
+    def wrote(self, root: Any) -> None:
+        """Note that the program wrote into ``root`` (views of it now see new values)."""
+        self.written[id(root)] = weakref.ref(root)
+
+    def freeze(self, results: Any) -> None:
+        """Keep, for views among ``results`` that carry no terms, the version they were made
+        at: they are constants until their base is written."""
+        for r in leaves(results):
+            if _is_tensor(r) and r._base is not None and not self._has_terms(r):
+                try:
+                    self.frozen[id(r)] = (weakref.ref(r), _version(r))
+                except TypeError:
+                    pass
+
     def live_bytes(self) -> int:
         """Bytes of the distinct storages the guard counts: the factors held by the terms of
         live tensors and those a rule has made but not yet recorded, and the program's values
@@ -118,7 +186,7 @@ class Tracer:
     def walked_bytes(self) -> int:
         """:meth:`live_bytes` recounted by a walk over every live traced tensor, its terms'
         tensors and every tracked one (a check of the running count; it visits them all)."""
-        tensors = [f for _, terms in list(self._traced.values())
+        tensors = [f for _, terms, _ in list(self._traced.values())
                    for ts in terms.values() for t in ts for f in t.held()]
         return storage_nbytes(tensors + self.labels.ledger.tensors())
 
@@ -134,9 +202,10 @@ class Tracer:
                    if self._has_terms(x))
 
     def traced(self, obj: Any) -> bool:
-        return any(self._has_terms(x) for x in leaves(obj))
+        return any(self._has_terms(x) or (_is_tensor(x) and self._aliased(x))
+                   for x in leaves(obj))
 
-    def _quiet(self):
+    def quiet(self):
         """The grad mode the tracer's own work runs in: the first order records nothing for
         torch's autograd (parameters that require grad would otherwise grow graphs under every
         factor); the second order needs autograd's graph of the program for its adjoints."""
@@ -158,7 +227,9 @@ class Tracer:
                 f"{PREFIX}in-place operation {name!r} on a traced tensor inside a region where "
                 "torch records no gradient (no_grad, inference_mode) is not supported; write "
                 "into a copy, or detach the tensor first")
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        self.freeze(result)
+        return result
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         import torch
@@ -173,6 +244,8 @@ class Tracer:
             return self._unrecorded(name, func, args, kwargs)
         declared = intercept.key_of(func)  # a custom Function or operator: declared by users
         rule = registry.lookup(name, declared)
+        if rule is None and declared is None:  # written with registered ones, where torch has it
+            rule = registry.fallback(name, func)
         if rule is None and declared is not None:
             raise UnsupportedOperationError(intercept.refusal(declared, PREFIX))
         if rule is not None and rule.kind in ("metadata", "constant"):
@@ -183,12 +256,10 @@ class Tracer:
                 "its dependence on the differentiated argument; keep the computation in torch"
             )
         if _writes(name, kwargs):
-            raise UnsupportedOperationError(
-                f"{PREFIX}in-place operation {name!r} on a traced tensor is not supported; "
-                "write it out of place (y = y + 1, not y += 1, y.add_(1) or inplace=True)"
-            )
+            return registry.WRITES.handler.write(self, name, func, args, kwargs,
+                                                 kwargs.get("inplace") is True)
         if rule is None:
-            with self._quiet():
+            with self.quiet():
                 result = func(*args, **kwargs)
             if _constant(result):
                 return result
@@ -202,17 +273,15 @@ class Tracer:
             params = registry.bind(rule, args, dict(kwargs), method)
         except TypeError as error:
             raise UnsupportedOperationError(f"{PREFIX}{name!r}: {error}") from None
-        if params.get("inplace") is True:
-            raise UnsupportedOperationError(
-                f"{PREFIX}{name!r} with inplace=True on a traced tensor is not supported; pass "
-                "inplace=False (nn modules: construct them with inplace=False)")
+        if params.get("inplace") is True:  # given by position
+            return registry.WRITES.handler.write(self, name, func, args, kwargs, True)
         for key, value in params.items():
             if key not in rule.traced and self.traced(value):
                 raise UnsupportedOperationError(
                     f"{PREFIX}{name!r}: a traced tensor as {key!r} is not supported; "
                     "its derivative there is not followed (detach it if it is a constant)"
                 )
-        with self._quiet():
+        with self.quiet():
             result = func(*args, **kwargs)
         if _constant(result):
             return result
@@ -245,7 +314,7 @@ class Tracer:
                 if skipped:
                     parts = [DEAD] * len(outputs)
                 else:
-                    with self._quiet():
+                    with self.quiet():
                         got = rule.fn(self, result, **params)
                     parts = [got] if isinstance(result, torch.Tensor) else list(got)
                     parts = [self.collapsed(p) for p in parts]
@@ -255,6 +324,8 @@ class Tracer:
             for r, t in zip(outputs, parts):
                 if isinstance(r, torch.Tensor) and (r.is_floating_point()):
                     self.record(r, t)
+            if self.written:
+                self.freeze(outputs)
             if tape is not None:
                 tape.step(rule, params, result, index, lambda: self._operands(rule, params))
         except T.TooManyLabelsError as error:
@@ -285,6 +356,11 @@ def _written(args: tuple, kwargs: dict) -> Any:
     if kwargs.get("out") is not None:
         return kwargs["out"]
     return args[:1]
+
+
+def _version(x: Any) -> int:
+    """torch's count of writes into ``x``'s storage (0 for a rule's stand-in)."""
+    return getattr(x, "_version", 0)
 
 
 def _is_tensor(x: Any) -> bool:

@@ -2,13 +2,19 @@
 
 from . import (  # noqa: F401
     attention,
+    blocks,
+    composite,
     conv,
     elementwise,
     functions,
+    inplace,
     layout,
     linalg,
     losses,
     norm,
+    order,
     passive,
     reduce,
+    scatter,
+    tables,
 )

@@ -120,7 +120,7 @@ def place(cx, result, x, pos: torch.Tensor, part: bool = False):
     if injective and (chosen.numel() < index.numel() or part):
         # a part of the result (a concatenation, padding): send each entry to its place
         table = torch.full((n,), -1, dtype=torch.int64, device=index.device)
-        table[chosen] = torch.arange(index.numel(), device=index.device)[valid.reshape(-1)]
+        table[flat_chosen] = torch.arange(index.numel(), device=index.device)[valid.reshape(-1)]
         placed = S.remap(cx, flat, (0,), table, math.prod(shape))
         return S.reshape(cx, placed, shape)
     return S.gather(cx, flat, 0, index)

@@ -1,0 +1,158 @@
+"""Operations dense within a small block: linear algebra on batches of small matrices
+(``linalg.solve``, ``inv``, ``det``, ``slogdet``, ``cholesky``, ``matrix_exp``, ``eigvalsh``,
+``pinv``, ...). Each batch entry's output depends on all of that entry's input and on no other,
+so the Jacobian is one dense block per batch entry: a factor over the batch letters, read
+from torch's own derivative of one entry (``torch.func.jacrev``, vectorised over the batch by
+``torch.func.vmap``), so its kinks and conventions are torch's.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import torch
+
+from ...errors import UnsupportedOperationError
+from .. import sums as S
+from ..registry import rule
+from ..tracer import PREFIX
+
+
+def _vector_rhs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.linalg.solve reads ``B`` as a batch of vectors where it is one dimension short."""
+    return b.dim() == 1 or (b.dim() == a.dim() - 1 and b.shape == a.shape[:-1])
+
+
+def blocked(cx, result, inputs, cores, out_core, fn):
+    """The terms of ``result = fn(*inputs)`` (one differentiable output, batched over the
+    leading dimensions that the inputs broadcast to): ``cores[k]`` trailing dimensions of input
+    ``k`` are its core, ``out_core`` those of the result."""
+    out = result if isinstance(result, torch.Tensor) else result[0]
+    batch = tuple(out.shape[:out.dim() - out_core])
+    nb = math.prod(batch)
+    flat = []
+    for x, c in zip(inputs, cores):
+        core = tuple(x.shape[x.dim() - c:]) if c else ()
+        flat.append(x.detach().expand(batch + core).reshape((nb,) + core))
+    parts = []
+    letters = iter(string.ascii_letters)
+    bl = "".join(next(letters) for _ in batch)
+    ol = "".join(next(letters) for _ in range(out_core))
+    for k, (x, c) in enumerate(zip(inputs, cores)):
+        if not isinstance(x, torch.Tensor) or cx.terms(x) is None:
+            continue
+        il = "".join(next(letters) for _ in range(c))
+        size = nb * math.prod(out.shape[out.dim() - out_core:]) * math.prod(
+            x.shape[x.dim() - c:])
+        cx.labels.guard((size,), out.element_size(), "the dense blocks of a batched operation")
+        if nb:
+            # with grad mode on: under no_grad, vmap over jacrev of some linear algebra kernels
+            # gives other batch entries' blocks wrong (torch 2.13, linalg.det)
+            with torch.enable_grad():
+                block = torch.func.vmap(torch.func.jacrev(fn, argnums=k))(*flat)
+        else:
+            block = torch.zeros((0,) + tuple(out.shape[out.dim() - out_core:])
+                                + tuple(x.shape[x.dim() - c:]), dtype=out.dtype)
+        block = block.reshape(batch + tuple(block.shape[1:]))
+        xl = bl[len(bl) - (x.dim() - c):] if x.dim() - c else ""
+        spec = f"{bl}{ol}{il},{xl}{il}->{bl}{ol}"
+        parts.append(S.einsum(cx, out, spec, (block, x)))
+    terms = S.add(cx, *parts)
+    return terms if isinstance(result, torch.Tensor) else [terms] + [None] * (len(result) - 1)
+
+
+def _square(name, a):
+    if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
+        raise UnsupportedOperationError(f"{PREFIX}{name!r} takes square matrices")
+
+
+@rule(("linalg_inv", "inverse"), "input")
+def inv(cx, result, input):
+    return blocked(cx, result, (input,), (2,), 2, torch.linalg.inv)
+
+
+@rule("linalg_solve", "input other left=True", traced="input other")
+def solve(cx, result, input, other, left):
+    vector = _vector_rhs(input, other)
+    return blocked(cx, result, (input, other), (2, 1 if vector else 2), 1 if vector else 2,
+                   lambda a, b: torch.linalg.solve(a, b, left=left))
+
+
+@rule(("linalg_det", "det"), "input")
+def det(cx, result, input):
+    return blocked(cx, result, (input,), (2,), 0, torch.linalg.det)
+
+
+@rule("logdet", "input")
+def logdet(cx, result, input):
+    return blocked(cx, result, (input,), (2,), 0, torch.logdet)
+
+
+@rule(("linalg_slogdet", "slogdet"), "input")
+def slogdet(cx, result, input):  # the sign is piecewise constant: only the log carries terms
+    terms = blocked(cx, result[1], (input,), (2,), 0, lambda a: torch.linalg.slogdet(a)[1])
+    return [None, terms]
+
+
+@rule(("linalg_cholesky",), "input upper=False")
+def cholesky(cx, result, input, upper):
+    return blocked(cx, result, (input,), (2,), 2, lambda a: torch.linalg.cholesky(a, upper=upper))
+
+
+@rule(("cholesky",), "input upper=False")
+def cholesky_legacy(cx, result, input, upper):
+    return blocked(cx, result, (input,), (2,), 2, lambda a: torch.cholesky(a, upper=upper))
+
+
+@rule(("linalg_matrix_exp", "matrix_exp"), "input")
+def matrix_exp(cx, result, input):
+    return blocked(cx, result, (input,), (2,), 2, torch.linalg.matrix_exp)
+
+
+@rule("linalg_eigvalsh", "input UPLO='L'")
+def eigvalsh(cx, result, input, UPLO):
+    return blocked(cx, result, (input,), (2,), 1, lambda a: torch.linalg.eigvalsh(a, UPLO))
+
+
+@rule("linalg_matrix_power", "input n")
+def matrix_power(cx, result, input, n):
+    return blocked(cx, result, (input,), (2,), 2, lambda a: torch.linalg.matrix_power(a, n))
+
+
+@rule("matrix_power", "input n")
+def matrix_power_legacy(cx, result, input, n):
+    return blocked(cx, result, (input,), (2,), 2, lambda a: torch.matrix_power(a, n))
+
+
+@rule("linalg_solve_triangular", "input B upper left=True unitriangular=False",
+      traced="input B")
+def solve_triangular(cx, result, input, B, upper, left, unitriangular):
+    return blocked(cx, result, (input, B), (2, 2), 2, lambda a, b: torch.linalg.solve_triangular(
+        a, b, upper=upper, left=left, unitriangular=unitriangular))
+
+
+@rule("cholesky_solve", "input input2 upper=False", traced="input input2")
+def cholesky_solve(cx, result, input, input2, upper):
+    return blocked(cx, result, (input, input2), (2, 2), 2,
+                   lambda b, u: torch.cholesky_solve(b, u, upper=upper))
+
+
+@rule("cholesky_inverse", "input upper=False")
+def cholesky_inverse(cx, result, input, upper):
+    return blocked(cx, result, (input,), (2,), 2, lambda a: torch.cholesky_inverse(a, upper))
+
+
+@rule(("linalg_pinv", "pinverse"), "input rcond=None hermitian=False atol=None rtol=None")
+def pinv(cx, result, input, rcond, hermitian, atol, rtol):
+    def one(a):
+        if rcond is not None:
+            return torch.linalg.pinv(a, rcond=rcond, hermitian=hermitian)
+        return torch.linalg.pinv(a, atol=atol, rtol=rtol, hermitian=hermitian)
+
+    return blocked(cx, result, (input,), (2,), 2, one)
+
+
+@rule("linalg_svdvals", "A driver=None")
+def svdvals(cx, result, A, driver):
+    return blocked(cx, result, (A,), (2,), 1, lambda a: torch.linalg.svdvals(a, driver=driver))

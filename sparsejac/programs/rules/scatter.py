@@ -1,0 +1,139 @@
+"""Placements: operations that put entries of a source at positions of a copy of their input,
+overwriting (``index_put``, ``scatter``, ``index_copy``, ``masked_scatter``) or adding
+(``index_put(accumulate=True)``, ``index_add``, ``scatter_add``).
+
+Each is read as a table of targets: for each entry of the source, the flat position of the
+input it lands on (computed by running the operation's own indexing on the input's positions).
+The result's terms are the input's, less the overwritten entries, plus the source's sent to
+their targets (an index map; entries landing on one place are summed). An overwrite that writes
+one place twice is refused: torch keeps one value and differentiates as if it kept both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import UnsupportedOperationError
+from .. import sums as S
+from ..registry import rule
+from ..tracer import PREFIX
+from .layout import place, positions
+
+
+def ramp(x: torch.Tensor) -> torch.Tensor:
+    """``0, 1, 2, ...`` (int64) in ``x``'s shape: each entry's flat position."""
+    return torch.arange(math.prod(x.shape), device=x.device).reshape(x.shape)
+
+
+def distinct(targets: torch.Tensor, name: str) -> None:
+    """Refuse an overwrite of one place twice."""
+    flat = targets.reshape(-1)
+    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()) and int(
+            torch.bincount(flat).max()) > 1:
+        raise UnsupportedOperationError(
+            f"{PREFIX}{name!r} writes one element twice (a repeated index); torch keeps one of "
+            "the values and differentiates as if it kept both, so it is not supported: "
+            "accumulate instead, or use distinct indices")
+
+
+def placed(cx, result: torch.Tensor, input: torch.Tensor, targets: torch.Tensor,
+           source, accumulate: bool, name: str) -> dict:
+    """The terms of ``result``: ``input``'s, with ``source`` (a tensor of ``targets``' shape,
+    traced or not) written at the flat positions ``targets`` (int64), added there where
+    ``accumulate``, else in place of the input's entries there."""
+    n = math.prod(result.shape)
+    parts = []
+    if not accumulate:
+        distinct(targets, name)
+        kept = positions(input)  # 1 + the input's position; 0 where overwritten
+        kept.view(-1)[targets.reshape(-1)] = 0
+        parts.append(place(cx, result, input, kept, part=True))
+    else:
+        parts.append(S.of(cx, input))
+    terms = S.of(cx, source) if isinstance(source, torch.Tensor) else {}
+    if terms:
+        flat = S.reshape(cx, S.broadcast(cx, source, tuple(targets.shape)),
+                         (math.prod(targets.shape),))
+        parts.append(S.reshape(cx, S.remap(cx, flat, (0,), targets.reshape(-1), n),
+                               tuple(result.shape)))
+    # an input's entries all overwritten land nowhere: dropped before the sum
+    return S.add(cx, *({k: [t for t in ts if not nowhere(t, cx.labels)] for k, ts in p.items()}
+                       for p in parts))
+
+
+def nowhere(term, labels) -> bool:
+    """Whether every entry of ``term`` was written over: an index map of its output that gives
+    no entry a place."""
+    return any(a in labels.derived and bool((labels.derived[a][0] < 0).all())
+               for a in term.out_atoms)
+
+
+@rule("index_put", "input indices values accumulate=False", traced="input values", second="linear")
+def index_put(cx, result, input, indices, values, accumulate):
+    targets = ramp(input)[tuple(indices)]
+    return placed(cx, result, input, targets, values, bool(accumulate), "index_put")
+
+
+@rule("index_add", "input dim index source alpha=1", traced="input source", second="linear")
+def index_add(cx, result, input, dim, index, source, alpha):
+    d = S.dim(dim, input.dim())
+    targets = ramp(input).index_select(d, index) if input.dim() else ramp(input)
+    src = source if alpha == 1 else source * alpha
+    if alpha != 1:
+        terms = S.times(cx, S.of(cx, source), alpha)
+        cx.record(src, terms)
+    return placed(cx, result, input, targets.expand(source.shape), src, True, "index_add")
+
+
+@rule("index_copy", "input dim index source", traced="input source", second="linear")
+def index_copy(cx, result, input, dim, index, source):
+    d = S.dim(dim, input.dim())
+    targets = ramp(input).index_select(d, index) if input.dim() else ramp(input)
+    return placed(cx, result, input, targets.expand(source.shape), source, False, "index_copy")
+
+
+def _scatter_targets(input, dim, index):
+    d = S.dim(dim, input.dim())
+    return ramp(input).gather(d, index) if input.dim() else ramp(input).reshape(index.shape)
+
+
+@rule("scatter_add", "input dim index src", traced="input src", second="linear")
+def scatter_add(cx, result, input, dim, index, src):
+    targets = _scatter_targets(input, dim, index)
+    part = src[tuple(slice(0, n) for n in index.shape)] if src.dim() else src
+    if part is not src:
+        cx.record(part, S.of(cx, src) and _corner(cx, src, index.shape))
+    return placed(cx, result, input, targets, part, True, "scatter_add")
+
+
+@rule("scatter", "input dim index src=None value=None reduce=None", traced="input src", second="linear")
+def scatter(cx, result, input, dim, index, src, value, reduce):
+    if reduce is not None:
+        raise UnsupportedOperationError(
+            f"{PREFIX}'scatter' with reduce={reduce!r} is not supported; use scatter_add or "
+            "scatter_reduce's functional forms")
+    targets = _scatter_targets(input, dim, index)
+    if src is None or not isinstance(src, torch.Tensor):
+        return placed(cx, result, input, targets, None, False, "scatter")
+    part = src[tuple(slice(0, n) for n in index.shape)] if src.dim() else src
+    if part is not src:
+        cx.record(part, S.of(cx, src) and _corner(cx, src, index.shape))
+    return placed(cx, result, input, targets, part, False, "scatter")
+
+
+def _corner(cx, src, shape):
+    """The terms of ``src``'s leading corner of ``shape`` (what scatter reads of it)."""
+    pos = positions(src)[tuple(slice(0, n) for n in shape)]
+    return place(cx, pos, src, pos)
+
+
+@rule("masked_scatter", "input mask source", traced="input source", second="linear")
+def masked_scatter(cx, result, input, mask, source):
+    full = mask.expand(input.shape) if mask.shape != input.shape else mask
+    targets = ramp(input)[full]
+    count = targets.numel()
+    part = source.reshape(-1)[:count]
+    cx.record(part, place(cx, part, source, positions(source).reshape(-1)[:count]))
+    return placed(cx, result, input, targets, part, False, "masked_scatter")
