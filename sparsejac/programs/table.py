@@ -18,6 +18,10 @@ GROUPS = {
     "norm": "Normalisation",
     "losses": "Losses",
     "attention": "Attention",
+    "scatter": "Placements (scatter, index_put, index_add)",
+    "order": "Sorting and order statistics",
+    "blocks": "Batched small linear algebra (one dense block per batch entry)",
+    "composite": "Written with other operations",
 }
 
 HEADER = """# Operations `jacobian_of` follows
@@ -25,8 +29,31 @@ HEADER = """# Operations `jacobian_of` follows
 Generated from the registry by `python -m sparsejac.programs.table`; do not edit by hand.
 Each row is one rule; *spellings* are the names torch reports for it (`torch.op`, `Tensor.op`,
 `torch.nn.functional.op` and the `nn` module that calls it share one). Keyword arguments are
-accepted as in torch; `inplace=True` and `out=` are refused. *Kind*: `rule` (its own Jacobian
-rule) or `decomposition` (written with other rules, which the tracer follows).
+accepted as in torch. *Kind*: `rule` (its own Jacobian rule) or `decomposition` (written with
+other rules, which the tracer follows).
+
+## Beyond this table
+
+- **Writes.** Every in-place form of an operation the tracer follows (`x.relu_()`,
+  `inplace=True`, `x += y`, `out=`), slice assignment (`x[idx] = v`), `copy_`, `zero_`,
+  `fill_`, `masked_fill_`, `index_put_` and writes through views (into the base and its other
+  views) are followed with torch's aliasing: each as its out-of-place form, written over the
+  elements it writes (`sparsejac/programs/rules/inplace.py`).
+- **torch's reference implementations.** An operation with no rule here whose Python
+  reference exists in `torch._refs` (`addcmul`, `addcdiv`, `lerp`, `logaddexp`, `clamp_min`,
+  `linalg.cross`, `block_diag`, `nan_to_num`, ...) is followed through it
+  (`sparsejac/programs/rules/tables.py`); where the reference reaches a primitive with no
+  rule, the operation is refused by name. Sampling (`normal`, `bernoulli`, ...) and
+  `linalg.norm` are kept out: their references do not have torch's derivative.
+- **Coverage over torch's operator database**, measured by
+  `python benchmarks/opinfo_census.py` (torch 2.13, float64, CPU): of the 540 OpInfo entries
+  torch differentiates, 449 have samples the census can check (a floating tensor in and out),
+  and of those 320 are exact on every sample (71%), 129 are refused by name, none gives a
+  different Jacobian and none raises anything else. The refused ones are mostly: FFTs, the
+  interpolation modes, the special functions torch writes as primitives (`i0`, `erfcx`,
+  `polygamma`), `cumprod`, `median` and quantiles without a dimension, `scatter_reduce`,
+  `max_unpool`, `grid_sample`, `embedding_bag`, `linalg.lu_solve`, random sampling and
+  dropout in training mode.
 
 ## Tracing limits
 
@@ -39,14 +66,15 @@ rule) or `decomposition` (written with other rules, which the tracer follows).
 - Custom `torch.autograd.Function` classes and custom operators are refused by name until
   their derivative is declared with `sparsejac.register_function` (torch defines it by their
   backward); reentrant activation checkpointing is declared already.
-- Refused, with a message naming the operation: in-place operations and `out=`; turning a traced
-  tensor into a Python value (`item`, `tolist`, `numpy`); complex results; dropout in training
-  mode; any operation not listed here (write it with listed ones, or pass the tensor as a
-  constant).
+- Refused, with a message naming the operation, where torch refuses too: a write into the
+  differentiated argument, a write under `no_grad` into a traced tensor, a view made under
+  `no_grad` read after its base was written; and, where torch's answer is ill-defined, an
+  assignment that writes one element twice. Also refused: turning a traced tensor into a
+  Python value (`item`, `tolist`, `numpy`); complex results; dropout in training mode; any
+  operation neither listed here nor reached as above.
 - Integer and boolean results (indices, masks, comparisons) and tensors made `*_like` a traced
   one are constants.
 """
-
 
 def _params(rule) -> str:
     parts = []
