@@ -22,6 +22,7 @@ GROUPS = {
     "order": "Sorting and order statistics",
     "blocks": "Batched small linear algebra (one dense block per batch entry)",
     "composite": "Written with other operations",
+    "recurrent": "Recurrent layers",
 }
 
 HEADER = """# Operations `jacobian_of` follows

@@ -14,6 +14,7 @@ from . import (  # noqa: F401
     norm,
     order,
     passive,
+    recurrent,
     reduce,
     scatter,
     tables,
