@@ -32,7 +32,6 @@ INT32_MAX = np.iinfo(np.int32).max
 # leading axes are the output's, which splits an N-D Jacobian into (out.size, arg.size).
 OUT_NDIM = "sparsejac_out_ndim"
 INNER = 4096  # entries of the innermost table that csr_pattern broadcasts (see there)
-SPREAD_COPY_LIMIT = 1 << 23  # factors up to this many elements are laid out before spreading
 
 
 def index_dtype(nnz: int, shape: tuple[int, ...]) -> np.dtype:
@@ -49,12 +48,6 @@ def _ramp_nbytes(digits: "Digits", itemsize: int) -> int:
     full = math.prod(size for size, _ in digits)
     table = math.prod(size for size, coef in digits if coef)
     return (full + table) * itemsize
-
-
-def spread_copies(structure: Structure, factor_size: int) -> bool:
-    """Whether :meth:`Structure.spread` lays a non-contiguous factor of ``factor_size``
-    elements out contiguously first (a copy of the factor)."""
-    return factor_size * 16 <= max(structure.nnz, 1) or factor_size <= SPREAD_COPY_LIMIT
 
 
 Digits = list  # [(size, coefficient)]: an index as a mixed-radix sum, one digit per V label
@@ -595,11 +588,6 @@ def get(format: Any, prefix: str = "", require: bool = True) -> Format:
     return fmt
 
 
-def predicted_nbytes(structure: Structure, fmt: Any, itemsize: int) -> int:
-    """Bytes of the arrays a writer allocates for ``fmt`` (values of ``itemsize`` bytes)."""
-    return get(fmt, require=False).structure_nbytes(structure, itemsize)
-
-
 def pattern_peak_nbytes(structure: Structure, fmt: Any) -> int:
     """The peak bytes of building the pattern of ``fmt`` (see :meth:`Format.pattern_peak_nbytes`)."""
     return get(fmt, require=False).pattern_peak_nbytes(structure)
@@ -618,7 +606,7 @@ def predicted_peak(
     when the build allocates it: ``factor_owned``), the values, the laid-out copy of a
     non-contiguous factor, and the pattern with its temporaries (``pattern``: not yet built)."""
     size = factor_nbytes // max(itemsize, 1)
-    copy = factor_nbytes if not factor_contiguous and spread_copies(structure, size) else 0
+    copy = factor_nbytes if not factor_contiguous and structure.spread_copies(size) else 0
     patterns = pattern_peak_nbytes(structure, fmt) if pattern else 0
     owned = factor_nbytes if factor_owned else 0
     return owned + structure.nnz * itemsize + max(copy, patterns)
@@ -627,9 +615,3 @@ def predicted_peak(
 def container(fmt: Any, pattern, data, out_shape: Sequence[int], inp_shape: Sequence[int]):
     """The container ``fmt`` names around index arrays and values (:meth:`Format.container`)."""
     return get(fmt, require=False).container(pattern, data, out_shape, inp_shape)
-
-
-def from_csr(csr, fmt: Any, out_shape: Sequence[int], inp_shape: Sequence[int]):
-    """A canonical scipy CSR array of shape ``(prod(out_shape), prod(inp_shape))`` in the
-    container ``fmt`` names (for results that are assembled as CSR, e.g. sums of terms)."""
-    return get(fmt, require=False).from_csr(csr, out_shape, inp_shape)

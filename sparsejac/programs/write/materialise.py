@@ -298,8 +298,7 @@ def copy_nbytes(term: Term, structure: Structure, fl: Sequence[int], dtype: "tor
     free = structure.free
     order = sorted(range(len(fl)), key=lambda axis: free.index(fl[axis]))
     laid_out = factor.permute(order).is_contiguous()
-    small = factor.numel() * 16 <= max(structure.nnz, 1) or factor.numel() <= 1 << 23
-    return cast + (size if small and not laid_out else 0)
+    return cast + (size if structure.spread_copies(factor.numel()) and not laid_out else 0)
 
 
 def materialise_nbytes(
