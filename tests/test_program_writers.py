@@ -205,15 +205,20 @@ def test_structural_zeros_stay_and_dropped_entries_go():
 
 @pytest.mark.parametrize("shapes", [((4, 5), (6, 7)), ((3,), (2, 2, 5)), ((2, 3, 4), (500, 9))])
 def test_rows_to_coords_agrees_with_the_division(shapes):
-    """The gathered coordinates equal those divided out (formats.csr_to_coords), where the
-    tables are used (sides no larger than the entries) and where not (a wide, sparse side)."""
+    """The gathered coordinates (formats.csr_to_coords) equal those divided out
+    (formats.unravel_into), where the tables are used (sides no larger than the entries) and
+    where not (a wide, sparse side)."""
     out_shape, inp_shape = shapes
     g = np.random.default_rng(0)
     dense = g.random((int(np.prod(out_shape)), int(np.prod(inp_shape)))) < 0.3
     csr = scipy.sparse.csr_array(dense.astype(float))
     for dtype in (np.int32, np.int64):
-        expected = formats.csr_to_coords(csr.indptr, csr.indices, out_shape, inp_shape, dtype)
-        got = W.rows_to_coords(csr.indptr, csr.indices, out_shape, inp_shape, np.dtype(dtype))
+        k = len(out_shape)
+        expected = np.empty((k + len(inp_shape), csr.nnz), dtype)
+        formats.unravel_into(formats.csr_rows(csr.indptr), out_shape, expected[:k])
+        formats.unravel_into(csr.indices, inp_shape, expected[k:])
+        got = formats.csr_to_coords(csr.indptr, csr.indices, out_shape, inp_shape,
+                                    np.dtype(dtype))
         assert got.dtype == dtype
         np.testing.assert_array_equal(got, expected)
 

@@ -226,7 +226,8 @@ def merged(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple, labels: 
     nnz, data = csr.nnz, csr.data
     idx = fmt.index_itemsize(nnz, out_shape, inp_shape)
     if fmt.layout is formats.COO:
-        pattern = rows_to_coords(csr.indptr, csr.indices, out_shape, inp_shape, NUMPY.index(idx))
+        pattern = formats.csr_to_coords(csr.indptr, csr.indices, out_shape, inp_shape,
+                                        NUMPY.index(idx))
     else:
         pattern = fmt.layout.map(formats.CompressedPattern(csr.indices, csr.indptr, csr.shape),
                                  lambda a: a.astype(NUMPY.index(idx), copy=False))
@@ -244,71 +245,6 @@ def _torch_on(array: np.ndarray, device: Any, gpu: bool) -> "torch.Tensor":
     """A numpy array as a torch tensor: the same memory on the CPU, a copy on a GPU."""
     tensor = formats.as_tensor(array)
     return tensor.to(device) if gpu else tensor
-
-
-def rows_to_coords(indptr: np.ndarray, indices: np.ndarray, out_shape: tuple,
-                   inp_shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """The ``(ndim, nnz)`` coordinates over the tensors' own axes of merged entries in
-    row-major order (``indptr``: where each row's entries start; ``indices``: their columns),
-    lexicographically sorted as they come. Each axis's coordinate is gathered from a table of
-    that axis's digit over the rows (columns) rather than divided out entry by entry: a gather
-    from a table of ``prod(shape)`` entries is several times faster than int64 division."""
-    k = len(out_shape)
-    nnz = len(indices)
-    coords = np.empty((k + len(inp_shape), nnz), dtype)
-    # intp: np.take casts narrower indices to it (a copy per axis otherwise)
-    rows = np.repeat(np.arange(len(indptr) - 1, dtype=np.intp), np.diff(indptr))
-    _digits_into(coords[:k], rows, out_shape)
-    del rows
-    _digits_into(coords[k:], indices, inp_shape)
-    return coords
-
-
-def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
-    """Write the C-order coordinates in ``shape`` of the ``flat`` indices into the rows of
-    ``out``: gathered from one table per axis (its digit at each flat index) where the tables
-    are no larger than the entries, else divided out (a wide, sparse side)."""
-    if not len(flat):  # no entries (always so where an axis has size 0): nothing to write
-        return
-    size = math.prod(shape)
-    if len(shape) == 1:  # one axis: the flat indices themselves
-        out[0] = flat
-        return
-    if size > len(flat):
-        formats.unravel_into(flat, shape, out)
-        return
-    flat = flat.astype(np.intp, copy=False)  # once per side: np.take would cast per axis
-    before, after = 1, size
-    for d, n in enumerate(shape):
-        after //= n
-        digit = np.broadcast_to(np.arange(n, dtype=out.dtype).reshape(1, n, 1),
-                                (before, n, after)).reshape(-1)
-        # every flat index is in range: "wrap" skips the bounds check and buffering of "raise"
-        np.take(digit, flat, out=out[d], mode="wrap")
-        del digit
-        before *= n
-
-
-def rows_to_coords_nbytes(nnz: int, out_shape: tuple, inp_shape: tuple, idx: int,
-                          matrix_idx: int) -> int:
-    """Bytes :func:`rows_to_coords` allocates beside its coordinates (of ``idx`` bytes, the
-    merged arrays' of ``matrix_idx``): the rows (intp; an arange, the diff of ``indptr`` and
-    numpy's cast of that to intp for ``np.repeat``), then each side with its flat indices as
-    intp (the rows; the columns cast where narrower) and one digit table at a time, or (a side
-    larger than the entries) :func:`formats.unravel_into`'s int64 quotient, remainder and
-    previous quotient."""
-    nrows = math.prod(out_shape)
-    rows = nnz * 8 + nrows * (8 + matrix_idx + 8 * (matrix_idx != 8))
-
-    def side(shape: tuple, flat: int) -> int:
-        size = math.prod(shape)
-        if len(shape) <= 1:  # copied as they are
-            return flat if shape else 0
-        if size > nnz:
-            return flat + nnz * (16 + 8 * (len(shape) >= 3))
-        return flat + size * idx + max(shape, default=0) * idx
-
-    return max(rows, side(out_shape, nnz * 8), side(inp_shape, nnz * 8 * (matrix_idx != 8)))
 
 
 def container(terms: Sequence[T.Term], labels: T.Labels, fmt: formats.Format,
@@ -359,7 +295,7 @@ def merged_nbytes(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
                   labels: T.Labels, dtype: "torch.dtype", fmt: formats.Format) -> tuple[int, int]:
     """``(peak, kept)`` bytes of :func:`merged` (a bound: every entry enumerated counts as
     stored): the merge along the format's major axis, then COO's coordinates beside the
-    merged arrays (:func:`rows_to_coords_nbytes`). The compressed formats keep the merged
+    merged arrays (:func:`formats.csr_to_coords_nbytes`). The compressed formats keep the merged
     arrays (a narrower index rule than the merge's would cast them: the merge's is that of
     the entries enumerated, at least as wide). Torch tensors share the numpy arrays on the CPU; a GPU's
     copies are not host memory."""
@@ -371,5 +307,6 @@ def merged_nbytes(terms: Sequence[T.Term], out_shape: tuple, inp_shape: tuple,
     idx = fmt.index_itemsize(n, out_shape, inp_shape)
     matrix_idx = formats.index_dtype(n, (math.prod(out_shape), math.prod(inp_shape))).itemsize
     coords = n * (len(out_shape) + len(inp_shape)) * idx
-    write = csr_bytes + coords + rows_to_coords_nbytes(n, out_shape, inp_shape, idx, matrix_idx)
+    write = csr_bytes + coords + formats.csr_to_coords_nbytes(n, out_shape, inp_shape, idx,
+                                                             matrix_idx)
     return max(peak, write), n * dtype.itemsize + coords

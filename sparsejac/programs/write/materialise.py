@@ -94,7 +94,7 @@ def _materialise_plain(term: Term, labels: Labels, dtype: "torch.dtype", shape: 
     stop = start + structure.nnz
     pattern = formats.csr_pattern(structure)
     cols[start:stop] = pattern.indices
-    rows[start:stop] = np.repeat(np.arange(shape[0], dtype=rows.dtype), np.diff(pattern.indptr))
+    rows[start:stop] = formats.csr_rows(pattern.indptr, rows.dtype)
     del pattern
     formats.fill_values(structure, numpy_factor(term, dtype), fl, data[start:stop])
     return stop

@@ -58,8 +58,7 @@ class PlanBlock:
                     s, _ = M.structure_of(term, labels)
                     pattern = formats.csr_pattern(s)
                     c = torch.from_numpy(np.asarray(pattern.indices, dtype=np.int64))
-                    r = torch.from_numpy(np.repeat(np.arange(shape[0], dtype=np.int64),
-                                                   np.diff(pattern.indptr)))
+                    r = torch.from_numpy(formats.csr_rows(pattern.indptr))
                     keeps.append(None)
                 rows.append(r.cpu().numpy())
                 cols.append(c.cpu().numpy())
@@ -227,11 +226,11 @@ class PlanBlock:
             return f.container(self._kept_csr(f), data, self.out_shape, self.inp_shape)
         if fmt not in self.cache and f.layout is formats.COO:
             # the coordinates written from the kept rows and columns (as the first call's
-            # writer writes them, B.rows_to_coords): the values stay in the CSR's order
+            # writer writes them, formats.csr_to_coords): the values stay in the CSR's order
             idx = f.index_itemsize(self.nnz, self.out_shape, self.inp_shape)
-            self.cache[fmt] = (B.rows_to_coords(self.csr.indptr, self.csr.indices,
-                                                self.out_shape, self.inp_shape,
-                                                B.NUMPY.index(idx)), None)
+            self.cache[fmt] = (formats.csr_to_coords(self.csr.indptr, self.csr.indices,
+                                                     self.out_shape, self.inp_shape,
+                                                     B.NUMPY.index(idx)), None)
         if fmt not in self.cache:  # the format's pattern, and where each CSR value goes in it
             order = scipy.sparse.csr_array(
                 (np.arange(self.nnz, dtype=np.int64), self.csr.indices, self.csr.indptr),
@@ -320,7 +319,7 @@ class PlanBlock:
         if fmt not in cache and f.layout is formats.COO:  # coordinates from the kept rows
             idx = f.index_itemsize(nnz, out, inp)
             coords = nnz * (len(out) + len(inp)) * idx
-            peak = max(peak, kept + coords + B.rows_to_coords_nbytes(
+            peak = max(peak, kept + coords + formats.csr_to_coords_nbytes(
                 nnz, out, inp, idx, self.csr.indices.itemsize))
             during = kept = kept + coords
         elif fmt not in cache:  # the positions (int64) as a CSR, converted: the pattern kept
