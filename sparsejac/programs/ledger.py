@@ -54,6 +54,17 @@ def storage_key(tensor: Any) -> tuple[int, int]:
     return storage.data_ptr(), storage.nbytes()
 
 
+def storage_nbytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one tensor count once)."""
+    seen, total = set(), 0
+    for f in tensors:
+        key = storage_key(f)
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
 class Ledger:
     """Bytes of the distinct storages behind the tracked tensors that are alive."""
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+PREFIX = "jacobian_of: "  # the programs' messages start with it
+
 # torch's submodules whose functions are builtins named ``<prefix>_<name>`` (linalg_solve)
 _SUBMODULES = ("linalg", "special", "fft")
 

@@ -20,11 +20,10 @@ from typing import Any
 
 from ..errors import UnsupportedOperationError
 from . import custom, registry
-from .ledger import WeakCall, storage_key
+from .ledger import WeakCall, storage_nbytes
 from . import terms as T
-from .naming import display_name
+from .naming import PREFIX, display_name
 
-PREFIX = "jacobian_of: "
 Terms = dict  # leaf key -> list[T.Term]: the Jacobian of one tensor w.r.t. each argument leaf
 
 # torch.func's transforms and the tracer's label state are not thread-safe: one trace at a time.
@@ -346,17 +345,6 @@ class _Dead(dict):
 
 
 DEAD: Terms = _Dead()
-
-
-def storage_nbytes(tensors: Any) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one tensor count once)."""
-    seen, total = set(), 0
-    for f in tensors:
-        key = storage_key(f)
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-    return total
 
 
 def _is_tensor(x: Any) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ... import formats, options
-from ..tracer import PREFIX
+from ..ledger import storage_nbytes
+from ..naming import PREFIX
 from . import blocks as B
 from . import materialise as M
 
@@ -26,8 +27,6 @@ def conversion_nbytes(fmt, nnz, out_shape, inp_shape, itemsize, csr_bytes):
 def factors_nbytes(c) -> int:
     """Bytes of the dense factors alive while the blocks are written: those of the blocks'
     terms, or the tracer's live factors where it holds more."""
-    from ..tracer import storage_nbytes
-
     held = storage_nbytes([f for terms in c.blocks for t in terms for f in t.held()])
     return max(held, c.labels.live()) + c.labels.tables_nbytes
 
