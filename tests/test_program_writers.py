@@ -1,5 +1,5 @@
 """Blocks that are not one plain term (index maps: convolutions, pooling, slices, padding; sums
-of terms not nested in one) written straight into each format (programs/write/blocks.py ``merged``):
+of terms not nested in one) written straight into each format (programs/write/merged.py ``Merged``):
 values against ``torch.func.jacrev`` in float64, the results canonical, the stored entries the
 rule's (the same in every format and as the CSR merge's), plans' refills and patterns, no
 format converted from another, and the guard's prediction against the measured peak."""
@@ -17,8 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 import sparsejac  # noqa: E402
 from sparsejac import formats  # noqa: E402
 from sparsejac.programs import api  # noqa: E402
-from sparsejac.programs.write import blocks as W  # noqa: E402
-from sparsejac.programs.write import materialise as M  # noqa: E402
+from sparsejac.programs.write import choose as M  # noqa: E402
+from sparsejac.programs.write import structured  # noqa: E402
 from test_programs import numpy_peak  # noqa: E402  (pytest puts tests/ on the path)
 
 D = torch.float64
@@ -66,7 +66,7 @@ def test_the_programs_take_the_merged_path(name):
     fn, shape = PROGRAMS[name]
     c = blocks(fn, rand(*shape))
     (terms,) = c.blocks
-    assert not W.direct(terms, c.labels)
+    assert not structured.direct(terms, c.labels)
     if name in ("pad", "stencil", "conv_plus_slice"):
         assert len(terms) > 1  # a sum of terms
 
@@ -236,7 +236,7 @@ def test_the_guard_bounds_what_the_merged_writer_allocates(name, fmt):
     peak = numpy_peak(fn, x, fmt)
     c = blocks(fn, x)
     (terms,), ((s1, s2),) = c.blocks, c.shapes
-    predicted, _ = W.nbytes(terms, s1, s2, c.labels, D, fmt)
+    predicted, _ = M.writer_for(terms, s1, s2, c.labels, fmt).nbytes(fmt, terms, c.labels, D)
     # the slack under: Python's own objects, which tracemalloc counts too (about 20 KB)
     assert 0.99 * peak <= predicted <= 2 * peak, (peak, predicted, predicted / peak)
 
