@@ -25,25 +25,27 @@ def factors_nbytes(c) -> int:
 
 
 def build(c, fmt: str) -> Any:
-    """Write every block once (guarded) by its writer, then each place it is used in the
-    nested result (a Hessian's block below the diagonal: the transpose of one above)."""
+    """Write every block once (guarded) by its writer, and from that each place it is used in
+    the nested result (a Hessian's block below the diagonal: the transpose of one above)."""
     live = factors_nbytes(c)  # the factors stay alive while the blocks are written
     alive = ""
     if c.labels.peak:  # what the trace itself reached (checked before each allocation)
         alive = f", after a trace that peaked at {c.labels.peak:,} bytes of factors,"
-    held, writers, built = 0, [], []
+    held, results = 0, {}
     transposed = {b for b, tr in c.layout if tr}
     for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
         w = writer_for(terms, s1, s2, c.labels, fmt, i in c.symmetric, i in transposed)
         nnz = sum(t.nnz(c.labels) for t in terms)
-        copies = sum(1 for b, _ in c.layout if b == i)
+        places = [place for place in c.layout if place[0] == i]
         peak, final = w.nbytes(fmt, terms, c.labels, c.dtype, c.device)
         what = (f"{c.what[i]} ({nnz:,} entries enumerated in {len(terms)} "
                 f"term(s), format {fmt!r}){alive}")
         options.guard(held + peak, c.limit, PREFIX, what, used=live)
         if c.labels.room is not None:  # (what is written now is counted in the headroom)
             options.guard_room(peak, c.labels.room(), c.labels.reserve, PREFIX, what)
-        writers.append(w)
-        built.append(w.write(terms, c.labels, c.dtype, fmt, c.device))
-        held += final * copies
-    return c.nest([writers[b].result(built[b], fmt, tr, c.device) for b, tr in c.layout])
+        written = w.write(terms, c.labels, c.dtype, fmt, c.device)
+        for place in places:  # each place's result now: what was written goes with them
+            results[place] = w.result(written, fmt, place[1], c.device)
+        del written
+        held += final * len(places)
+    return c.nest([results[place] for place in c.layout])

@@ -43,23 +43,26 @@ class CsrPath(Writer):
         return symmetrise(csr) if self.symmetric else csr
 
     def nbytes(self, fmt, terms, labels, dtype, device=None):
-        """The merge; the average beside it; then, per place, the conversion to ``fmt`` (of
-        the transpose, which is made first, below the diagonal). ``kept``: one place's."""
+        """The merge; the average beside it; then the result in ``fmt`` beside the CSR, and
+        for a block used transposed too, the transpose and its result beside both.
+        ``kept``: one place's result."""
         f = formats.get(fmt, require=False)
+        itemsize = dtype.itemsize
         nnz = sum(t.nnz(labels) for t in terms)
         peak, csr_bytes = self.inner.csr_nbytes(terms, labels, dtype)
         nrows, ncols = self.matrix_shape
         idx = formats.index_dtype(nnz, (nrows, ncols)).itemsize
         if self.symmetric:
-            peak = max(peak, csr_bytes + symmetrise_nbytes(nnz, nrows, idx, dtype.itemsize))
-        convert, final = f.from_csr_nbytes(nnz, self.out_shape, self.inp_shape, dtype.itemsize,
+            peak = max(peak, csr_bytes + symmetrise_nbytes(nnz, nrows, idx, itemsize))
+        convert, final = f.from_csr_nbytes(nnz, self.out_shape, self.inp_shape, itemsize,
                                            csr_bytes)
         peak = max(peak, csr_bytes + convert)
         if not self.symmetric:  # used transposed too
-            t_peak, t_bytes = transpose_nbytes(nnz, ncols, idx, dtype.itemsize)
-            t_convert, _ = f.from_csr_nbytes(nnz, self.inp_shape, self.out_shape,
-                                             dtype.itemsize, t_bytes)
-            peak = max(peak, csr_bytes + t_peak, csr_bytes + t_bytes + t_convert)
+            own = final if convert else 0  # (no conversion: the result is the CSR itself)
+            _, t_bytes = transpose_nbytes(nnz, ncols, idx, itemsize)
+            t_convert, _ = f.from_csr_nbytes(nnz, self.inp_shape, self.out_shape, itemsize,
+                                             t_bytes)
+            peak = max(peak, csr_bytes + own + t_bytes + t_convert)
         return peak, final
 
     def result(self, written, fmt, transposed=False, device=None):
@@ -93,7 +96,7 @@ class CsrPath(Writer):
             return self.inner.averaged(terms, labels, dtype, self.swapped)
         data = self.inner.values(terms, labels, dtype)
         if self.mirror is not None:  # exactly symmetric, as hessian_of gives it
-            data = average(data, self.mirror)
+            data = average(data, data[self.mirror])
         return data
 
     def values_nbytes(self, terms, labels, dtype):

@@ -17,70 +17,72 @@ from ... import formats
 from .base import canonical_csr
 
 
-def transpose_order(pattern) -> tuple[formats.CompressedPattern, np.ndarray]:
+def transpose_order(pattern, data: np.ndarray | None = None
+                    ) -> tuple[formats.CompressedPattern, np.ndarray]:
     """The canonical CSR pattern of the transpose of the matrix whose CSR pattern is
-    ``pattern`` (``indices``, ``indptr``, ``shape``), and for each of its entries the position
-    (int64) of that entry in ``pattern``. :func:`transpose_order_nbytes` predicts its bytes."""
+    ``pattern`` (``indices``, ``indptr``, ``shape``), and its values: ``data`` transposed
+    with it, or (None) for each of its entries the position (int64) of that entry in
+    ``pattern``. :func:`transpose_order_nbytes` predicts its bytes."""
     nnz = len(pattern.indices)
-    order = scipy.sparse.csr_array(
-        (np.arange(nnz, dtype=np.int64), pattern.indices, pattern.indptr), shape=pattern.shape)
+    carried = np.arange(nnz, dtype=np.int64) if data is None else data
+    order = scipy.sparse.csr_array((carried, pattern.indices, pattern.indptr),
+                                   shape=pattern.shape)
+    del carried
     t = order.T.tocsr()
-    del order  # the arange: the transpose's data is its own copy
+    del order  # (the positions: the transpose's values are its own copy)
     t.sort_indices()
     return formats.CompressedPattern(t.indices, t.indptr, t.shape), t.data
 
 
-def transpose_order_nbytes(nnz: int, ncols: int, idx: int) -> tuple[int, int]:
+def transpose_order_nbytes(nnz: int, ncols: int, idx: int,
+                           itemsize: int | None = None) -> tuple[int, int]:
     """``(peak, kept)`` bytes of :func:`transpose_order` for ``nnz`` entries in ``ncols``
-    columns, index arrays of ``idx`` bytes: the positions (an arange, then the transpose's
-    copy), its indices and indptr."""
-    kept = nnz * (8 + idx) + (ncols + 1) * idx
-    return nnz * 8 + kept, kept
+    columns, index arrays of ``idx`` bytes: the transpose's values (of ``itemsize`` bytes; None:
+    the positions, from an arange), its indices and indptr."""
+    kept = nnz * ((itemsize or 8) + idx) + (ncols + 1) * idx
+    return kept + (nnz * 8 if itemsize is None else 0), kept
 
 
 def mirror_of(pattern) -> np.ndarray | None:
     """Where a symmetric pattern's entries have their mirror images (the position of entry
     ``(j, i)`` for entry ``(i, j)``), or None where the pattern is not symmetric."""
     t, order = transpose_order(pattern)
-    if np.array_equal(t.indptr, pattern.indptr) and np.array_equal(t.indices, pattern.indices):
-        return order
-    return None
+    return order if same_pattern(t, pattern) else None
 
 
-def average(data: np.ndarray, mirror: np.ndarray) -> np.ndarray:
-    """``(data + data[mirror]) / 2``, written over the gathered copy: two arrays at once
-    whether or not numpy elides the temporaries (the same sums either way: + commutes)."""
-    mirrored = data[mirror]
-    mirrored += data
-    mirrored *= 0.5
+def same_pattern(a, b) -> bool:
+    return np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)
+
+
+def average(data: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """``(data + mirrored) / 2`` (``mirrored``: the values at the mirror images), written over
+    ``mirrored``: the same sums however the mirror images are found (+ commutes)."""
+    np.add(mirrored, data, out=mirrored)
+    np.multiply(mirrored, 0.5, out=mirrored)
     return mirrored
 
 
 def symmetrise(csr: scipy.sparse.csr_array) -> scipy.sparse.csr_array:
     """``csr`` averaged with its transpose where its pattern is symmetric (its values
     replaced), else as it is."""
-    mirror = mirror_of(csr)
-    if mirror is not None:
-        csr.data = average(csr.data, mirror)
+    t, values = transpose_order(csr, csr.data)
+    if same_pattern(t, csr):
+        csr.data = average(csr.data, values)
     return csr
 
 
 def symmetrise_nbytes(nnz: int, nrows: int, idx: int, itemsize: int) -> int:
-    """Bytes :func:`symmetrise` allocates beside the block: the transposed order, then the
-    averaged values beside its positions."""
-    peak, kept = transpose_order_nbytes(nnz, nrows, idx)
-    return max(peak, kept + nnz * itemsize)
+    """Bytes :func:`symmetrise` allocates beside the block: the transpose, values carried, and
+    the flags of the patterns' comparison."""
+    return transpose_order_nbytes(nnz, nrows, idx, itemsize)[0] + nnz
 
 
 def transpose(csr: scipy.sparse.csr_array) -> scipy.sparse.csr_array:
     """The canonical CSR of ``csr``'s transpose (the block used below a Hessian's diagonal)."""
-    t, order = transpose_order(csr)
-    return canonical_csr(csr.data[order], t.indices, t.indptr, t.shape)
+    t, values = transpose_order(csr, csr.data)
+    return canonical_csr(values, t.indices, t.indptr, t.shape)
 
 
 def transpose_nbytes(nnz: int, ncols: int, idx: int, itemsize: int) -> tuple[int, int]:
-    """``(peak, kept)`` bytes of :func:`transpose`: the order, then the values gathered
-    beside it; the result keeps the transposed pattern and values."""
-    peak, kept = transpose_order_nbytes(nnz, ncols, idx)
-    result = kept - nnz * 8 + nnz * itemsize
-    return max(peak, kept + nnz * itemsize), result
+    """``(peak, kept)`` bytes of :func:`transpose`: the transposed pattern and values."""
+    return transpose_order_nbytes(nnz, ncols, idx, itemsize)
