@@ -34,7 +34,7 @@ class CsrPath(Writer):
     def __repr__(self) -> str:
         return f"<CsrPath of {self.inner!r}{' (symmetric)' if self.symmetric else ''}>"
 
-    def write(self, terms, labels, dtype, fmt=None, device=None):
+    def write(self, terms, labels, dtype, fmt, device=None):
         """The canonical CSR (averaged, for a symmetric block). ``terms`` is emptied once it
         is merged: the factors are freed before the average makes its transposed copy (a
         Rosenbrock Hessian of 1e6 variables: 40 MB of factors beside 40 MB of copy)."""
@@ -66,18 +66,13 @@ class CsrPath(Writer):
         return peak, final
 
     def result(self, written, fmt, transposed=False, device=None):
+        """The CSR :meth:`write` gave (or its transpose) converted to ``fmt``."""
         f = formats.get(fmt, require=False)
         if transposed:
             result = f.from_csr(transpose(written), self.inp_shape, self.out_shape)
         else:
             result = f.from_csr(written, self.out_shape, self.inp_shape)
         return on_device(result, f, device)
-
-    def csr(self, terms, labels, dtype):
-        return self.inner.csr(terms, labels, dtype)
-
-    def csr_nbytes(self, terms, labels, dtype):
-        return self.inner.csr_nbytes(terms, labels, dtype)
 
     def keep(self, terms, labels, dtype) -> KeptCsr:
         """The inner writer's pattern, and for a symmetric block its mirror image (or the
