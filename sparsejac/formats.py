@@ -32,7 +32,6 @@ INT32_MAX = np.iinfo(np.int32).max
 # leading axes are the output's, which splits an N-D Jacobian into (out.size, arg.size).
 OUT_NDIM = "sparsejac_out_ndim"
 INNER = 4096  # entries of the innermost table that csr_pattern broadcasts (see there)
-SPREAD_COPY_LIMIT = 1 << 23  # factors up to this many elements are laid out before spreading
 
 
 def index_dtype(nnz: int, shape: tuple[int, ...]) -> np.dtype:
@@ -49,12 +48,6 @@ def _ramp_nbytes(digits: "Digits", itemsize: int) -> int:
     full = math.prod(size for size, _ in digits)
     table = math.prod(size for size, coef in digits if coef)
     return (full + table) * itemsize
-
-
-def spread_copies(structure: Structure, factor_size: int) -> bool:
-    """Whether :meth:`Structure.spread` lays a non-contiguous factor of ``factor_size``
-    elements out contiguously first (a copy of the factor)."""
-    return factor_size * 16 <= max(structure.nnz, 1) or factor_size <= SPREAD_COPY_LIMIT
 
 
 Digits = list  # [(size, coefficient)]: an index as a mixed-radix sum, one digit per V label
@@ -208,22 +201,89 @@ def unravel_into(flat: np.ndarray, shape: Sequence[int], out) -> None:
         out[0] = flat
 
 
-def csr_rows(indptr) -> np.ndarray:
-    """The row (int64) of each entry of a compressed-row matrix with this ``indptr``."""
+def csr_rows(indptr, dtype=np.int64) -> np.ndarray:
+    """The row (of ``dtype``) of each entry of a compressed-row matrix with this ``indptr``.
+
+    >>> csr_rows(np.array([0, 2, 2, 3])).tolist()
+    [0, 0, 2]
+    """
     indptr = np.asarray(indptr)
-    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    return np.repeat(np.arange(len(indptr) - 1, dtype=dtype), np.diff(indptr))
+
+
+def csr_rows_nbytes(nrows: int, nnz: int, itemsize: int, indptr_itemsize: int) -> int:
+    """Bytes :func:`csr_rows` allocates for rows of ``itemsize`` bytes: the rows, and before
+    them the arange, the diff of ``indptr`` and numpy's cast of that to intp for ``np.repeat``."""
+    return nnz * itemsize + nrows * (itemsize + indptr_itemsize + 8 * (indptr_itemsize != 8))
 
 
 def csr_to_coords(indptr, indices, out_shape: Sequence[int], inp_shape: Sequence[int],
                   dtype) -> np.ndarray:
     """The N-D coordinates ``(len(out_shape) + len(inp_shape), nnz)`` of the entries of a CSR
     matrix of shape ``(prod(out_shape), prod(inp_shape))``: rows sorted and columns sorted
-    within rows give coordinates in lexicographic order."""
+    within rows give coordinates in lexicographic order. Each axis's coordinate is gathered
+    from a table of that axis's digit over the rows (columns) rather than divided out entry
+    by entry: a gather from a table of ``prod(shape)`` entries is several times faster than
+    int64 division. :func:`csr_to_coords_nbytes` predicts what this allocates.
+
+    >>> csr_to_coords(np.array([0, 1, 3]), np.array([5, 0, 2]), (2,), (2, 3), np.int64).tolist()
+    [[0, 1, 1], [1, 0, 0], [2, 0, 2]]
+    """
+    out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
     k = len(out_shape)
-    coords = np.empty((k + len(inp_shape), len(indices)), dtype=dtype)
-    unravel_into(csr_rows(indptr), out_shape, coords[:k])
-    unravel_into(indices, inp_shape, coords[k:])
+    coords = np.empty((k + len(inp_shape), len(indices)), dtype)
+    # intp: np.take casts narrower indices to it (a copy per axis otherwise)
+    rows = csr_rows(indptr, np.intp)
+    _digits_into(coords[:k], rows, out_shape)
+    del rows
+    _digits_into(coords[k:], np.asarray(indices), inp_shape)
     return coords
+
+
+def _digits_into(out: np.ndarray, flat: np.ndarray, shape: tuple) -> None:
+    """Write the C-order coordinates in ``shape`` of the ``flat`` indices into the rows of
+    ``out``: gathered from one table per axis (its digit at each flat index) where the tables
+    are no larger than the entries, else divided out (a wide, sparse side)."""
+    if not len(flat):  # no entries (always so where an axis has size 0): nothing to write
+        return
+    size = math.prod(shape)
+    if len(shape) == 1:  # one axis: the flat indices themselves
+        out[0] = flat
+        return
+    if size > len(flat):
+        unravel_into(flat, shape, out)
+        return
+    flat = flat.astype(np.intp, copy=False)  # once per side: np.take would cast per axis
+    before, after = 1, size
+    for d, n in enumerate(shape):
+        after //= n
+        digit = np.broadcast_to(np.arange(n, dtype=out.dtype).reshape(1, n, 1),
+                                (before, n, after)).reshape(-1)
+        # every flat index is in range: "wrap" skips the bounds check and buffering of "raise"
+        np.take(digit, flat, out=out[d], mode="wrap")
+        del digit
+        before *= n
+
+
+def csr_to_coords_nbytes(nnz: int, out_shape: Sequence[int], inp_shape: Sequence[int], idx: int,
+                         matrix_idx: int) -> int:
+    """Bytes :func:`csr_to_coords` allocates beside its coordinates (of ``idx`` bytes, the
+    CSR's index arrays of ``matrix_idx``): the rows (intp, :func:`csr_rows_nbytes`), then each
+    side with its flat indices as intp (the rows; the columns cast where narrower) and one
+    digit table at a time, or (a side larger than the entries) :func:`unravel_into`'s int64
+    quotient, remainder and previous quotient."""
+    out_shape, inp_shape = tuple(out_shape), tuple(inp_shape)
+    rows = csr_rows_nbytes(math.prod(out_shape), nnz, 8, matrix_idx)
+
+    def side(shape: tuple, flat: int) -> int:
+        size = math.prod(shape)
+        if len(shape) <= 1:  # copied as they are
+            return flat if shape else 0
+        if size > nnz:
+            return flat + nnz * (16 + 8 * (len(shape) >= 3))
+        return flat + size * idx + max(shape, default=0) * idx
+
+    return max(rows, side(out_shape, nnz * 8), side(inp_shape, nnz * 8 * (matrix_idx != 8)))
 
 
 def coords_to_csr(coords, shape: Sequence[int], split: int, dtype=None):
@@ -309,25 +369,13 @@ class CoordinateLayout(Layout):
         return np.asarray(coords).astype(NUMPY.index(idx), copy=False), data
 
     def from_csr_nbytes(self, nnz, out_shape, inp_shape, itemsize, csr_bytes, idx):
-        """As :func:`csr_to_coords` allocates: the coordinates, then the rows (int64, from an
-        arange and a diff of ``indptr``, cast to int64 for ``np.repeat``), then each side
-        unravelled (:func:`unravel_into`: the quotient and remainder of each divmod, and the
-        previous quotient from the third axis on), the columns first widened to int64 where the
-        CSR's are narrower. An unravelled array made for the purpose (the rows, the widened
-        columns) is freed when the first quotient replaces it: the third quotient takes its
-        place (tests/test_guard.py measures it)."""
-        nrows = math.prod(out_shape)
-        matrix_idx = index_dtype(nnz, (nrows, math.prod(inp_shape))).itemsize
+        """The coordinates and :func:`csr_to_coords`'s temporaries beside them (the CSR's
+        index arrays as wide as the rule makes them); the result keeps the coordinates and
+        the CSR's values."""
+        matrix_idx = index_dtype(nnz, (math.prod(out_shape), math.prod(inp_shape))).itemsize
         coords = nnz * (len(out_shape) + len(inp_shape)) * idx
-
-        def unravel(k: int) -> int:
-            return nnz * (16 * (k >= 2) + 8 * (k >= 3))
-
-        repeat = nrows * (8 + matrix_idx + 8 * (matrix_idx != 8))  # arange, diff, its cast
-        rows = max(nnz * 8 + repeat, nnz * (8 + 16 * (len(out_shape) >= 2)))
-        cols = (nnz * (8 + 16 * (len(inp_shape) >= 2)) if matrix_idx != 8
-                else unravel(len(inp_shape)))
-        return coords + max(rows, cols), nnz * itemsize + coords
+        extra = coords + csr_to_coords_nbytes(nnz, out_shape, inp_shape, idx, matrix_idx)
+        return extra, nnz * itemsize + coords
 
 
 class CompressedLayout(Layout):
@@ -595,11 +643,6 @@ def get(format: Any, prefix: str = "", require: bool = True) -> Format:
     return fmt
 
 
-def predicted_nbytes(structure: Structure, fmt: Any, itemsize: int) -> int:
-    """Bytes of the arrays a writer allocates for ``fmt`` (values of ``itemsize`` bytes)."""
-    return get(fmt, require=False).structure_nbytes(structure, itemsize)
-
-
 def pattern_peak_nbytes(structure: Structure, fmt: Any) -> int:
     """The peak bytes of building the pattern of ``fmt`` (see :meth:`Format.pattern_peak_nbytes`)."""
     return get(fmt, require=False).pattern_peak_nbytes(structure)
@@ -618,7 +661,7 @@ def predicted_peak(
     when the build allocates it: ``factor_owned``), the values, the laid-out copy of a
     non-contiguous factor, and the pattern with its temporaries (``pattern``: not yet built)."""
     size = factor_nbytes // max(itemsize, 1)
-    copy = factor_nbytes if not factor_contiguous and spread_copies(structure, size) else 0
+    copy = factor_nbytes if not factor_contiguous and structure.spread_copies(size) else 0
     patterns = pattern_peak_nbytes(structure, fmt) if pattern else 0
     owned = factor_nbytes if factor_owned else 0
     return owned + structure.nnz * itemsize + max(copy, patterns)
@@ -627,9 +670,3 @@ def predicted_peak(
 def container(fmt: Any, pattern, data, out_shape: Sequence[int], inp_shape: Sequence[int]):
     """The container ``fmt`` names around index arrays and values (:meth:`Format.container`)."""
     return get(fmt, require=False).container(pattern, data, out_shape, inp_shape)
-
-
-def from_csr(csr, fmt: Any, out_shape: Sequence[int], inp_shape: Sequence[int]):
-    """A canonical scipy CSR array of shape ``(prod(out_shape), prod(inp_shape))`` in the
-    container ``fmt`` names (for results that are assembled as CSR, e.g. sums of terms)."""
-    return get(fmt, require=False).from_csr(csr, out_shape, inp_shape)

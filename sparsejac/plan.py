@@ -23,20 +23,13 @@ import numpy as np
 from . import formats, options
 from .backend import NUMPY, TorchBackend, broadcast_base, torch_dtype
 from .embed import embed_coo, embedding_nnz
-from .errors import ArgumentTypeError, ShapeError, context
+from .errors import ShapeError, context
 from .formats import Format
 from .grammar import Einsum, bind, parse, require_text
 from .operands import as_array, as_tensors, cuda_device, is_torch_tensor, result_dtype
 from .structure import Structure, einsum_factor, einsum_structure, factor_is_view
 
 METHODS = ("direct", "embed")
-
-
-def value_dtype_for(fmt: Any, dtype: np.dtype) -> np.dtype:
-    """The dtype of the stored values of ``fmt`` for operands whose result dtype is ``dtype``:
-    the same, except float16 for the scipy formats, which scipy cannot use (its sparse
-    routines refuse float16): those are computed and stored in float32, a lossless upcast."""
-    return formats.get(fmt, require=False).value_dtype(dtype)
 
 
 class Options(NamedTuple):

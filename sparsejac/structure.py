@@ -26,6 +26,10 @@ from .errors import ShapeError, context
 from .grammar import Einsum
 from .paths import greedy, removed_size
 
+# Factors up to this many elements are laid out in ``V`` order before spreading (as are those
+# at most a sixteenth of the nonzeros): the broadcast copy then reads contiguous memory.
+SPREAD_COPY_LIMIT = 1 << 23
+
 
 def distinct(labels: Sequence[int]) -> tuple[int, ...]:
     """The labels in order of first appearance, each once."""
@@ -76,6 +80,12 @@ class Structure:
         order = tuple(label for label in free if label in self.factor_labels)
         return Structure(self.cols, self.rows, self.sizes, order)
 
+    def spread_copies(self, factor_size: int) -> bool:
+        """Whether :meth:`spread` lays a factor of ``factor_size`` elements out in ``V`` order
+        first (a copy where it is not laid out so already): a small factor is worth it, as the
+        broadcast copy that spreads it over the nonzeros then reads contiguous memory."""
+        return factor_size * 16 <= max(self.nnz, 1) or factor_size <= SPREAD_COPY_LIMIT
+
     def spread(self, factor, labels: Sequence[int] | None = None, xp=NUMPY):
         """``factor`` (axes named by ``labels``, default ``factor_labels``) as a read-only
         broadcast view of shape ``free_shape``: the values of the nonzeros in C order."""
@@ -83,10 +93,7 @@ class Structure:
         free = self.free
         order = sorted(range(len(labels)), key=lambda axis: free.index(labels[axis]))
         factor = xp.permute(factor, order)
-        size = math.prod(factor.shape)
-        if size * 16 <= max(self.nnz, 1) or size <= 1 << 23:  # formats.spread_copies
-            # A small factor is worth laying out in V order once: the broadcast copy that
-            # spreads it over the nonzeros then reads contiguous memory.
+        if self.spread_copies(math.prod(factor.shape)):
             factor = xp.contiguous(factor)
         expanded = factor.reshape(tuple(self.sizes[l] if l in labels else 1 for l in free))
         return xp.broadcast_to(expanded, self.free_shape)

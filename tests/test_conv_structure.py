@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import sparsejac
 from sparsejac.programs import terms as T
-from sparsejac.programs.write import materialise as M
+from sparsejac.programs.write import choose as M
 from sparsejac.programs.collect import load
 from sparsejac.programs.tracer import make_tracer
 

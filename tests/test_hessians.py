@@ -192,17 +192,17 @@ def test_conv_transpose_cross_term():
     check_blocks(loss, rand(2, 3, 5), rand(3, 2, 3, seed=1))
 
 
-# --- terms with one entry a row: the union merged row by row (write.materialise.rows_pattern) ------------
+# --- terms with one entry a row: the union merged row by row (write.rows.rows_pattern) ------------
 
 
 def _no_coordinates(monkeypatch):
     """Make the coordinate writer fail, so that a passing check took the row-by-row one."""
-    from sparsejac.programs.write import materialise as M
+    from sparsejac.programs.write import coordinates as C
 
     def refuse(*args, **kwargs):
         raise AssertionError("the coordinate writer was used")
 
-    monkeypatch.setattr(M, "_materialise_mapped", refuse)
+    monkeypatch.setattr(C, "write_mapped", refuse)
 
 
 def test_shifted_and_strided_terms_merge_row_by_row(monkeypatch):
@@ -226,7 +226,7 @@ def test_rosenbrock_plan_refills_row_by_row(monkeypatch):
 
     n = 40
     plan = sparsejac.plan_of(rosen, rand(n, seed=5), order=2)
-    assert plan._blocks[0].slots is not None  # the row-by-row refill
+    assert plan._blocks[0].inner.slots is not None  # the row-by-row refill
     z = rand(n, seed=6)
     H = plan.jacobian(z, format="csr")
     np.testing.assert_allclose(H.toarray(), torch.func.hessian(rosen)(z).numpy(),
@@ -237,7 +237,7 @@ def test_rosenbrock_plan_refills_row_by_row(monkeypatch):
 def test_repeated_selection_goes_by_coordinates():
     """A selection that repeats entries puts two entries of one term in a row: the row-by-row
     writer does not apply, the coordinate one sums them."""
-    from sparsejac.programs.write import materialise
+    from sparsejac.programs.write import rows
 
     idx = torch.tensor([0, 2, 2, 5, 1, 0])
     fn = lambda z: (torch.tanh(z[idx]) ** 2).sum() + (z[1:] * z[:-1]).sum()  # noqa: E731
@@ -245,7 +245,7 @@ def test_repeated_selection_goes_by_coordinates():
     assert M.nnz == 4 + 2 * 6  # the diagonal at the 4 entries selected, the product's bands
     z = rand(7, seed=8)
     c = sparsejac.programs.collect.hessian_blocks(fn, (z,), 0, None)
-    assert not materialise.by_rows_applies(c.blocks[0], (7, 7), c.labels)
+    assert not rows.by_rows_applies(c.blocks[0], (7, 7), c.labels)
 
 
 def test_row_by_row_writer_allocates_no_more_than_predicted():
@@ -254,7 +254,8 @@ def test_row_by_row_writer_allocates_no_more_than_predicted():
     import tracemalloc
 
     from sparsejac.programs import collect
-    from sparsejac.programs.write import materialise as M
+    from sparsejac.programs.write import choose as M
+    from sparsejac.programs.write import rows
 
     def rosen(z):
         return (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()
@@ -262,7 +263,7 @@ def test_row_by_row_writer_allocates_no_more_than_predicted():
     n = 200_000
     c = collect.hessian_blocks(rosen, (rand(n, seed=9),), 0, None)
     terms = c.blocks[0]
-    assert M.by_rows_applies(terms, (n, n), c.labels)
+    assert rows.by_rows_applies(terms, (n, n), c.labels)
     predicted, kept = M.materialise_nbytes(terms, (n,), (n,), c.labels, D)
     tracemalloc.start()
     try:
@@ -336,17 +337,17 @@ def test_a_merged_block_lets_its_factors_go_before_its_average(monkeypatch):
     average with its transposed copy (at 1e6 Rosenbrock variables, 40 MB beside 40 MB)."""
     import weakref
 
-    from sparsejac.programs.write import assemble, materialise as M
+    from sparsejac.programs.write import csrpath, merged
 
     refs, alive = [], []
-    materialise, symmetrise = M.materialise, assemble.symmetrise
+    merge, symmetrise = merged.Merged.csr, csrpath.symmetrise
 
-    def spy(terms, *a, **k):
+    def spy(self, terms, *a, **k):
         refs.extend(weakref.ref(t.factor) for t in terms)
-        return materialise(terms, *a, **k)
+        return merge(self, terms, *a, **k)
 
-    monkeypatch.setattr(M, "materialise", spy)
-    monkeypatch.setattr(assemble, "symmetrise", lambda csr: (
+    monkeypatch.setattr(merged.Merged, "csr", spy)
+    monkeypatch.setattr(csrpath, "symmetrise", lambda csr: (
         alive.append(sum(r() is not None for r in refs)), symmetrise(csr))[1])
     fn = lambda z: (100 * (z[1:] - z[:-1] ** 2) ** 2 + (1 - z[:-1]) ** 2).sum()  # noqa: E731
     z = rand(12, seed=4)

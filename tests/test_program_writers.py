@@ -1,5 +1,5 @@
 """Blocks that are not one plain term (index maps: convolutions, pooling, slices, padding; sums
-of terms not nested in one) written straight into each format (programs/write/blocks.py ``merged``):
+of terms not nested in one) written straight into each format (programs/write/merged.py ``Merged``):
 values against ``torch.func.jacrev`` in float64, the results canonical, the stored entries the
 rule's (the same in every format and as the CSR merge's), plans' refills and patterns, no
 format converted from another, and the guard's prediction against the measured peak."""
@@ -17,8 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 import sparsejac  # noqa: E402
 from sparsejac import formats  # noqa: E402
 from sparsejac.programs import collect  # noqa: E402
-from sparsejac.programs.write import blocks as W  # noqa: E402
-from sparsejac.programs.write import materialise as M  # noqa: E402
+from sparsejac.programs.write import choose as M  # noqa: E402
+from sparsejac.programs.write import structured  # noqa: E402
 from test_programs import numpy_peak  # noqa: E402  (pytest puts tests/ on the path)
 
 D = torch.float64
@@ -66,7 +66,7 @@ def test_the_programs_take_the_merged_path(name):
     fn, shape = PROGRAMS[name]
     c = blocks(fn, rand(*shape))
     (terms,) = c.blocks
-    assert not W.direct(terms, c.labels)
+    assert not structured.direct(terms, c.labels)
     if name in ("pad", "stencil", "conv_plus_slice"):
         assert len(terms) > 1  # a sum of terms
 
@@ -205,15 +205,20 @@ def test_structural_zeros_stay_and_dropped_entries_go():
 
 @pytest.mark.parametrize("shapes", [((4, 5), (6, 7)), ((3,), (2, 2, 5)), ((2, 3, 4), (500, 9))])
 def test_rows_to_coords_agrees_with_the_division(shapes):
-    """The gathered coordinates equal those divided out (formats.csr_to_coords), where the
-    tables are used (sides no larger than the entries) and where not (a wide, sparse side)."""
+    """The gathered coordinates (formats.csr_to_coords) equal those divided out
+    (formats.unravel_into), where the tables are used (sides no larger than the entries) and
+    where not (a wide, sparse side)."""
     out_shape, inp_shape = shapes
     g = np.random.default_rng(0)
     dense = g.random((int(np.prod(out_shape)), int(np.prod(inp_shape)))) < 0.3
     csr = scipy.sparse.csr_array(dense.astype(float))
     for dtype in (np.int32, np.int64):
-        expected = formats.csr_to_coords(csr.indptr, csr.indices, out_shape, inp_shape, dtype)
-        got = W.rows_to_coords(csr.indptr, csr.indices, out_shape, inp_shape, np.dtype(dtype))
+        k = len(out_shape)
+        expected = np.empty((k + len(inp_shape), csr.nnz), dtype)
+        formats.unravel_into(formats.csr_rows(csr.indptr), out_shape, expected[:k])
+        formats.unravel_into(csr.indices, inp_shape, expected[k:])
+        got = formats.csr_to_coords(csr.indptr, csr.indices, out_shape, inp_shape,
+                                    np.dtype(dtype))
         assert got.dtype == dtype
         np.testing.assert_array_equal(got, expected)
 
@@ -231,7 +236,7 @@ def test_the_guard_bounds_what_the_merged_writer_allocates(name, fmt):
     peak = numpy_peak(fn, x, fmt)
     c = blocks(fn, x)
     (terms,), ((s1, s2),) = c.blocks, c.shapes
-    predicted, _ = W.nbytes(terms, s1, s2, c.labels, D, fmt)
+    predicted, _ = M.writer_for(terms, s1, s2, c.labels, fmt).nbytes(fmt, terms, c.labels, D)
     # the slack under: Python's own objects, which tracemalloc counts too (about 20 KB)
     assert 0.99 * peak <= predicted <= 2 * peak, (peak, predicted, predicted / peak)
 

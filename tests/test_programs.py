@@ -676,7 +676,8 @@ def test_sums_of_nested_terms_are_written_directly(case):
     """A Jacobian whose terms' patterns lie in the largest one's (attention: the query path's
     token-diagonal inside the key and value paths' all-pairs) is one direct block, in every
     format and in a plan's refill; terms that do not nest are merged as before."""
-    from sparsejac.programs import collect, write
+    from sparsejac.programs import collect
+    from sparsejac.programs.write import structured
 
     g = torch.Generator().manual_seed(3)
     wq, wk, wv = (torch.randn(6, 6, generator=g, dtype=D) for _ in range(3))
@@ -690,7 +691,7 @@ def test_sums_of_nested_terms_are_written_directly(case):
         x = x[0]
     c = collect.jacobian_blocks(fn, (x,), 0, None)
     assert len(c.blocks[0]) >= 2
-    assert write.blocks.direct(c.blocks[0], c.labels) == (case != "not_nested")
+    assert structured.direct(c.blocks[0], c.labels) == (case != "not_nested")
     check(fn, x, exact_nnz=False)
     plan = sparsejac.plan_of(fn, x)
     x2 = torch.randn(x.shape, generator=g, dtype=D)

@@ -20,8 +20,9 @@ from . import collect as C
 from .collect import LOCK
 from .naming import PREFIX, entry_point
 from .write import assemble as A
-from .write.blocks import on_device
-from .write.plans import PlanBlock
+from .write.base import on_device
+from .write.choose import writer_for
+from .write.plans import shadow
 
 
 def _check(fn: Any, format: str | None = None) -> None:
@@ -139,8 +140,15 @@ class ProgramPlan:
     def _adopt(self, c: C.Collected) -> None:
         self._dead = getattr(c, "dead", None) or {}
         self._structure, self.dtype, self._layout = c.structure(), c.dtype, c.layout
-        self._blocks = [PlanBlock(terms, s1, s2, c.labels, c.dtype, i in c.symmetric)
-                        for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes))]
+        # each block's writer, chosen once, keeps its pattern; the shadow terms (the factors'
+        # shapes and strides only) are what a refill's predictions read
+        transposed = {i for i, tr in c.layout if tr}
+        self._blocks, self._shadows = [], []
+        for i, (terms, (s1, s2)) in enumerate(zip(c.blocks, c.shapes)):
+            w = writer_for(terms, s1, s2, c.labels, None, i in c.symmetric, i in transposed)
+            w.keep(terms, c.labels, c.dtype)
+            self._blocks.append(w)
+            self._shadows.append(shadow(terms))
         self._labels, self._device = c.labels, c.device  # what the shadow terms refer to
         self._measure(c)
         c.labels.live = _nothing_live  # kept, the labels must not keep the tracer (its tape)
@@ -154,19 +162,18 @@ class ProgramPlan:
         """The bytes the writers of :meth:`jacobian` hold at their peak, every result kept
         until the last is written (as :meth:`jacobian` writes them)."""
         itemsize = np.dtype(numpy_dtype(self.dtype)).itemsize
-        transposed = {i for i, tr in self._layout if tr}
         held = peak = 0
         done: set[int] = set()
         for i, tr in self._layout:
-            b = self._blocks[i]
-            if b.writes_directly(i in transposed):
-                p, kept = b.write_nbytes(fmt, self.dtype, self._labels, self._device)
+            w, terms = self._blocks[i], self._shadows[i]
+            if w.writes_directly:
+                p, kept = w.nbytes(fmt, terms, self._labels, self.dtype, self._device)
             else:
                 p = kept = 0
                 if i not in done:  # each block's values once, kept for its transposed copy
-                    p, kept = b.data_nbytes(self.dtype, self._labels)
+                    p, kept = w.values_nbytes(terms, self._labels, self.dtype)
                     done.add(i)
-                p2, k2 = b.result_nbytes(fmt, tr, itemsize)
+                p2, k2 = w.kept.result_nbytes(fmt, tr, itemsize)
                 p, kept = max(p, kept + p2), kept + k2
             peak, held = max(peak, held + p), held + kept
         return peak
@@ -199,7 +206,7 @@ class ProgramPlan:
     @property
     def nnz(self) -> int:
         """Stored entries of every block of the result (transposed blocks counted again)."""
-        return sum(self._blocks[b].nnz for b, _ in self._layout)
+        return sum(self._blocks[b].kept.nnz for b, _ in self._layout)
 
     @property
     def shape(self):
@@ -209,7 +216,7 @@ class ProgramPlan:
 
     @property
     def matrix_shape(self):
-        return self._blocks[0].csr.shape
+        return self._blocks[0].kept.shape
 
     def nbytes(self, format: str = "coo", dtype: Any = None) -> int:
         """Bytes of the result's arrays in ``format`` (default ``"coo"``, what :meth:`jacobian`
@@ -224,14 +231,14 @@ class ProgramPlan:
             b = self._blocks[index]
             out, inp = (b.inp_shape, b.out_shape) if transposed else (b.out_shape, b.inp_shape)
             # Compressed layouts keep the CSR's own index width; COO the rule's.
-            idx = 0 if f.layout is formats.COO else b.csr.indices.itemsize
-            total += f.nbytes(b.nnz, out, inp, itemsize, idx)
+            idx = 0 if f.layout is formats.COO else b.kept.index_itemsize
+            total += f.nbytes(b.kept.nnz, out, inp, itemsize, idx)
         return total
 
     def pattern(self, format: str = "coo"):
         """The first block's pattern: a boolean array in ``format`` (ones where stored)."""
-        b = self._blocks[0]
-        return b.result(np.ones(b.nnz, dtype=bool), format)
+        kept = self._blocks[0].kept
+        return kept.result(np.ones(kept.nnz, dtype=bool), format)
 
     def jacobian(self, *args: Any, format: str = "coo", memory_limit: float | None = None):
         """The Jacobian (the Hessian, for a plan of ``order=2``) at ``args`` (same shapes and
@@ -265,18 +272,17 @@ class ProgramPlan:
             options.guard(self._live_end + self._write_nbytes(format), bound, PREFIX,
                           f"the result(s) in format {format!r}, beside {self._live_end:,} "
                           "bytes of live Jacobian factors,")
-            transposed = {i for i, tr in self._layout if tr}
+            f = formats.get(format, require=False)
             data: dict[int, np.ndarray] = {}
             results = []
             for i, tr in self._layout:
-                b, terms = self._blocks[i], c.blocks[i]
-                if b.writes_directly(i in transposed):
-                    results.append(b.write(terms, c.labels, c.dtype, format, c.device))
+                w, terms = self._blocks[i], c.blocks[i]
+                if w.writes_directly:  # its pattern kept per format: the values alone
+                    results.append(w.write(terms, c.labels, c.dtype, format, c.device))
                     continue
-                if i not in data:
-                    data[i] = b.data(terms, c.labels, c.dtype)
-                f = formats.get(format, require=False)
-                results.append(on_device(b.result(data[i], format, tr), f, c.device))
+                if i not in data:  # once, for the block and its transposed copy
+                    data[i] = w.values(terms, c.labels, c.dtype)
+                results.append(on_device(w.kept.result(data[i], format, tr), f, c.device))
             return c.nest(results)
 
     hessian = jacobian

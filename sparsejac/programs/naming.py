@@ -26,6 +26,8 @@ from ..errors import SparsejacError
 # with theirs (:func:`entry_point`).
 PREFIX = "jacobian_of: "
 
+PREFIX = "jacobian_of: "  # the programs' messages start with it
+
 # torch's submodules whose functions are builtins named ``<prefix>_<name>`` (linalg_solve)
 _SUBMODULES = ("linalg", "special", "fft")
 

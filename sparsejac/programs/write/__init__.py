@@ -1,8 +1,15 @@
 """Writers: from the terms at the end of a trace to the requested container.
 
-:mod:`.blocks` writes a block straight into a format's arrays, :mod:`.materialise` writes a
-sum of terms as canonical CSR, :mod:`.assemble` guards and writes every block of a call, and
-:mod:`.plans` keeps a plan's patterns for refills. This package reads terms
-(:mod:`sparsejac.programs.terms`) and the formats; it never imports the tracer's dispatch or
-the rules.
+Each block gets one writer, chosen once from its terms (:func:`.choose.writer_for`), which
+both the one-shot path (:mod:`.assemble`) and plans (:class:`~sparsejac.programs.api.ProgramPlan`)
+use: :class:`~.structured.Structured` writes one plain term (or terms nested in one) from its
+structure, :class:`~.rows.ByRows` and :class:`~.coordinates.ByCoordinates` merge the others
+(:mod:`.merged`) row by row or through coordinates, and :class:`~.csrpath.CsrPath` gives a
+Hessian's symmetric and transposed blocks their CSR (:mod:`.mirror`). Each writer's byte
+model sits beside the code it predicts (:mod:`.base`); :mod:`.plans` holds what a plan keeps.
+
+Imports run one way: base, mirror, plans, then structured, merged, rows, coordinates,
+csrpath, then choose and assemble. This package reads terms (their public names in
+:mod:`sparsejac.programs.terms`), the formats, the ledger and the message prefix
+(:mod:`sparsejac.programs.naming`); it never imports the tracer's dispatch or the rules.
 """
