@@ -26,6 +26,16 @@ def differentiable_entries() -> list:
             and torch.float64 in op.supported_dtypes("cpu")]
 
 
+def rule_name(op, rules) -> str | None:
+    """The registered name the tracer would look the entry's operation up by, if any."""
+    names = [op.name, op.name.split(".")[-1], *(a.name for a in op.aliases or ()),
+             getattr(op.op, "__name__", "")]
+    for n in names:
+        if n in rules and rules[n].kind in ("rule", "decomposition"):
+            return n
+    return None
+
+
 def entry_id(op) -> str:
     return ".".join(filter(None, (op.name, op.variant_test_name)))
 

@@ -10,17 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("expecttest")  # torch's test helpers import it
 
-from opinfo import differentiable_entries, entry_id, verdicts  # noqa: E402
+from opinfo import differentiable_entries, entry_id, rule_name, verdicts  # noqa: E402
 from sparsejac.programs import RULES  # noqa: E402
 
-
-def _registered(op) -> bool:
-    names = [op.name, op.name.split(".")[-1], *(a.name for a in op.aliases or ()),
-             getattr(op.op, "__name__", "")]
-    return any(n in RULES and RULES[n].kind in ("rule", "decomposition") for n in names)
-
-
-ENTRIES = [op for op in differentiable_entries() if not _registered(op)]
+ENTRIES = [op for op in differentiable_entries() if rule_name(op, RULES) is None]
 
 
 @pytest.mark.parametrize("op", ENTRIES, ids=entry_id)
