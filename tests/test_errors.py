@@ -291,15 +291,7 @@ def test_the_second_order_names_hessian_of_and_plan_of():
     """Messages the second order raises (a declaration without one, the guard of its terms)."""
     torch = pytest.importorskip("torch")
     from sparsejac import JacobianTooLargeError, UnsupportedOperationError
-
-    class Round(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return torch.round(x)
-
-        @staticmethod
-        def backward(ctx, g):
-            return g
+    from test_soundness import RoundSTE as Round
 
     x, w = torch.ones(8, dtype=torch.float64), torch.ones(8, 8, dtype=torch.float64)
     sparsejac.register_function(Round, "elementwise")
