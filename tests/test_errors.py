@@ -325,3 +325,16 @@ def test_without_torch_each_entry_point_names_itself():
                          env=env, timeout=120, check=True).stdout.splitlines()
     assert [line.split(":")[0] for line in out] == ["jacobian_of", "hessian_of", "plan_of"], out
     assert all(line.split(": ", 1)[1].startswith("tracing needs torch") for line in out), out
+
+
+def test_a_plans_refill_names_the_method_called():
+    torch = pytest.importorskip("torch")
+    from sparsejac import JacobianTooLargeError, ShapeError
+
+    x = torch.ones(4, dtype=torch.float64)
+    plan = sparsejac.plan_of(torch.tanh, x)
+    with pytest.raises(ShapeError, match="^ProgramPlan.jacobian: plan traced for"):
+        plan.jacobian(torch.ones(5, dtype=torch.float64))
+    hess = sparsejac.plan_of(lambda x: (x ** 3).sum(), x, order=2)
+    with pytest.raises(JacobianTooLargeError, match="^ProgramPlan.hessian: "):
+        hess.hessian(x, memory_limit=1)

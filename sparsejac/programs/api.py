@@ -242,7 +242,14 @@ class ProgramPlan:
 
     def jacobian(self, *args: Any, format: str = "coo", memory_limit: float | None = None):
         """The Jacobian (the Hessian, for a plan of ``order=2``) at ``args`` (same shapes and
-        dtypes as the plan's), nested as :func:`jacobian_of` (:func:`hessian_of`) nests it."""
+        dtypes as the plan's), nested as :func:`jacobian_of` (:func:`hessian_of`) nests it.
+        Its messages name the method called (``ProgramPlan.jacobian``, ``ProgramPlan.hessian``)."""
+        with entry_point(f"ProgramPlan.{'hessian' if self.order == 2 else 'jacobian'}"):
+            return self._refill(args, format, memory_limit)
+
+    hessian = jacobian
+
+    def _refill(self, args: tuple, format: str, memory_limit: float | None):
         formats.get(format, PREFIX)  # the name, and its package installed
         key = C.signature(args)
         if key != self._args_key:
@@ -284,8 +291,6 @@ class ProgramPlan:
                     data[i] = w.values(terms, c.labels, c.dtype)
                 results.append(on_device(w.kept.result(data[i], format, tr), f, c.device))
             return c.nest(results)
-
-    hessian = jacobian
 
 
 def plan_of(fn: Callable[..., Any], *args: Any, wrt: int | Sequence[int] = 0,
