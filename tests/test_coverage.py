@@ -107,3 +107,44 @@ def test_sampling_is_not_read_as_a_reparametrisation():
     a reparametrisation, so it is not followed."""
     with pytest.raises(UnsupportedOperationError, match="normal"):
         sparsejac.jacobian_of(lambda v: torch.normal(v, 1.0), V)
+
+
+RECURRENT = {
+    "LSTM 2 layers bidirectional": lambda: torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True),
+    "GRU batch_first": lambda: torch.nn.GRU(3, 4, batch_first=True),
+    "RNN relu": lambda: torch.nn.RNN(3, 4, nonlinearity="relu"),
+    "RNN without bias": lambda: torch.nn.RNN(3, 4, bias=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECURRENT))
+def test_recurrent_layers(name):
+    torch.manual_seed(0)
+    m = RECURRENT[name]().double().eval()
+    x = torch.randn(8, 2, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    fn = lambda x: m(x)[0]  # noqa: E731
+    J = sparsejac.jacobian_of(fn, x)
+    np.testing.assert_allclose(np.asarray(J.todense()), torch.func.jacrev(fn)(x).detach().numpy(),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", [torch.nn.LSTMCell, torch.nn.GRUCell, torch.nn.RNNCell])
+def test_recurrent_cells(cell):
+    torch.manual_seed(0)
+    m = cell(3, 4).double()
+    fn = (lambda x: m(x)[0]) if cell is torch.nn.LSTMCell else m
+    x = torch.randn(2, 3, dtype=D, generator=torch.Generator().manual_seed(2))
+    J = sparsejac.jacobian_of(fn, x)
+    np.testing.assert_allclose(np.asarray(J.todense()), torch.func.jacrev(fn)(x).detach().numpy(),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_recurrence_carries_terms_linear_in_its_length():
+    """The paths through an LSTM's hidden and cell states to one input step merge into one
+    term: at 6 steps, 21 terms (they were 15,978 when they did not)."""
+    from sparsejac.programs import collect
+
+    m = torch.nn.LSTM(3, 4).double().eval()
+    x = torch.randn(6, 2, 3, dtype=D)
+    c = collect.jacobian_blocks(lambda x: m(x)[0], (x,), 0, None)
+    assert len(c.blocks[0]) <= 6 * 7 // 2

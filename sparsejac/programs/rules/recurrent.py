@@ -2,10 +2,9 @@
 equations torch documents for them with registered operations (``F.linear``, ``sigmoid``,
 ``tanh``, ``chunk``, ``stack``), one step at a time; torch runs them as fused kernels.
 
-Through the recurrence each step's state depends on every earlier input through several paths
-(an LSTM's hidden and cell states), and the terms of those paths do not merge yet: their number
-grows about fivefold a step. Layers over more than :data:`MAX_STEPS` steps are refused by name
-rather than left to grow; the cells, one step each, have no such limit.
+Each step's state depends on every earlier input; the terms of the paths that reach one input
+step (an LSTM's hidden and cell states) merge, so a layer over ``T`` steps carries about ``T``
+terms per state.
 """
 
 from __future__ import annotations
@@ -45,8 +44,6 @@ def _gru_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return (1 - z) * n + z * h
 
 
-MAX_STEPS = 3  # time steps a recurrent layer is followed through (see the module docstring)
-
 CELL = "input hx w_ih w_hh b_ih=None b_hh=None"
 
 
@@ -78,12 +75,6 @@ def _layers(name, step, input, hx, params, has_biases, num_layers, dropout, trai
         raise UnsupportedOperationError(
             f"{PREFIX}{name!r} in training mode with dropout draws a random mask; call "
             "model.eval()")
-    steps = input.shape[1 if batch_first else 0] if input.dim() == 3 else input.shape[0]
-    if steps > MAX_STEPS:
-        raise UnsupportedOperationError(
-            f"{PREFIX}{name!r} over {steps} time steps is not supported: the Jacobian's terms "
-            f"multiply with every step through the recurrence, and at most {MAX_STEPS} steps "
-            "are followed")
     dirs = 2 if bidirectional else 1
     per = 4 if has_biases else 2
     if len(params) != num_layers * dirs * per:

@@ -223,8 +223,21 @@ def _operands_of(term: Term, new_labels: set[int]) -> list:
 
 def _signature(term: Term, labels: Labels) -> tuple:
     """The term's axes up to a renaming of labels: equal signatures, equal patterns."""
-    if term.mapped(labels):  # tables name their labels: only identical terms merge
-        return (term.out, term.inp)
+    if term.mapped(labels):
+        # tables name their labels: a derived label and the labels its table reads stay as
+        # they are; the others may be renamed (a recurrence's paths to one input step differ
+        # only in those)
+        fixed = {a for a in term.out_atoms + term.inp_atoms if a in labels.derived}
+        fixed |= {b for a in fixed for b in labels.derived[a][1]}
+        order = term.free(labels)
+        ids = {l: i for i, l in enumerate(l for l in order if l not in fixed)}
+
+        def name(a: int):
+            return ("fixed", a) if a in fixed else ids[a]
+
+        return (tuple(tuple(name(a) for a in axis) for axis in term.out),
+                tuple(tuple(name(a) for a in axis) for axis in term.inp),
+                tuple(labels.sizes[l] for l in order if l not in fixed))
     order = term.free(labels)
     ids = {l: i for i, l in enumerate(order)}
     return (
