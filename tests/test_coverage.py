@@ -148,3 +148,8 @@ def test_a_recurrence_carries_terms_linear_in_its_length():
     x = torch.randn(6, 2, 3, dtype=D)
     c = collect.jacobian_blocks(lambda x: m(x)[0], (x,), 0, None)
     assert len(c.blocks[0]) <= 6 * 7 // 2
+
+
+def test_hessians_through_batched_linear_algebra_are_refused_by_name():
+    with pytest.raises(UnsupportedOperationError, match="'linalg_inv' has no second-order rule"):
+        sparsejac.hessian_of(lambda a: torch.linalg.inv(a).sum(), A)

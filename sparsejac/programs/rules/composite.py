@@ -87,7 +87,7 @@ def _copying(name: str, params: str, view) -> None:
     decomposition(name, params)(copy)
 
 
-_copying("view_copy", "input size", lambda input, size: input.view(size))
+_copying("view_copy", "input size", lambda input, size: input.reshape(size))
 _copying("expand_copy", "input size implicit=False", lambda input, size, implicit: input.expand(size))
 _copying("permute_copy", "input dims", lambda input, dims: input.permute(dims))
 _copying("squeeze_copy", "input dim=None",
