@@ -70,6 +70,9 @@ CASES = [
     Case("scatter_add", lambda a: torch.scatter_add(a, 0, torch.tensor([[0, 1, 2], [0, 1, 2]]),
                                                     a[1:3] * 2), (x,)),
     Case("masked_scatter", lambda a: a.masked_scatter(a > 0, a.flip(0) * 2), (x,)),
+    # torch.max / torch.min of two tensors (rules/reduce.py): elementwise
+    Case("max", lambda a, b: torch.max(a, b), (x, rand(4, 3, seed=4)), wrt=(0, 1), id="max-binary"),
+    Case("min", lambda a: a.min(a.flip(0)), (x,), id="min-binary"),
     # order statistics (rules/order.py)
     Case("sort", lambda a: torch.sort(a, 1, descending=True).values, (x,)),
     Case("msort", torch.msort, (x,)),

@@ -10,7 +10,7 @@ import torch
 
 from ...errors import UnsupportedOperationError
 from .. import sums as S
-from ..registry import decomposition, rule
+from ..registry import RULES, decomposition, rule
 from ..tracer import PREFIX
 
 
@@ -84,18 +84,33 @@ def _onehot(x, index, dim):
     return torch.zeros_like(x).scatter(dim, index, 1.0)
 
 
-@rule(("max", "min"), "input dim=None keepdim=False", traced="input", second="linear")
+def _extremum(elementwise: str):
+    """``torch.max``/``torch.min``: over all entries, along a dimension, or, given a second
+    tensor, elementwise (then as ``torch.maximum``/``torch.minimum``, whose rule it uses)."""
+
+    def jacobian(cx, result, input, dim, keepdim):
+        if isinstance(dim, torch.Tensor):
+            return RULES[elementwise].fn(cx, result, input=input, other=dim)
+        return max_(cx, result, input, dim, keepdim)
+
+    jacobian.__name__ = elementwise[:3]
+    return jacobian
+
+
 def max_(cx, result, input, dim, keepdim):
-    if dim is None or isinstance(dim, torch.Tensor):
-        if isinstance(dim, torch.Tensor):  # torch.max(a, b): the elementwise maximum
-            raise UnsupportedOperationError(
-                f"{PREFIX}max/min of two tensors: use torch.maximum / torch.minimum")
+    if dim is None:
         hit = (input.detach() == result.detach()).to(cx.dtype)
         return _weighted(cx, input, hit / hit.sum(), tuple(range(input.dim())), False)  # ties share
     d = S.dim(dim, input.dim())
     values, indices = result
     w = _onehot(input.detach(), indices.unsqueeze(d) if not keepdim else indices, d)
     return [_weighted(cx, input, w, (d,), bool(keepdim)), None]
+
+
+rule("max", "input dim=None keepdim=False", traced="input dim", second="linear")(
+    _extremum("maximum"))
+rule("min", "input dim=None keepdim=False", traced="input dim", second="linear")(
+    _extremum("minimum"))
 
 
 @rule(("amax", "amin"), "input dim=() keepdim=False", second="linear")
