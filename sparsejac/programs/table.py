@@ -23,6 +23,7 @@ GROUPS = {
     "blocks": "Batched small linear algebra (one dense block per batch entry)",
     "composite": "Written with other operations",
     "recurrent": "Recurrent layers",
+    "resample": "Resampling (interpolate)",
 }
 
 HEADER = """# Operations `jacobian_of` follows

@@ -73,6 +73,13 @@ CASES = [
     # torch.max / torch.min of two tensors (rules/reduce.py): elementwise
     Case("max", lambda a, b: torch.max(a, b), (x, rand(4, 3, seed=4)), wrt=(0, 1), id="max-binary"),
     Case("min", lambda a: a.min(a.flip(0)), (x,), id="min-binary"),
+    # resampling (rules/resample.py)
+    Case("interpolate", lambda a: torch.nn.functional.interpolate(
+        a[None], scale_factor=1.5, mode="linear"), (x,)),
+    Case("interpolate", lambda a: torch.nn.functional.interpolate(
+        a[None, None], size=(5, 7), mode="bicubic", align_corners=True), (x,), id="interpolate-2d"),
+    Case("interpolate", nn.Upsample(scale_factor=2, mode="nearest"), (x[None],), id="Upsample"),
+    Case("upsample", lambda a: torch.nn.functional.upsample(a[None], scale_factor=2), (x,)),
     # order statistics (rules/order.py)
     Case("sort", lambda a: torch.sort(a, 1, descending=True).values, (x,)),
     Case("msort", torch.msort, (x,)),

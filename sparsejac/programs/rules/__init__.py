@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     passive,
     recurrent,
     reduce,
+    resample,
     scatter,
     tables,
 )
