@@ -50,12 +50,11 @@ other rules, which the tracer follows).
 - **Coverage over torch's operator database**, measured by
   `python benchmarks/opinfo_census.py` (torch 2.13, float64, CPU): of the 540 OpInfo entries
   torch differentiates, 449 have samples the census can check (a floating tensor in and out),
-  and of those 320 are exact on every sample (71%), 129 are refused by name, none gives a
-  different Jacobian and none raises anything else. The refused ones are mostly: FFTs, the
-  interpolation modes, the special functions torch writes as primitives (`i0`, `erfcx`,
-  `polygamma`), `cumprod`, `median` and quantiles without a dimension, `scatter_reduce`,
-  `max_unpool`, `grid_sample`, `embedding_bag`, `linalg.lu_solve`, random sampling and
-  dropout in training mode.
+  and of those 349 are exact on every sample (78%), 100 are refused by name, none gives a
+  different Jacobian and none raises anything else. The refused ones are mostly: the FFTs,
+  `cumprod`, `median` and quantiles without a dimension, `scatter_reduce` and `index_reduce`,
+  `max_unpool`, `grid_sample`, `embedding_bag`, `linalg.lu_solve`, `householder_product`,
+  `vector_norm` with `ord=0`, rounding divisions, random sampling and dropout in training mode.
 
 ## Tracing limits
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 from . import D, Case, rand
 
 x = rand(4, 3)
+pos = rand(4, 3, positive=True)
 v = rand(5)
 A = rand(2, 3, 3) + 3 * torch.eye(3, dtype=D)
 B = rand(2, 3, seed=1)
@@ -73,6 +74,22 @@ CASES = [
     # torch.max / torch.min of two tensors (rules/reduce.py): elementwise
     Case("max", lambda a, b: torch.max(a, b), (x, rand(4, 3, seed=4)), wrt=(0, 1), id="max-binary"),
     Case("min", lambda a: a.min(a.flip(0)), (x,), id="min-binary"),
+    # smooth elementwise functions read from torch's forward mode (rules/elementwise.py)
+    *[Case(name, fn, (pos,)) for name, fn in [
+        ("acosh", lambda a: torch.acosh(a + 1)), ("arccosh", lambda a: torch.arccosh(a + 1)),
+        ("arcsinh", torch.arcsinh), ("arctanh", lambda a: torch.arctanh(a / 4)),
+        ("i0", torch.i0), ("sinc", torch.sinc), ("special_i0e", torch.special.i0e),
+        ("special_i1", torch.special.i1), ("special_i1e", torch.special.i1e),
+        ("special_erfcx", torch.special.erfcx), ("special_ndtr", torch.special.ndtr),
+        ("special_ndtri", lambda a: torch.special.ndtri(a / 4)),
+        ("special_log_ndtr", torch.special.log_ndtr), ("special_entr", torch.special.entr),
+        ("polygamma", lambda a: torch.polygamma(1, a)),
+        ("special_polygamma", lambda a: torch.special.polygamma(2, a)),
+        ("mvlgamma", lambda a: torch.mvlgamma(a + 1, 2)),
+        ("fmod", lambda a: torch.fmod(a * 3, 1.3)), ("remainder", lambda a: torch.remainder(a * 3, 1.3)),
+        ("__mod__", lambda a: (a * 3) % 1.3), ("copysign", lambda a: torch.copysign(a, -1.0)),
+        ("ldexp", lambda a: torch.ldexp(a, torch.tensor([2]))),
+    ]],
     # resampling (rules/resample.py)
     Case("interpolate", lambda a: torch.nn.functional.interpolate(
         a[None], scale_factor=1.5, mode="linear"), (x,)),

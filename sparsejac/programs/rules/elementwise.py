@@ -163,6 +163,19 @@ for _name in ("exp", "log", "tanh", "sigmoid", "sin", "cos", "sqrt", "rsqrt", "s
     unary(_name, "input", getattr(torch, _name),
           closed=(lambda input, f=CLOSED[_name]: f(input)) if _name in CLOSED else None)
 
+# more smooth functions, their derivatives from torch's forward mode (torch.special's as torch
+# reports them: ``special_i0e``)
+for _name in ("acosh", "arccosh", "arcsinh", "arctanh", "i0", "sinc"):
+    unary(_name, "input", getattr(torch, _name))
+for _name in ("i0e", "i1", "i1e", "erfcx", "ndtri", "log_ndtr", "ndtr", "entr"):
+    unary(f"special_{_name}", "input", getattr(torch.special, _name))
+unary(("polygamma", "special_polygamma"), "n input", torch.polygamma)
+unary("mvlgamma", "input p", torch.mvlgamma)
+unary(("fmod",), "input other", torch.fmod, traced="input other")
+unary(("remainder", "__mod__"), "input other", torch.remainder, traced="input other")
+unary("copysign", "input other", torch.copysign, traced="input other")
+unary("ldexp", "input other", torch.ldexp, traced="input other")
+
 unary("relu", "input inplace=False", lambda input, inplace: torch.relu(input),
       piecewise_linear=True)
 unary("relu6", "input inplace=False", lambda input, inplace: F.hardtanh(input, 0.0, 6.0),
