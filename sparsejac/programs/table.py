@@ -52,7 +52,7 @@ other rules, which the tracer follows).
   torch differentiates, 449 have samples the census can check (a floating tensor in and out),
   and of those 349 are exact on every sample (78%), 100 are refused by name, none gives a
   different Jacobian and none raises anything else. The refused ones are mostly: the FFTs,
-  `cumprod`, `median` and quantiles without a dimension, `scatter_reduce` and `index_reduce`,
+  `median` and quantiles without a dimension, `scatter_reduce` and `index_reduce`,
   `max_unpool`, `grid_sample`, `embedding_bag`, `linalg.lu_solve`, `householder_product`,
   `vector_norm` with `ord=0`, rounding divisions, random sampling and dropout in training mode.
 

@@ -90,6 +90,9 @@ CASES = [
         ("__mod__", lambda a: (a * 3) % 1.3), ("copysign", lambda a: torch.copysign(a, -1.0)),
         ("ldexp", lambda a: torch.ldexp(a, torch.tensor([2]))),
     ]],
+    Case("cumprod", lambda a: torch.cumprod(a, 1), (x,)),
+    Case("cumprod", lambda a: a.cumprod(0) * 1, (torch.tensor([[1.0, 0.0], [2.0, 3.0], [0.0, 5.0]],
+                                                                dtype=D),), id="cumprod-zeros"),
     # resampling (rules/resample.py)
     Case("interpolate", lambda a: torch.nn.functional.interpolate(
         a[None], scale_factor=1.5, mode="linear"), (x,)),

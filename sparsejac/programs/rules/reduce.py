@@ -259,3 +259,41 @@ def cumsum(cx, result, input, dim, dtype):
     shape = tuple(input.shape[:d]) + (n, n) + tuple(input.shape[d + 1 :])
     windows = S.stand(cx, S.gather(cx, S.of(cx, input), d, index), shape)
     return S.sum_dims(cx, windows, (d + 1,), False)
+
+
+def _cumprod_expand(input, dim, dtype):
+    """For the Hessian: the running product written one step at a time."""
+    d = S.dim(dim, input.dim()) if input.dim() else 0
+    if input.dim() == 0 or input.shape[d] == 0:
+        return input * 1
+    steps = list(input.unbind(d))
+    for k in range(1, len(steps)):
+        steps[k] = steps[k - 1] * steps[k]
+    return torch.stack(steps, d)
+
+
+@rule("cumprod", "input dim dtype=None", expand=_cumprod_expand)
+def cumprod(cx, result, input, dim, dtype):
+    """``d y[i] / d x[j] = prod of x[k] for k <= i, k != j`` (j <= i), formed without a
+    division so that zeros give torch's derivative: the product before ``j`` times the product
+    after it up to ``i``. A dense lower triangle per slice along ``dim``."""
+    if input.dim() == 0:
+        return S.of(cx, input)
+    d = S.dim(dim, input.dim())
+    x = input.detach().movedim(d, -1)
+    n = x.shape[-1]
+    ones = torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
+    before = torch.cat([ones, x[..., :-1]], -1).cumprod(-1)  # prod of x[k], k < j
+    later = torch.arange(n, device=x.device)
+    below = later[:, None] > later[None, :]  # k > j
+    # after[..., i, j] = prod of x[k], j < k <= i
+    after = torch.where(below, x[..., :, None], torch.ones((), dtype=x.dtype)).cumprod(-2)
+    weights = torch.tril(after * before[..., None, :])
+    letters = "".join(chr(ord("a") + k) for k in range(input.dim() - 1))
+    spec = f"{letters}ij,{letters}j->{letters}i"
+    moved = S.permute(cx, S.of(cx, input), [k for k in range(input.dim()) if k != d] + [d])
+    stand = S.stand(cx, moved, tuple(x.shape))
+    terms = S.einsum(cx, None, spec, (weights, stand))
+    back = list(range(input.dim() - 1))
+    back.insert(d, input.dim() - 1)
+    return S.permute(cx, terms, back)
