@@ -37,6 +37,8 @@ RNN_CELL, RELU_CELL = _module(nn.RNNCell, 3, 4), _module(nn.RNNCell, 3, 4, nonli
 CASES = [
     # written with other operations (rules/composite.py)
     Case("diff", lambda a: torch.diff(a, n=2, dim=0, append=a[:1] ** 2), (x,)),
+    Case("gradient", lambda a: torch.stack(torch.gradient(a, spacing=[2.0, 0.5], edge_order=2)),
+         (x,)),
     Case("kron", lambda a: torch.kron(a, a[:2, :2]), (x,)),
     Case("trapezoid", lambda a: torch.trapezoid(a, torch.tensor([0.0, 1, 3], dtype=D)), (x,)),
     Case("cumulative_trapezoid", lambda a: torch.cumulative_trapezoid(a, dx=0.5, dim=0), (x,)),

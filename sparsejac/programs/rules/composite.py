@@ -161,3 +161,35 @@ def cartesian_prod(tensors):
         shape[k] = sizes[k]
         grids.append(t.reshape(shape).expand(sizes).reshape(-1))
     return torch.stack(grids, 1)
+
+
+def _gradient_along(x, d: int, h: float, edge_order: int):
+    """numpy's and torch's second-order accurate differences along ``d``, uniform spacing."""
+    n = x.shape[d]
+    if n < edge_order + 1:
+        raise UnsupportedOperationError(
+            f"{PREFIX}'gradient' needs at least {edge_order + 1} entries along dim {d}")
+    at = lambda i, m=1: x.narrow(d, i % n, m)  # noqa: E731
+    inner = (x.narrow(d, 2, n - 2) - x.narrow(d, 0, n - 2)) / (2 * h)
+    if edge_order == 1:
+        first = (at(1) - at(0)) / h
+        last = (at(n - 1) - at(n - 2)) / h
+    else:
+        first = (-1.5 * at(0) + 2 * at(1) - 0.5 * at(2)) / h
+        last = (0.5 * at(n - 3) - 2 * at(n - 2) + 1.5 * at(n - 1)) / h
+    return torch.cat([first, inner, last], d)
+
+
+@decomposition("gradient", "input spacing=1 dim=None edge_order=1")
+def gradient(input, spacing, dim, edge_order):
+    dims = (list(range(input.dim())) if dim is None
+            else [dim] if isinstance(dim, int) else list(dim))
+    dims = [S.dim(d, input.dim()) for d in dims]
+    spacings = spacing if isinstance(spacing, (list, tuple)) else [spacing] * len(dims)
+    if len(spacings) != len(dims) or not all(isinstance(h, (int, float)) for h in spacings):
+        raise UnsupportedOperationError(
+            f"{PREFIX}'gradient' with coordinates as spacing is not supported; pass one number "
+            "per dimension")
+    if edge_order not in (1, 2):
+        raise UnsupportedOperationError(f"{PREFIX}'gradient' with edge_order={edge_order!r}")
+    return tuple(_gradient_along(input, d, float(h), edge_order) for d, h in zip(dims, spacings))
