@@ -72,6 +72,10 @@ CASES = [
     Case("scatter", lambda a: torch.scatter(a, 1, torch.tensor([[2], [0]]), a[:2, :1] ** 2), (x,)),
     Case("scatter_add", lambda a: torch.scatter_add(a, 0, torch.tensor([[0, 1, 2], [0, 1, 2]]),
                                                     a[1:3] * 2), (x,)),
+    *[Case("scatter_reduce", lambda a, r=r, s=s: torch.scatter_reduce(
+        a, 0, torch.tensor([[0, 1, 2], [0, 1, 0], [3, 3, 3]]), a[1:4] * 2 + 1, r,
+        include_self=s), (x,), id=f"scatter_reduce-{r}-{s}")
+      for r in ("sum", "mean", "amax", "amin") for s in (True, False)],
     Case("masked_scatter", lambda a: a.masked_scatter(a > 0, a.flip(0) * 2), (x,)),
     # torch.max / torch.min of two tensors (rules/reduce.py): elementwise
     Case("max", lambda a, b: torch.max(a, b), (x, rand(4, 3, seed=4)), wrt=(0, 1), id="max-binary"),

@@ -137,3 +137,45 @@ def masked_scatter(cx, result, input, mask, source):
     part = source.reshape(-1)[:count]
     cx.record(part, place(cx, part, source, positions(source).reshape(-1)[:count]))
     return placed(cx, result, input, targets, part, False, "masked_scatter")
+
+
+@rule("scatter_reduce", "input dim index src reduce include_self=True", traced="input src",
+      second="linear")
+def scatter_reduce(cx, result, input, dim, index, src, reduce, include_self):
+    """``sum`` and ``mean`` weigh each entry that lands on a place (1, or 1 over the count
+    there); ``amax`` and ``amin`` weigh the entries equal to the result there, ties sharing, as
+    torch's gradient does. ``prod`` is refused."""
+    if reduce not in ("sum", "mean", "amax", "amin"):
+        raise UnsupportedOperationError(
+            f"{PREFIX}'scatter_reduce' with reduce={reduce!r} is not supported")
+    targets = _scatter_targets(input, dim, index)
+    flat_t = targets.reshape(-1)
+    part = src[tuple(slice(0, n) for n in index.shape)] if src.dim() else src
+    n = math.prod(input.shape)
+    dtype = result.dtype
+    hits = torch.zeros(n, dtype=dtype, device=input.device).index_add_(
+        0, flat_t, torch.ones(flat_t.numel(), dtype=dtype, device=input.device))
+    touched = (hits > 0).reshape(input.shape)
+    keep = torch.ones(input.shape, dtype=dtype, device=input.device)
+    if reduce in ("sum", "mean"):
+        count = hits.reshape(input.shape) + (1.0 if include_self else 0.0)
+        w_in = torch.where(touched, (1.0 / count) if reduce == "mean" else keep,
+                           keep) if include_self else torch.where(touched, 0.0 * keep, keep)
+        w_src = (1.0 / count.reshape(-1))[flat_t] if reduce == "mean" else torch.ones_like(
+            flat_t, dtype=dtype)
+    else:
+        out = result.detach().reshape(-1)
+        hit_src = (part.detach().reshape(-1) == out[flat_t]).to(dtype)
+        hit_in = ((input.detach().reshape(-1) == out) & (hits > 0)).to(dtype) if include_self \
+            else torch.zeros(n, dtype=dtype, device=input.device)
+        ties = hit_in + torch.zeros(n, dtype=dtype, device=input.device).index_add_(
+            0, flat_t, hit_src)
+        ties = ties.clamp_min(1.0)
+        w_in = torch.where(touched, (hit_in / ties).reshape(input.shape), keep)
+        w_src = hit_src / ties[flat_t]
+    parts = [S.scaled(cx, S.of(cx, input), w_in)]
+    terms = S.of(cx, part) if part is src else _corner(cx, src, index.shape)
+    if terms:
+        flat = S.scaled(cx, S.reshape(cx, terms, (flat_t.numel(),)), w_src)
+        parts.append(S.reshape(cx, S.remap(cx, flat, (0,), flat_t, n), tuple(result.shape)))
+    return S.add(cx, *parts)

@@ -223,6 +223,10 @@ def _operands_of(term: Term, new_labels: set[int]) -> list:
 
 def _signature(term: Term, labels: Labels) -> tuple:
     """The term's axes up to a renaming of labels: equal signatures, equal patterns."""
+    if not set(term.flabels) <= set(term.free(labels)):
+        # a factor label no axis enumerates (an index map that no longer reads it): summed
+        # when the term is written, so it merges with nothing
+        return ("alone", id(term))
     if term.mapped(labels):
         # tables name their labels: a derived label and the labels its table reads stay as
         # they are; the others may be renamed (a recurrence's paths to one input step differ

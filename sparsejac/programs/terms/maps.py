@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ...structure import distinct
-from .factors import align, diagonal, einsum
+from .factors import align, contract, diagonal, einsum
 from .labels import Atoms, Labels, arange
 from .term import Term
 
@@ -361,4 +361,12 @@ def remap(term: Term, axes: Sequence[int], table: "torch.Tensor", size: int,
     term = mask(term, valid, over, labels)
     first = axes[0]
     out = term.out[:first] + (new_axis,) + term.out[axes[-1] + 1 :]
-    return replace(term, out=out)
+    term = replace(term, out=out)
+    # a label the new map does not read (its entries all land on one place) and no other axis
+    # carries is summed now: the factor over it is added up, as the placement adds the entries
+    free = set(term.free(labels))
+    orphan = [l for l in term.flabels if l not in free]
+    if orphan:
+        keep = tuple(l for l in term.flabels if l in free)
+        term = Term(term.out, term.inp, contract([(term.factor, term.flabels)], keep, labels), keep)
+    return term
