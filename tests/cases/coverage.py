@@ -112,6 +112,9 @@ CASES = [
     Case("topk", lambda a: torch.topk(a, 2, dim=0).values, (x,)),
     Case("kthvalue", lambda a: torch.kthvalue(a, 2, 1, keepdim=True).values, (x,)),
     Case("mode", lambda a: torch.mode(a, 1).values, (x,)),
+    Case("median", torch.median, (x,)),
+    Case("median", lambda a: a.median(1, keepdim=True).values, (x,), id="median-dim"),
+    Case("nanmedian", lambda a: torch.nanmedian(a, 0).values, (x,)),
     # batched small linear algebra (rules/blocks.py)
     Case("linalg_inv", torch.linalg.inv, (A,)),
     Case("inverse", lambda a: a.inverse(), (A,)),

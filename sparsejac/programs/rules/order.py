@@ -1,5 +1,5 @@
 """Selections made by values: sorting and order statistics (``sort``, ``msort``, ``topk``,
-``kthvalue``, ``median`` and ``nanmedian`` along a dimension, ``mode``). Which entries are
+``kthvalue``, ``median`` and ``nanmedian``, ``mode``). Which entries are
 chosen is a value, the indices torch returns; the values' terms are the input's gathered at
 those indices, so the derivative goes where torch's gradient goes, ties included.
 """
@@ -48,3 +48,23 @@ def msort(cx, result, input):
 
     indices = torch.sort(input.detach(), dim=0).indices
     return _chosen(cx, (result, indices), input, 0)[0]
+
+
+def _median(cx, result, input, dim, keepdim):
+    if dim is None:
+        # torch spreads the gradient evenly over the entries equal to the median
+        hit = (input.detach() == result.detach()).to(result.dtype)
+        weights = (hit / hit.sum()).reshape(-1)
+        flat = S.reshape(cx, S.of(cx, input), (input.numel(),))
+        return S.einsum(cx, result, "i,i->", (weights, S.stand(cx, flat, (input.numel(),))))
+    return _chosen(cx, result, input, dim, bool(keepdim))
+
+
+@rule("median", "input dim=None keepdim=False", second="linear")
+def median(cx, result, input, dim, keepdim):
+    return _median(cx, result, input, dim, keepdim)
+
+
+@rule("nanmedian", "input dim=None keepdim=False", second="linear")
+def nanmedian(cx, result, input, dim, keepdim):
+    return _median(cx, result, input, dim, keepdim)
