@@ -133,7 +133,7 @@ class Tracer:
     def terms(self, x: Any) -> Terms | None:
         entry = self._traced.get(id(x))
         if entry is None or entry[0]() is not x:
-            if _is_tensor(x) and self._aliased(x):  # a view of a base written since it was made
+            if self.written and _is_tensor(x) and self._aliased(x):  # a view of a written base
                 self.record(x, registry.WRITES.handler.alias(self, x, False))
                 return self.terms(x) if self._has_terms(x) else None
             return None
@@ -202,7 +202,9 @@ class Tracer:
                    if self._has_terms(x))
 
     def traced(self, obj: Any) -> bool:
-        return any(self._has_terms(x) or (_is_tensor(x) and self._aliased(x))
+        # (a view of a written base counts only once the program has written one: the check
+        # is on every call's arguments)
+        return any(self._has_terms(x) or (bool(self.written) and _is_tensor(x) and self._aliased(x))
                    for x in leaves(obj))
 
     def quiet(self):

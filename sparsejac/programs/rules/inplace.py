@@ -33,7 +33,7 @@ from ..ledger import storage_key
 from ..registry import register_writer
 from ..tracer import PREFIX
 from .layout import place
-from .scatter import distinct, placed
+from .scatter import distinct, placed, ramp
 
 # In-place methods that write values read from nothing traced: the written elements become
 # constants (``fill_`` with a traced value is a broadcast of it, handled apart).
@@ -65,16 +65,16 @@ def positions_in(root: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     read from the two tensors' strides over their shared storage."""
     n = root.numel()
     if view is root:
-        return torch.arange(n, device=root.device).reshape(root.shape)
+        return ramp(root)
     if view.dtype != root.dtype:
         raise _refuse(f"a write through a view of dtype {view.dtype} of a tensor of dtype "
                       f"{root.dtype} is not supported")
     size = root.untyped_storage().nbytes() // root.element_size()
-    ramp = torch.arange(size, device=root.device)
+    storage = torch.arange(size, device=root.device)  # each element's index in the storage
     inverse = torch.full((size,), -1, dtype=torch.int64, device=root.device)
-    inverse[ramp.as_strided(root.shape, root.stride(), root.storage_offset()).reshape(-1)] = (
+    inverse[storage.as_strided(root.shape, root.stride(), root.storage_offset()).reshape(-1)] = (
         torch.arange(n, device=root.device))
-    where = inverse[ramp.as_strided(view.shape, view.stride(), view.storage_offset())]
+    where = inverse[storage.as_strided(view.shape, view.stride(), view.storage_offset())]
     if where.numel() and int(where.min()) < 0:
         raise _refuse("a view reaching outside its base is not supported")
     return where

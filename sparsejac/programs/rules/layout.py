@@ -99,6 +99,13 @@ def positions(x, offset: int = 1) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float64, device=x.device) + offset).reshape(x.shape)
 
 
+def distinct_positions(flat: torch.Tensor) -> bool:
+    """Whether the int64 positions ``flat`` are all different (increasing ones, a slice's,
+    without counting them)."""
+    return (flat.numel() <= 1 or bool((flat[1:] > flat[:-1]).all())
+            or int(torch.bincount(flat).max()) <= 1)
+
+
 def place(cx, result, x, pos: torch.Tensor, part: bool = False):
     """The terms of ``result`` given ``pos``: for each entry of ``result``, 1 + the flat
     position in ``x`` it came from (0: not from ``x``). ``part``: ``x`` is one of several
@@ -113,9 +120,7 @@ def place(cx, result, x, pos: torch.Tensor, part: bool = False):
     valid = index >= 0
     chosen = index if bool(valid.all()) else index[valid]
     flat_chosen = chosen.reshape(-1)
-    # increasing positions (a slice) are distinct without counting them
-    injective = (flat_chosen.numel() <= 1 or bool((flat_chosen[1:] > flat_chosen[:-1]).all())
-                 or int(torch.bincount(flat_chosen, minlength=n).max()) <= 1)
+    injective = distinct_positions(flat_chosen)
     shape = tuple(result.shape)
     if injective and (chosen.numel() < index.numel() or part):
         # a part of the result (a concatenation, padding): send each entry to its place

@@ -19,7 +19,7 @@ from ...errors import UnsupportedOperationError
 from .. import sums as S
 from ..registry import rule
 from ..tracer import PREFIX
-from .layout import place, positions
+from .layout import distinct_positions, place, positions
 
 
 def ramp(x: torch.Tensor) -> torch.Tensor:
@@ -29,9 +29,7 @@ def ramp(x: torch.Tensor) -> torch.Tensor:
 
 def distinct(targets: torch.Tensor, name: str) -> None:
     """Refuse an overwrite of one place twice."""
-    flat = targets.reshape(-1)
-    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()) and int(
-            torch.bincount(flat).max()) > 1:
+    if not distinct_positions(targets.reshape(-1)):
         raise UnsupportedOperationError(
             f"{PREFIX}{name!r} writes one element twice (a repeated index); torch keeps one of "
             "the values and differentiates as if it kept both, so it is not supported: "
