@@ -43,14 +43,15 @@ def reference(fn, args, wrt):
     return torch.func.jacrev(fn, argnums=wrt)(*args).numpy()
 
 
-def check(fn, *args, wrt=0, exact_nnz=True, scale=0.0):
+def check(fn, *args, wrt=0, exact_nnz=True, scale=0.0, mode="auto"):
     """Compare all five formats with jacrev; return the COO result. ``scale``: the size of the
-    terms the Jacobian sums, where larger than the Jacobian's own entries."""
+    terms the Jacobian sums, where larger than the Jacobian's own entries; ``mode``: the order
+    of accumulation."""
     ref = reference(fn, args, wrt)
     # float64 rounding is relative to the Jacobian's scale: an entry that cancels to zero in
     # one order of summation is ~1e-16 * scale in another
     atol = ATOL * max(1.0, float(np.abs(ref).max(initial=0.0)), scale)
-    J = sparsejac.jacobian_of(fn, *args, wrt=wrt, format="coo")
+    J = sparsejac.jacobian_of(fn, *args, wrt=wrt, format="coo", mode=mode)
     assert isinstance(J, sparse.COO)
     assert J.shape == ref.shape
     np.testing.assert_allclose(J.todense(), ref, rtol=RTOL, atol=atol)
@@ -59,16 +60,16 @@ def check(fn, *args, wrt=0, exact_nnz=True, scale=0.0):
     assert np.all(np.diff(flat) > 0)
     out_size = math.prod(fn(*args).shape)
     for fmt, cls in (("csr", scipy.sparse.csr_array), ("csc", scipy.sparse.csc_array)):
-        M = sparsejac.jacobian_of(fn, *args, wrt=wrt, format=fmt)
+        M = sparsejac.jacobian_of(fn, *args, wrt=wrt, format=fmt, mode=mode)
         assert isinstance(M, cls) and M.shape == (out_size, args[wrt].numel())
         assert M.nnz == J.nnz
         np.testing.assert_allclose(M.toarray(), ref.reshape(M.shape), rtol=RTOL, atol=atol)
     # the torch formats are written directly too (not converted from another format)
-    T = sparsejac.jacobian_of(fn, *args, wrt=wrt, format="torch")
+    T = sparsejac.jacobian_of(fn, *args, wrt=wrt, format="torch", mode=mode)
     assert T.is_coalesced() and tuple(T.shape) == ref.shape and T._nnz() == J.nnz
     np.testing.assert_array_equal(T.indices().numpy(), J.coords)
     np.testing.assert_allclose(T.to_dense().numpy(), ref, rtol=RTOL, atol=atol)
-    C = sparsejac.jacobian_of(fn, *args, wrt=wrt, format="torch_csr")
+    C = sparsejac.jacobian_of(fn, *args, wrt=wrt, format="torch_csr", mode=mode)
     np.testing.assert_allclose(C.to_dense().numpy(), ref.reshape(C.shape), rtol=RTOL, atol=atol)
     if exact_nnz:
         assert J.nnz == np.count_nonzero(ref)
@@ -320,11 +321,13 @@ def _step(op, seed, x, seen):
     steps=programs(),
     shape=st.lists(st.integers(1, 3), min_size=1, max_size=3),
     seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["auto", "forward", "reverse"]),
 )
-def test_random_programs(steps, shape, seed):
+def test_random_programs(steps, shape, seed, mode):
+    """Random programs in every order of accumulation (tests/test_orders.py compares them)."""
     x = rand(*shape, seed=seed)
     fn = lambda x: run_program(steps, x)  # noqa: E731
-    check(fn, x, exact_nnz=False, scale=chain_scale(steps, x))
+    check(fn, x, exact_nnz=False, scale=chain_scale(steps, x), mode=mode)
 
 
 def chain_scale(steps, x) -> float:
@@ -752,4 +755,11 @@ def test_selection_from_a_padded_axis_reshaped(name):
         "(the padded rows are enumerated and masked)"))),
 ])
 def test_selection_from_a_padded_axis_reshaped_stores_only_the_nonzeros(name):
-    check(PADDED_RESHAPED[name], rand(2, seed=1))
+    check(PADDED_RESHAPED[name], rand(2, seed=1), mode="forward")
+
+
+@pytest.mark.parametrize("name", PADDED_RESHAPED)
+def test_selection_from_a_padded_axis_reshaped_stores_only_the_nonzeros_in_reverse(name):
+    """From the output back, the selection reads the padded axis before any map is composed
+    over it: no masked entry is enumerated."""
+    check(PADDED_RESHAPED[name], rand(2, seed=1), mode="reverse")

@@ -63,12 +63,15 @@ def _variants(args):
     yield "broadcast", tuple(broadcast(a) for a in args)
 
 
+@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_rule_against_jacrev(case):
+def test_rule_against_jacrev(case, mode):
+    """Every order of accumulation: the rule applied to the argument's terms (forward), or to
+    the identity on its own inputs, its Jacobian then joined from either side."""
     variants = list(_variants(case.args)) if case.variants else [("plain", case.args)]
     for name, args in variants:
         ref = torch.func.jacrev(case.fn, argnums=case.wrt)(*args)
-        got = sparsejac.jacobian_of(case.fn, *args, wrt=case.wrt)
+        got = sparsejac.jacobian_of(case.fn, *args, wrt=case.wrt, mode=mode)
         g, r = _compare(got, ref)
         if case.exact_nnz and name == "plain":
             for gi, ri in zip(g, r):

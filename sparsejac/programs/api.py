@@ -16,6 +16,7 @@ import numpy as np
 from .. import formats, options
 from ..errors import ArgumentError, ArgumentTypeError
 from ..operands import numpy_dtype
+from . import accumulate
 from . import collect as C
 from .collect import LOCK
 from .naming import PREFIX, entry_point
@@ -40,6 +41,7 @@ def jacobian_of(
     wrt: int | Sequence[int] = 0,
     format: str = "coo",
     memory_limit: float | None = None,
+    mode: str = "auto",
 ):
     """The exact sparse Jacobian of ``fn(*args)`` with respect to ``args[wrt]``.
 
@@ -57,6 +59,11 @@ def jacobian_of(
     with the problem, while tracing and at the end; over it,
     :class:`~sparsejac.errors.JacobianTooLargeError` is raised with the predicted bytes.
 
+    ``mode`` is the order the steps' Jacobians are contracted in: ``"forward"`` (from the
+    argument, as the program runs), ``"reverse"`` (from the output back: narrow outputs such as
+    a classifier's logits make narrow terms) or ``"auto"`` (reverse where the outputs have fewer
+    entries than the differentiated arguments). Every mode gives the same Jacobian.
+
     >>> import torch, sparsejac
     >>> x = torch.randn(8, 4, dtype=torch.float64)
     >>> w1, w2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
@@ -66,7 +73,7 @@ def jacobian_of(
     """
     _check(fn, format)
     with LOCK:
-        return A.build(C.jacobian_blocks(fn, args, wrt, memory_limit), format)
+        return A.build(C.jacobian_blocks(fn, args, wrt, memory_limit, mode), format)
 
 
 def hessian_of(
@@ -119,11 +126,16 @@ class ProgramPlan:
     :attr:`rebuilds`, so the result is always the derivative of the path taken.
     """
 
-    def __init__(self, fn, args, wrt, memory_limit, order: int = 1) -> None:
+    def __init__(self, fn, args, wrt, memory_limit, order: int = 1, mode: str = "auto") -> None:
         self.fn, self.wrt, self.memory_limit, self.order = fn, wrt, memory_limit, order
+        # the order of accumulation asked for; "auto" resolves from the shapes alone, so every
+        # refill resolves it as the first trace did (:attr:`mode`: the order it chose)
+        self._mode = accumulate.mode_of(mode, PREFIX)
         self.rebuilds = 0
         with LOCK:
-            self._adopt(self._collect(args, memory_limit))
+            c = self._collect(args, memory_limit)
+            self.mode = getattr(c, "mode", "forward")
+            self._adopt(c)
         self._args_key = C.signature(args)
 
     def _collect(self, args, limit, skip: bool = False) -> C.Collected:
@@ -131,7 +143,7 @@ class ProgramPlan:
         trace showed nobody reads are not formed
         (:meth:`~sparsejac.programs.tape.Tape.dead_calls`)."""
         if self.order != 2:
-            return C.jacobian_blocks(self.fn, args, self.wrt, limit)
+            return C.jacobian_blocks(self.fn, args, self.wrt, limit, self._mode)
         c = C.hessian_blocks(self.fn, args, self.wrt, limit, self._dead if skip else None)
         if c.read_dead:  # the path changed and reads what was skipped: trace it in full
             c = C.hessian_blocks(self.fn, args, self.wrt, limit)
@@ -294,10 +306,12 @@ class ProgramPlan:
 
 
 def plan_of(fn: Callable[..., Any], *args: Any, wrt: int | Sequence[int] = 0,
-            memory_limit: float | None = None, order: int = 1) -> ProgramPlan:
+            memory_limit: float | None = None, order: int = 1,
+            mode: str = "auto") -> ProgramPlan:
     """Trace ``fn(*args)`` once and keep its Jacobian's structure (``order=2``: its Hessian's,
     for a scalar ``fn``): a :class:`ProgramPlan` whose ``.jacobian(*new_args, format=...)``
-    writes only values into the kept pattern.
+    writes only values into the kept pattern. ``mode``: the order of accumulation, as for
+    :func:`jacobian_of` (``"auto"`` is resolved on this trace and kept, :attr:`mode`).
 
     >>> import torch, sparsejac
     >>> w = torch.randn(4, 3, dtype=torch.float64)
@@ -309,6 +323,6 @@ def plan_of(fn: Callable[..., Any], *args: Any, wrt: int | Sequence[int] = 0,
         _check(fn)
         if order not in (1, 2) or isinstance(order, bool):
             raise ArgumentError(f"{PREFIX}order={order!r}: 1 (Jacobians) or 2 (Hessians)")
-        return ProgramPlan(fn, args, wrt, memory_limit, order)
+        return ProgramPlan(fn, args, wrt, memory_limit, order, mode)
 
 

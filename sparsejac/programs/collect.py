@@ -28,7 +28,7 @@ import numpy as np
 from .. import options
 from ..errors import (ArgumentTypeError, OperandTypeError, ShapeError,
                       UnsupportedOperationError)
-from . import intercept, second
+from . import accumulate, intercept, second
 from . import terms as T
 from .naming import PREFIX
 from .tape import Tape
@@ -93,12 +93,13 @@ ROOM_RESERVE = 16
 
 
 def trace(fn: Callable, args: tuple, wrt: Any, memory_limit: Any, second: bool = False,
-          skip: dict | None = None) -> tuple:
+          skip: dict | None = None, steps: bool = False) -> tuple:
     """Trace ``fn(*args)``: the tracer, the differentiated positions, the arguments' leaves and
     tree specs, the output's leaves and spec, the labels, the dtype and the limit. ``second``:
     also record the steps and let torch's autograd follow them (for the adjoints), and which
     rule calls read which (the tracer's :class:`~sparsejac.programs.tape.Tape`); or, given
-    ``skip`` (a refill), form no terms for those calls."""
+    ``skip`` (a refill), form no terms for those calls. ``steps``: keep each step's own
+    Jacobian instead of composing it forward (:mod:`~sparsejac.programs.accumulate`)."""
     torch = load()
     from torch.utils import _pytree as pytree
 
@@ -129,6 +130,8 @@ def trace(fn: Callable, args: tuple, wrt: Any, memory_limit: Any, second: bool =
     if memory_limit is None and limit is not None:  # the default: the process's own headroom
         labels.room, labels.reserve = options.Headroom(), limit // ROOM_RESERVE
     tracer = make_tracer(labels, dtype)
+    if steps:
+        tracer.steps = {}
     if second:
         tracer.tape = Tape(skip)
         # the argument itself (``_as_tensor`` detached it), not a copy: 8 MB at 1e6 variables
@@ -191,14 +194,28 @@ class Collected:
 
 
 @_autograd_on
-def jacobian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any) -> Collected:
+def jacobian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
+                    mode: str = "forward") -> Collected:
+    """The Jacobian's blocks, accumulated in ``mode`` (:data:`accumulate.MODES`; the result's
+    ``mode`` is the order used, ``"auto"`` resolved)."""
     from torch.utils import _pytree as pytree
 
+    mode = accumulate.mode_of(mode, PREFIX)
     (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
-     limit) = trace(fn, args, wrt, memory_limit)
+     limit) = trace(fn, args, wrt, memory_limit, steps=mode != "forward")
+    seeds = [tracer.terms(o) or {} for o in out_leaves]
+    if mode != "forward":
+        steps, tracer.steps = tracer.steps, None
+        arg_entries = sum(t.numel() for p in positions for t in flat_args[p])
+        mode = accumulate.choose(mode, arg_entries, sum(o.numel() for o in out_leaves))
+        sweep = accumulate.reverse if mode == "reverse" else accumulate.forward
+        found = sweep(steps, seeds, labels)
+        del steps
+        seeds = [{k: per_out.get(i, []) for k, per_out in found.items()}
+                 for i in range(len(out_leaves))]
     blocks, shapes, what = [], [], []
     for i, o in enumerate(out_leaves):
-        out_terms = tracer.terms(o) or {}
+        out_terms = seeds[i]
         for p in positions:
             for j, t in enumerate(flat_args[p]):
                 blocks.append(out_terms.get((p, j), []))
@@ -219,6 +236,7 @@ def jacobian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any) -> C
     layout = [(i, False) for i in range(len(blocks))]
     c = Collected(blocks, shapes, labels, dtype, limit, layout, nest, what)
     c.device = flat_args[positions[0]][0].device
+    c.mode = mode
     return c
 
 

@@ -77,6 +77,11 @@ class Tracer:
         # set where a rule asked for terms a refill skipped (:data:`DEAD`) after all: the path
         # changed, and the trace is not usable
         self.read_dead = False
+        # Recording the steps (an order of accumulation other than forward,
+        # :mod:`~sparsejac.programs.accumulate`): step key -> the step's own Jacobian, terms
+        # keyed by the tensors it read (their step keys, or an argument's); the tensor a step
+        # makes then carries the identity on its own step key. None: forward accumulation.
+        self.steps: dict | None = None
 
     def record(self, tensor: Any, terms: Terms | None, value: bool = True) -> None:
         """Carry ``terms`` for ``tensor``; the guard counts the tensors the terms hold and,
@@ -84,6 +89,8 @@ class Tracer:
         differentiated arguments are the caller's, outside the limit), while they live."""
         if terms is not DEAD:
             terms = {k: v for k, v in (terms or {}).items() if v}
+            if self.steps is not None and value and terms and _is_tensor(tensor):
+                terms = self._step(tensor, terms)
         key = id(tensor)
         if not value:
             self.arguments.add(key)
@@ -95,6 +102,18 @@ class Tracer:
                     self.labels.ledger.track_all(t.held())
         if value and _is_tensor(tensor):  # (a rule's stand-in has no values)
             self.labels.ledger.track(tensor)
+
+    def _step(self, tensor: Any, terms: Terms) -> Terms:
+        """Keep ``terms`` as a new step's own Jacobian; ``tensor`` then carries the identity
+        on that step (none where it is empty: nothing depends on it)."""
+        key = ("step", len(self.steps))
+        self.steps[key] = terms
+        for ts in terms.values():
+            for t in ts:
+                self.labels.ledger.track_all(t.held())
+        if not tensor.numel():
+            return {}
+        return {key: [T.identity(tuple(tensor.shape), self.labels, self.dtype, tensor.device)]}
 
     def forget(self, key: int) -> None:
         """Drop the terms of the tensor whose id is ``key`` (nothing if it has none)."""

@@ -27,7 +27,8 @@ The modules, each importing only those above it:
 - :mod:`.entries`: each entry's row, column and value, for the writers;
 - :mod:`.layout`: :func:`reshape`, :func:`permute`, :func:`expand` and the label surgery they need;
 - :mod:`.chain`: :func:`compose`, :func:`scale`, :func:`multiply`, :func:`merge`;
-- :mod:`.collapse`: entries that land on one input entry, summed during the trace.
+- :mod:`.collapse`: entries that land on one input entry, summed during the trace;
+- :mod:`.join`: the product of two terms that meet on one tensor (orders of accumulation).
 
 The package imports numpy and torch (torch only inside the functions that need it), never scipy,
 the formats, the tracer or the rules.
@@ -50,15 +51,17 @@ from .factors import (MAX_EINSUM_LABELS, Product, TooManyLabelsError, align, con
                       matmul_pair, torch_matmul)
 from .labels import ROOM_BYTES, Atoms, Labels, nothing_live, torch_equal
 from .layout import densify, expand, merge_run, permute, reshape, split_label
+from .join import join, relabel
 from .maps import (base_axis, coordinate, gather, invert, mask, on_base, one_to_one, onehot, remap,
-                   resolve)
+                   reparametrise, resolve)
 from .term import Term, aligned, identity
 
 __all__ = [
     "Atoms", "Labels", "MAX_EINSUM_LABELS", "Product", "ROOM_BYTES", "Term", "TooManyLabelsError",
     "align", "aligned", "atom_indices", "base_axis", "bind", "collapse", "compose", "contract",
     "coordinate", "coordinates_into", "densify", "einsum", "expand", "gather", "identity",
-    "invert", "mask", "matmul_pair", "merge", "merge_run", "multiply", "nothing_live", "on_base",
-    "one_to_one", "onehot", "permute", "placed", "placed_numpy", "remap", "reshape", "resolve",
+    "invert", "join", "mask", "matmul_pair", "merge", "merge_run", "multiply", "nothing_live",
+    "on_base", "one_to_one", "onehot", "permute", "placed", "placed_numpy", "relabel", "remap",
+    "reparametrise", "reshape", "resolve",
     "scale", "split_label", "substitute", "torch_equal", "torch_matmul", "unscaled", "values",
 ]

@@ -66,7 +66,7 @@ def scale(term: Term, g: torch.Tensor, labels: Labels) -> Term:
     carried = set(term.flabels) | set(gl)
     fl = tuple(l for l in term.free(labels) if l in carried)
     if term.lazy is not None:  # g joins the chain (a relu between two linear layers)
-        ops = _operands_of(term, set(gl) | set(fl))
+        ops = operands_of(term, set(gl) | set(fl))
         return Term(term.out, term.inp, factor_of(ops + [(gv, gl)], fl, labels), fl)
     if set(gl) <= set(term.flabels) and gv.numel() < term.factor.numel():
         # a pass over the factor, put off: the scales of the steps that follow (a layer
@@ -200,7 +200,7 @@ def compose(
     out = tuple(amap[e] for e in output)
     free = labels.base([a for axis in out for a in axis] + list(term.inp_atoms))
     new_labels = {l for _, ls in ops for l in ls} | set(free)
-    ops = _operands_of(term, new_labels) + ops
+    ops = operands_of(term, new_labels) + ops
     carried = {l for _, ls in ops for l in ls}
     fl = tuple(l for l in free if l in carried)
     factor = factor_of(ops, fl, labels)
@@ -211,7 +211,7 @@ def compose(
     return term
 
 
-def _operands_of(term: Term, new_labels: set[int]) -> list:
+def operands_of(term: Term, new_labels: set[int]) -> list:
     """The term's factor as einsum operands: a product's parts (extended by the caller), or
     the factor itself where the product is formed or sums a label the caller brings in."""
     lazy = term.lazy

@@ -114,7 +114,7 @@ def _times(term: Term, value: "torch.Tensor", vl: Sequence[int], labels: Labels,
     return Term(out, term.inp, einsum([(term.factor, term.flabels), (value, vl)], fl, labels), fl)
 
 
-def _substitute_maps(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms,
+def reparametrise(term: Term, subs: dict[int, "torch.Tensor"], over: Atoms,
                      labels: Labels) -> Term:
     """Re-parametrise: each base label ``a`` of ``subs`` becomes a function of the new base
     labels ``over`` (``subs[a]``, a table over ``over``, -1 for no entry) everywhere it occurs:
@@ -247,7 +247,7 @@ def base_axis(term: Term, axis: int, labels: Labels) -> Term:
 def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term:
     """Select along out axis ``axis``: it is replaced by axes of ``index.shape``, entry ``n``
     being the old entry ``index[n]`` (-1: none, as in padding). An index map, not a factor:
-    the axis' labels become functions of the new ones (:func:`_substitute_maps`); an atom that
+    the axis' labels become functions of the new ones (:func:`reparametrise`); an atom that
     is itself an injective map of a label re-parametrises that label through its inverse."""
     term = base_axis(term, axis, labels)
     atoms = term.out[axis]
@@ -278,7 +278,7 @@ def gather(term: Term, axis: int, index: "torch.Tensor", labels: Labels) -> Term
         subs[a] = digit
     subs = _separate(subs, valid)
     old = term.factor
-    term = _substitute_maps(term, subs, over, labels)
+    term = reparametrise(term, subs, over, labels)
     term = replace(term, out=term.out[:axis] + new_axes + term.out[axis + 1 :])
     if term.factor is not old and set(over) <= set(term.flabels):
         # the factor was just gathered over the new labels (a tensor of its own): the entries
