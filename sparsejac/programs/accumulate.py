@@ -1,29 +1,42 @@
 """Orders of accumulation: the program's Jacobian contracted from its steps' own Jacobians in
-an order other than the one the trace runs in (docs/how-it-works.md, "## 8. Order of
-accumulation").
+the order a cost model picks (docs/how-it-works.md, "## 8. Order of accumulation").
 
 Forward accumulation is the trace itself: every rule composes its operation with the terms of
 its inputs, so each intermediate carries its Jacobian with respect to the argument, as wide as
 the part of the argument it depends on. With :attr:`Tracer.steps
 <sparsejac.programs.tracer.Tracer.steps>` set, the tracer instead keeps each step's own
 Jacobian (the rule applied to the identity on each of its inputs) and gives the step's result
-the identity on itself. :func:`reverse` then contracts them from the outputs back: each
-tensor's adjoint term, as wide as the part of the output that depends on it, is joined
-(:func:`~sparsejac.programs.terms.join`) with the Jacobian of every step that read it. Narrow
-outputs (a classifier's logits, a pooled head, a loss) make narrow adjoints.
+the identity on itself. The steps are then contracted (:func:`~sparsejac.programs.terms.join`)
+in one of three orders:
 
-:func:`choose` picks the order from the sizes: the driver (:mod:`~sparsejac.programs.collect`)
-calls it, and this module imports only the terms.
+- :func:`forward`: from the arguments, each step's Jacobian joined after those of what it read;
+- :func:`reverse`: from the outputs back, each tensor's adjoint (as wide as the part of the
+  output that depends on it) joined before the Jacobian of every step that read it: narrow
+  outputs (a classifier's logits, a pooled head, a loss) make narrow adjoints;
+- :func:`cut`: forward over the steps before a point in the program, reverse over those after
+  it, and the two joined where the later steps read the earlier ones' results.
+
+:func:`plan` picks the order: every step's width in each direction is estimated from the sizes
+of its terms (:func:`widths`), and the cost of an order is the entries its terms would hold,
+summed over the steps (the multiply-adds of the joins are proportional to them). Only shapes and
+labels enter it, so a plan's refills choose as its first trace did. The driver
+(:mod:`~sparsejac.programs.collect`) calls it; this module imports only the terms.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ArgumentError, ArgumentTypeError
 from . import terms as T
 
 MODES = ("auto", "forward", "reverse")
+
+# The estimates are upper bounds that can be off by the overlap of paths (:func:`widths`): an
+# order other than forward is taken only where it is estimated this many times cheaper, so that
+# a near tie (a square MLP, a stencil) stays in the order the rules were first tuned for.
+MARGIN = 2.0
 
 
 def mode_of(mode: Any, prefix: str) -> str:
@@ -39,10 +52,17 @@ def _is_step(key: Any) -> bool:
     return isinstance(key, tuple) and len(key) == 2 and key[0] == "step"
 
 
-def forward(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
-    """:func:`reverse`'s result, contracted from the arguments forward: each step's Jacobian
-    joined with those of the tensors it read (the trace's own order, over recorded steps)."""
-    wanted = {key for seed in seeds for key in seed}
+def _joined(outer: T.Term, inner: T.Term, labels: T.Labels) -> T.Term:
+    """``outer`` after ``inner``, its entries on one input entry summed; the guard counts what
+    it holds for as long as it lives (as the tracer counts the terms it records)."""
+    term = T.collapse(T.join(outer, inner, labels), labels)
+    labels.ledger.track_all(term.held())
+    return term
+
+
+def _below(steps: dict, wanted: set, labels: T.Labels) -> dict:
+    """Forward over ``steps`` (consumed): ``{step key: {argument leaf: terms}}`` for the steps
+    in ``wanted`` (the others are dropped once the last step reading them has run)."""
     last: dict[Any, int] = {}
     for n, key in enumerate(steps):
         for source in steps[key]:
@@ -56,26 +76,17 @@ def forward(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
                 acc.setdefault(source, []).extend(outer)
                 continue
             for leaf, inner in below.get(source, {}).items():
-                acc.setdefault(leaf, []).extend(
-                    _joined(o, t, labels) for o in outer for t in inner)
+                acc.setdefault(leaf, []).extend(_joined(o, t, labels) for o in outer for t in inner)
             if last[source] == n and source not in wanted:
                 below.pop(source, None)
         below[key] = {leaf: T.merge(ts, labels) for leaf, ts in acc.items()}
         del local, acc
-    found: dict[Any, dict[int, list[T.Term]]] = {}
-    for i, seed in enumerate(seeds):
-        for key, terms in seed.items():
-            for leaf, ts in (below.get(key, {}) if _is_step(key) else {key: terms}).items():
-                per = found.setdefault(leaf, {})
-                per[i] = T.merge(per.get(i, []) + list(ts), labels)
-    return found
+    return {k: v for k, v in below.items() if k in wanted}
 
 
-def reverse(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
-    """The Jacobians of the outputs with respect to each argument leaf: ``{leaf key: {output
-    index: terms}}``. ``seeds``: each output's own terms (the identity on its step, or on an
-    argument it returns as it is); ``steps``: the recorded steps, in the order they ran (one
-    that runs after all it reads), consumed as the sweep passes them."""
+def _adjoints(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
+    """Reverse over ``steps`` (consumed): ``{key: {output index: terms}}`` for every key the
+    steps read but do not make (arguments, and steps before them)."""
     adjoint: dict[Any, dict[int, list[T.Term]]] = {}
     for i, seed in enumerate(seeds):
         for key, terms in seed.items():
@@ -94,18 +105,151 @@ def reverse(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
     return adjoint
 
 
-def _joined(outer: T.Term, inner: T.Term, labels: T.Labels) -> T.Term:
-    """``outer`` after ``inner``, its entries on one input entry summed; the guard counts what
-    it holds for as long as it lives (as the tracer counts the terms it records)."""
-    term = T.collapse(T.join(outer, inner, labels), labels)
-    labels.ledger.track_all(term.held())
-    return term
+def cut(steps: dict, seeds: Sequence[dict], labels: T.Labels, at: int) -> dict:
+    """The Jacobians of the outputs with respect to each argument leaf, ``{leaf: {output index:
+    terms}}``: forward over the first ``at`` steps, reverse over the rest (``at = 0``: all in
+    reverse; ``at = len(steps)``: all forward), joined where the two meet."""
+    keys = list(steps)
+    early = {k: steps.pop(k) for k in keys[:at]}
+    adjoint = _adjoints(steps, seeds, labels)
+    below = _below(early, {k for k in adjoint if _is_step(k)}, labels)
+    found: dict[Any, dict[int, list[T.Term]]] = {}
+    for key, per_out in adjoint.items():
+        for i, outer in per_out.items():
+            if not _is_step(key):  # an argument read after the cut: the adjoint is its block
+                parts = {key: list(outer)}
+            else:
+                parts = {leaf: [_joined(o, t, labels) for o in outer for t in inner]
+                         for leaf, inner in below.get(key, {}).items()}
+            for leaf, ts in parts.items():
+                per = found.setdefault(leaf, {})
+                per[i] = T.merge(per.get(i, []) + ts, labels)
+    return found
 
 
-def choose(mode: str, arg_entries: int, out_entries: int) -> str:
-    """The order to accumulate in: ``mode`` itself unless it is ``"auto"``; then reverse where
-    the outputs have fewer entries than the differentiated arguments (each adjoint is then
-    narrower than the forward terms it replaces), else forward."""
-    if mode != "auto":
-        return mode
-    return "reverse" if out_entries < arg_entries else "forward"
+def forward(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
+    """:func:`cut` with every step forward."""
+    return cut(steps, seeds, labels, len(steps))
+
+
+def reverse(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
+    """:func:`cut` with every step in reverse."""
+    return cut(steps, seeds, labels, 0)
+
+
+@dataclass(frozen=True)
+class Order:
+    """An order of accumulation: ``name`` ("forward", "reverse" or "cut") and, for a cut, the
+    steps accumulated forward (``at``); ``cost``: the model's estimate (entries held)."""
+
+    name: str
+    at: int
+    cost: float
+
+
+def widths(steps: dict, seeds: Sequence[dict], labels: T.Labels,
+           arg_entries: int, out_entries: int) -> tuple[dict, dict, dict]:
+    """``(entries, forward, backward)`` per tensor (step or argument): its entries, and
+    estimates of how many argument entries each of them depends on, and how many output
+    entries depend on each. A step's Jacobian term of ``nnz`` entries reads ``nnz / entries``
+    inputs per output entry and reaches ``nnz / source entries`` per input entry; the widths
+    multiply along a path and add over paths (an upper estimate where paths meet again: two
+    3x3 windows make 25 inputs, estimated 81), bounded by the argument's (the outputs') size
+    shared among the blocks a delta keeps apart: the labels a term's two sides share (a batch)
+    split the entries into independent groups, and the fewest groups met along the way bound
+    the width."""
+    size: dict[Any, int] = {}
+    fan: dict[Any, list[tuple[Any, float, float, int]]] = {}
+    for key, local in steps.items():
+        for source, ts in local.items():
+            for t in ts:
+                n_out = labels.size([a for ax in t.out for a in ax])
+                n_in = labels.size([a for ax in t.inp for a in ax])
+                size[key] = n_out
+                size.setdefault(source, n_in)
+                nnz = t.nnz(labels)
+                # (a label under an index map is no delta: a window's offset varies with it)
+                shared = ({a for a in t.out_atoms if a not in labels.derived}
+                          & {a for a in t.inp_atoms if a not in labels.derived})
+                fan.setdefault(key, []).append((source, nnz / max(n_out, 1), nnz / max(n_in, 1),
+                                                labels.size(sorted(shared))))
+    fwd: dict[Any, float] = {}
+    groups: dict[Any, int] = {}
+    for key in steps:
+        w, g = 0.0, None
+        for src, f_in, _, delta in fan.get(key, ()):
+            step = _is_step(src)
+            w += f_in * (fwd.get(src, 1.0) if step else 1.0)
+            d = min(delta, groups.get(src, delta)) if step else delta
+            g = d if g is None else min(g, d)
+        groups[key] = g or 1
+        fwd[key] = min(arg_entries / groups[key], w)
+    bwd: dict[Any, float] = {}
+    back: dict[Any, int] = {}
+    for seed in seeds:
+        for key in seed:
+            bwd[key] = 1.0
+    for key in reversed(list(steps)):
+        w = bwd.get(key)
+        if w is None:
+            continue
+        for src, _, f_out, delta in fan.get(key, ()):
+            back[src] = min(back.get(src, delta), delta, back.get(key, delta))
+            bwd[src] = min(out_entries / back[src], bwd.get(src, 0.0) + f_out * w)
+    return size, fwd, bwd
+
+
+def plan(steps: dict, seeds: Sequence[dict], labels: T.Labels, arg_entries: int,
+         out_entries: int, mode: str = "auto") -> Order:
+    """The order to contract ``steps`` in: ``mode`` itself where it names one, else the cheapest
+    of every cut by the cost model (:func:`widths`): a step accumulated forward holds its
+    entries times its forward width, one in reverse its entries times its backward width, and
+    each tensor where the two meet the product of both."""
+    keys = list(steps)
+    size, fwd, bwd = widths(steps, seeds, labels, arg_entries, out_entries)
+    reach = set(bwd)
+    # cost of the steps before and after each cut position, and of the tensors crossing it
+    before = [0.0]
+    for k in keys:
+        before.append(before[-1] + size.get(k, 0) * fwd.get(k, 0.0))
+    after = [0.0]
+    for k in reversed(keys):
+        after.append(after[-1] + (size.get(k, 0) * bwd[k] if k in reach else 0.0))
+    after.reverse()
+    # the arguments' own adjoints, formed wherever a step after the cut reads them (the
+    # forward side's last terms are counted in its last steps)
+    last_reader: dict[Any, int] = {}
+    for n, k in enumerate(keys):
+        for source in steps[k]:
+            if not _is_step(source):
+                last_reader[source] = n
+    for source, n in last_reader.items():
+        c = size.get(source, 0) * bwd.get(source, 0.0)
+        for at in range(n + 1):  # (a handful of arguments)
+            after[at] += c
+    # a tensor made before a cut and read at or after it is where the two directions meet:
+    # its entries times both widths, for every cut between its step and its last reader
+    index = {k: n for n, k in enumerate(keys)}
+    last = {k: len(keys) for seed in seeds for k in seed if k in index}
+    for n, k in enumerate(keys):
+        for source in steps[k]:
+            if source in index:
+                last[source] = max(last.get(source, 0), n)
+    meet = [0.0] * (len(keys) + 2)
+    for k, end in last.items():
+        c = size.get(k, 0) * fwd.get(k, 0.0) * bwd.get(k, 0.0)
+        meet[index[k] + 1] += c
+        meet[end + 1] -= c
+    costs, running = [], 0.0
+    for at in range(len(keys) + 1):
+        running += meet[at]
+        costs.append(before[at] + after[at] + running)
+    if mode == "forward":
+        return Order("forward", len(keys), costs[-1])
+    if mode == "reverse":
+        return Order("reverse", 0, costs[0])
+    best = min(range(len(costs)), key=lambda at: (costs[at], at != len(keys), at != 0))
+    if costs[best] * MARGIN >= costs[-1]:
+        best = len(keys)  # forward unless another order is clearly cheaper
+    name = "forward" if best == len(keys) else "reverse" if best == 0 else "cut"
+    return Order(name, best, costs[best])

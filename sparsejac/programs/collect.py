@@ -207,9 +207,10 @@ def jacobian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
     if mode != "forward":
         steps, tracer.steps = tracer.steps, None
         arg_entries = sum(t.numel() for p in positions for t in flat_args[p])
-        mode = accumulate.choose(mode, arg_entries, sum(o.numel() for o in out_leaves))
-        sweep = accumulate.reverse if mode == "reverse" else accumulate.forward
-        found = sweep(steps, seeds, labels)
+        order = accumulate.plan(steps, seeds, labels, arg_entries,
+                                sum(o.numel() for o in out_leaves), mode)
+        mode = order.name
+        found = accumulate.cut(steps, seeds, labels, order.at)
         del steps
         seeds = [{k: per_out.get(i, []) for k, per_out in found.items()}
                  for i in range(len(out_leaves))]
