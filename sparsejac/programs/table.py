@@ -24,6 +24,7 @@ GROUPS = {
     "composite": "Written with other operations",
     "recurrent": "Recurrent layers",
     "resample": "Resampling (interpolate)",
+    "misc": "torch's internal kernels and operations of constant derivative",
 }
 
 HEADER = """# Operations `jacobian_of` follows
