@@ -239,7 +239,7 @@ def embedding(cx, result, input, weight, padding_idx, max_norm, norm_type, scale
 
 # --- more selections: aten's slice, combinations, strided views of the storage ---------------
 
-selection(("slice.Tensor",), "input dim=0 start=None end=None step=1",
+selection(("slice.Tensor", "slice"), "input dim=0 start=None end=None step=1",
           lambda input, dim, start, end, step: torch.ops.aten.slice.Tensor(
               input, dim, start, end, step))
 selection(("combinations",), "input r=2 with_replacement=False", torch.combinations)

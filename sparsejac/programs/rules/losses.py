@@ -383,7 +383,7 @@ def multi_margin_loss(input, target, p, margin, weight, size_average, reduce, re
     if reduction == "sum":
         return z.sum() / z.shape[1]
     out = z.mean(1)
-    return out.reshape(()) if single and input.dim() == 0 else (out[0] if single else out)
+    return out[0] if single else out
 
 
 @decomposition("multilabel_margin_loss", f"input target {LEGACY} reduction='mean'",

@@ -154,7 +154,10 @@ def segment_reduce(data, reduce, lengths, indices, offsets, axis, unsafe, initia
         out = g.sum(2) + start
         if reduce == "mean":
             count = lengths.reshape(lead, segs, 1).to(out.dtype)
-            out = out / (count.clamp(min=1) if initial is not None else count)
+            out = out / count.clamp(min=1)
+            if initial is None:  # an empty segment's mean is nan, its derivative zero
+                out = torch.where(count == 0, torch.full((), math.nan, dtype=out.dtype,
+                                                         device=out.device), out)
     else:
         first = torch.full(g[:, :, :1].shape, start, dtype=g.dtype, device=g.device)
         g = torch.cat([first, g], 2)
@@ -199,8 +202,11 @@ def embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_fre
     mask = valid.unsqueeze(-1)
     count = valid.sum(1, keepdim=True)
     if mode == "max":
-        g = torch.where(mask, g, torch.full((), -math.inf, dtype=g.dtype, device=g.device))
-        out = torch.amax(g, 1)
+        # torch's gradient goes to the first maximum of each bag (its kernel keeps the
+        # index of the first one), not shared among ties
+        values = torch.where(mask, g.detach(), torch.full((), -math.inf, dtype=g.dtype,
+                                                          device=g.device))
+        out = g.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
         return torch.where(count > 0, out, torch.zeros_like(out))
     out = torch.where(mask, g, torch.zeros_like(g)).sum(1)
     if mode == "mean":
@@ -222,9 +228,75 @@ def grid_sample(input, grid, mode, padding_mode, align_corners):
     functions of the grid, the corners constants (as torch's gradient has them)."""
     from torch._decomp.decompositions import _grid_sampler_2d
 
-    if input.dim() != 4 or mode not in _MODES or padding_mode not in _PADDING:
+    if input.dim() not in (4, 5) or mode not in _MODES or padding_mode not in _PADDING:
         raise UnsupportedOperationError(
             f"{PREFIX}'grid_sample' of a {input.dim()}-d input (mode={mode!r}, "
-            f"padding_mode={padding_mode!r}) is not supported; 4-d inputs only")
+            f"padding_mode={padding_mode!r}) is not supported")
+    if input.dim() == 5:
+        return grid_sampler_3d(input, grid, _MODES[mode], _PADDING[padding_mode],
+                               bool(align_corners))
     return _grid_sampler_2d(input, grid, _MODES[mode], _PADDING[padding_mode],
                             bool(align_corners), _expand_grid=True)
+
+
+def _source_index(coords, size: int, padding_mode: int, align_corners: bool):
+    """torch's grid_sampler_compute_source_index: grid coordinates in [-1, 1] to positions,
+    clamped (border) or reflected (reflection) as torch's kernels do."""
+    mul = (size * 0.5 - 0.5) if align_corners else size * 0.5
+    x = coords * mul + (size * 0.5 - 0.5)
+    if padding_mode == 0:
+        return x
+    if padding_mode == 2:
+        low, high = (0, 2 * (size - 1)) if align_corners else (-1, 2 * size - 1)
+        if low == high:
+            x = torch.zeros_like(x)
+        else:
+            lo, span = low / 2, (high - low) / 2
+            a = (x - lo).abs()
+            extra = torch.fmod(a, span)
+            flips = torch.floor(a.detach() / span).to(torch.int64)
+            x = torch.where(flips % 2 == 0, extra + lo, span + lo - extra)
+    return torch.clamp(x, 0, size - 1)
+
+
+@decomposition("grid_sampler_3d", "input grid interpolation_mode padding_mode align_corners",
+               traced="input grid")
+def grid_sampler_3d(input, grid, interpolation_mode, padding_mode, align_corners):
+    """As torch's 2-d decomposition, in three dimensions: trilinear (eight corners, weights
+    from the grid) or nearest (the rounded position; no derivative in the grid)."""
+    if interpolation_mode not in (0, 1) or padding_mode not in (0, 1, 2):
+        raise UnsupportedOperationError(
+            f"{PREFIX}'grid_sampler_3d' with interpolation_mode={interpolation_mode!r}, "
+            f"padding_mode={padding_mode!r} is not supported")
+    n, c, d_in, h_in, w_in = input.shape
+    _, d_out, h_out, w_out, _ = grid.shape
+    g = grid.reshape(n, 1, d_out, h_out, w_out, 3)
+    ix = _source_index(g[..., 0], w_in, padding_mode, align_corners)
+    iy = _source_index(g[..., 1], h_in, padding_mode, align_corners)
+    iz = _source_index(g[..., 2], d_in, padding_mode, align_corners)
+    n_idx = torch.arange(n, device=input.device).reshape(n, 1, 1, 1, 1)
+    c_idx = torch.arange(c, device=input.device).reshape(1, c, 1, 1, 1)
+    shape = (n, c, d_out, h_out, w_out)
+
+    def corner(x, y, z):
+        """The input at integer positions ``x, y, z`` (constants), zero outside."""
+        inside = (x >= 0) & (x < w_in) & (y >= 0) & (y < h_in) & (z >= 0) & (z < d_in)
+        at = [torch.where(inside, t, torch.zeros_like(t)).to(torch.int64).expand(shape)
+              for t in (x, y, z)]
+        value = input[n_idx, c_idx, at[2], at[1], at[0]]
+        return torch.where(inside.expand(shape), value, torch.zeros_like(value))
+
+    if interpolation_mode == 1:
+        r = [torch.round(t.detach()) for t in (ix, iy, iz)]
+        return corner(*r)
+    x0, y0, z0 = (torch.floor(t.detach()) for t in (ix, iy, iz))
+    out = None
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                wx = (ix - x0) if dx else (x0 + 1 - ix)
+                wy = (iy - y0) if dy else (y0 + 1 - iy)
+                wz = (iz - z0) if dz else (z0 + 1 - iz)
+                term = corner(x0 + dx, y0 + dy, z0 + dz) * (wx * wy * wz)
+                out = term if out is None else out + term
+    return out

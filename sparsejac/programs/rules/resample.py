@@ -113,7 +113,8 @@ def _aa(name, op):
         return _einsum(cx, result, input, mats)
 
     aa.__name__ = name
-    rule(name, "input output_size align_corners scale_factors=None scales_w=None",
+    rule((name, f"{name}.default", f"{name}.vec"),
+         "input output_size align_corners scale_factors=None scales_w=None",
          traced="input", second="linear")(aa)
 
 
