@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     layout,
     linalg,
     losses,
+    misc,
     norm,
     order,
     passive,

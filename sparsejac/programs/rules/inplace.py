@@ -137,6 +137,7 @@ class Writer:
                 func(*args, **kwargs)
             elif new is not dst:
                 dst.copy_(new)
+        cx.forget(id(root))  # terms recorded before: none stand where the write left none
         cx.record(root, terms)
         cx.wrote(root)
         if dst is not root:

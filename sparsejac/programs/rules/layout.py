@@ -235,3 +235,57 @@ def embedding(cx, result, input, weight, padding_idx, max_norm, norm_type, scale
         g = (1.0 / count.to(cx.dtype)).unsqueeze(-1).expand(result.shape).contiguous()
         terms = S.scaled(cx, terms, g)
     return terms
+
+
+# --- more selections: aten's slice, combinations, strided views of the storage ---------------
+
+selection(("slice.Tensor", "slice"), "input dim=0 start=None end=None step=1",
+          lambda input, dim, start, end, step: torch.ops.aten.slice.Tensor(
+              input, dim, start, end, step))
+selection(("combinations",), "input r=2 with_replacement=False", torch.combinations)
+
+
+@rule("constant_pad_nd", "input pad value=0", second="linear")
+def constant_pad_nd(cx, result, input, pad, value):
+    return place(cx, result, input, torch.constant_pad_nd(positions(input), pad, 0))
+
+
+selection(("column_stack",), "tensors", torch.column_stack, traced="tensors")
+
+
+def storage_positions(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A float64 copy of ``x``'s storage holding, at each element of ``x``, 1 + its flat
+    position (0 elsewhere): ``as_strided`` on it reads, for each element it gives, the element
+    of ``x`` it came from. Refused where ``x`` holds one element of storage twice."""
+    if any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride())) or (
+            x.numel() and torch._debug_has_internal_overlap(x) == 1):
+        raise UnsupportedOperationError(
+            f"{PREFIX}{name!r} of a tensor whose elements share memory (an expanded view) is "
+            "not supported; pass a contiguous copy")
+    size = x.untyped_storage().nbytes() // x.element_size()
+    store = torch.zeros(size, dtype=torch.float64, device=x.device)
+    if x.numel():
+        store.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(positions(x))
+    return store
+
+
+def _strided(cx, result, input, size, stride, storage_offset, name):
+    store = storage_positions(input, name)
+    off = input.storage_offset() if storage_offset is None else storage_offset
+    pos = store.as_strided(size, stride, off)
+    if pos.numel() and bool((pos == 0).any()):
+        raise UnsupportedOperationError(
+            f"{PREFIX}{name!r} reads memory outside its input's elements; not supported")
+    return place(cx, result, input, pos)
+
+
+@rule("as_strided", "input size stride storage_offset=None", second="linear")
+def as_strided(cx, result, input, size, stride, storage_offset):
+    """An index map over the input's storage: each element read is the input's element
+    stored there (a view whose elements overlap reads one element several times)."""
+    return _strided(cx, result, input, size, stride, storage_offset, "as_strided")
+
+
+@rule("as_strided_copy", "input size stride storage_offset=None", second="linear")
+def as_strided_copy(cx, result, input, size, stride, storage_offset):
+    return _strided(cx, result, input, size, stride, storage_offset, "as_strided_copy")

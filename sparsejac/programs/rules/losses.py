@@ -325,3 +325,99 @@ def multilabel_soft_margin_loss(input, target, weight, size_average, reduce, red
         loss = loss * weight
     classes = input.shape[-1]
     return _reduce(loss.sum(-1) / classes, reduction)
+
+
+@decomposition("linear_cross_entropy", "input linear_weight target linear_bias=None weight=None "
+               "reduction='mean' ignore_index=None label_smoothing=0.0 options=None",
+               traced="input linear_weight target linear_bias weight")
+def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                         ignore_index, label_smoothing, options):
+    """``cross_entropy`` of the logits ``linear`` gives (torch's chunked path computes the
+    same function in pieces)."""
+    classes, out_features, inner = (linear_weight.shape[0], tuple(linear_weight.shape[1:-1]),
+                                    linear_weight.shape[-1])
+    logits = input @ linear_weight.reshape(-1, inner).T
+    logits = logits.reshape(*input.shape[:-1], classes, *out_features)
+    if linear_bias is not None:
+        logits = logits + linear_bias
+    return cross_entropy(logits, target, weight, None,
+                         -100 if ignore_index is None else ignore_index, None, reduction,
+                         label_smoothing)
+
+
+@decomposition("cosine_embedding_loss", f"input1 input2 target margin=0 {LEGACY} "
+               "reduction='mean'", traced="input1 input2")
+def cosine_embedding_loss(input1, input2, target, margin, size_average, reduce, reduction):
+    """torch's: ``1 - cos`` where the target is 1, ``max(0, cos - margin)`` where it is -1;
+    the squared norms carry torch's 1e-12."""
+    reduction = _reduction("cosine_embedding_loss", size_average, reduce, reduction)
+    d = input1.dim() - 1
+    prod = (input1 * input2).sum(d)
+    m1 = (input1 * input1).sum(d) + 1e-12
+    m2 = (input2 * input2).sum(d) + 1e-12
+    cos = prod / torch.sqrt(m1 * m2)
+    zeros = torch.zeros_like(cos)
+    loss = (torch.where(target == 1, 1 - cos, zeros)
+            + torch.where(target == -1, torch.clamp(cos - margin, min=0), zeros))
+    return _reduce(loss, reduction)
+
+
+@decomposition("multi_margin_loss", f"input target p=1 margin=1.0 weight=None {LEGACY} "
+               "reduction='mean'", traced="input weight")
+def multi_margin_loss(input, target, p, margin, weight, size_average, reduce, reduction):
+    """torch's decomposition: ``max(0, margin - x[y] + x[i])**p`` (weighted by the target's
+    class weight) over the classes ``i != y``, divided by the number of classes."""
+    reduction = _reduction("multi_margin_loss", size_average, reduce, reduction)
+    if p not in (1, 2):
+        raise UnsupportedOperationError(f"{PREFIX}'multi_margin_loss': p={p}; torch takes 1 or 2")
+    single = input.dim() <= 1
+    x = torch.atleast_2d(input)
+    t = torch.atleast_1d(target).unsqueeze(1)
+    z = torch.clamp(margin - x.gather(1, t) + x, min=0)
+    z = z if p == 1 else z * z
+    if weight is not None:
+        z = z * torch.atleast_1d(weight)[t]
+    z = torch.where(torch.arange(x.shape[1], device=x.device) != t, z, torch.zeros_like(z))
+    if reduction == "mean":
+        return z.mean()
+    if reduction == "sum":
+        return z.sum() / z.shape[1]
+    out = z.mean(1)
+    return out[0] if single else out
+
+
+@decomposition("multilabel_margin_loss", f"input target {LEGACY} reduction='mean'",
+               traced="input")
+def multilabel_margin_loss(input, target, size_average, reduce, reduction):
+    """torch's: for each target class ``j`` (the target's entries up to the first -1) and each
+    class ``i`` not among them, ``max(0, 1 - (x[j] - x[i]))``, summed over the classes'
+    count."""
+    reduction = _reduction("multilabel_margin_loss", size_average, reduce, reduction)
+    single = input.dim() <= 1
+    x = input.reshape(1, -1) if single else input
+    t = target.reshape(1, -1) if single else target
+    n, c = x.shape
+    valid = torch.cumprod((t >= 0).to(torch.int64), 1).bool()  # up to the first -1
+    safe = t.clamp(min=0)
+    is_target = torch.zeros((n, c), dtype=torch.int64, device=x.device).scatter_add(
+        1, safe, valid.to(torch.int64)) > 0
+    z = torch.clamp(1 - x.gather(1, safe).unsqueeze(2) + x.unsqueeze(1), min=0)  # (n, k, c)
+    mask = valid.unsqueeze(2) & ~is_target.unsqueeze(1)
+    loss = torch.where(mask, z, torch.zeros_like(z)).sum((1, 2)) / c
+    if reduction == "none":
+        return loss.reshape(()) if single else loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+@decomposition("triplet_margin_with_distance_loss", "anchor positive negative "
+               "distance_function=None margin=1.0 swap=False reduction='mean'",
+               traced="anchor positive negative")
+def triplet_margin_with_distance_loss(anchor, positive, negative, distance_function, margin,
+                                      swap, reduction):
+    reduction = _reduction("triplet_margin_with_distance_loss", None, None, reduction)
+    dist = distance_function if distance_function is not None else F.pairwise_distance
+    d_pos = dist(anchor, positive)
+    d_neg = dist(anchor, negative)
+    if swap:
+        d_neg = torch.minimum(d_neg, dist(positive, negative))
+    return _reduce(torch.clamp(margin + d_pos - d_neg, min=0), reduction)

@@ -1,6 +1,8 @@
 """Placements: operations that put entries of a source at positions of a copy of their input,
 overwriting (``index_put``, ``scatter``, ``index_copy``, ``masked_scatter``) or adding
-(``index_put(accumulate=True)``, ``index_add``, ``scatter_add``).
+(``index_put(accumulate=True)``, ``index_add``, ``scatter_add``, ``put``), the ``*_scatter``
+forms of views (``diagonal_scatter``, ``as_strided_scatter``), ``max_unpool``, and the reducing
+placements (``scatter_reduce``, ``index_reduce``).
 
 Each is read as a table of targets: for each entry of the source, the flat position of the
 input it lands on (computed by running the operation's own indexing on the input's positions).
@@ -17,7 +19,7 @@ import torch
 
 from ...errors import UnsupportedOperationError
 from .. import sums as S
-from ..registry import rule
+from ..registry import decomposition, rule
 from ..tracer import PREFIX
 from .layout import distinct_positions, place, positions
 
@@ -137,13 +139,22 @@ def masked_scatter(cx, result, input, mask, source):
     return placed(cx, result, input, targets, part, False, "masked_scatter")
 
 
+def _reduce_second(hx, result, ybar, input, dim, index, src, reduce, include_self):
+    """Sums, means and selections have no curvature; a product has, and is refused."""
+    if reduce == "prod":
+        raise UnsupportedOperationError(
+            f"{PREFIX}'scatter_reduce' with reduce='prod' has no second-order rule, so "
+            "hessian_of cannot follow it")
+    return []
+
+
 @rule("scatter_reduce", "input dim index src reduce include_self=True", traced="input src",
-      second="linear")
+      second=_reduce_second)
 def scatter_reduce(cx, result, input, dim, index, src, reduce, include_self):
     """``sum`` and ``mean`` weigh each entry that lands on a place (1, or 1 over the count
     there); ``amax`` and ``amin`` weigh the entries equal to the result there, ties sharing, as
-    torch's gradient does. ``prod`` is refused."""
-    if reduce not in ("sum", "mean", "amax", "amin"):
+    torch's gradient does; ``prod`` weighs each by the product of the others there."""
+    if reduce not in ("sum", "mean", "amax", "amin", "prod"):
         raise UnsupportedOperationError(
             f"{PREFIX}'scatter_reduce' with reduce={reduce!r} is not supported")
     targets = _scatter_targets(input, dim, index)
@@ -155,7 +166,11 @@ def scatter_reduce(cx, result, input, dim, index, src, reduce, include_self):
         0, flat_t, torch.ones(flat_t.numel(), dtype=dtype, device=input.device))
     touched = (hits > 0).reshape(input.shape)
     keep = torch.ones(input.shape, dtype=dtype, device=input.device)
-    if reduce in ("sum", "mean"):
+    if reduce == "prod":
+        w_in, w_src = _prod_weights(input.detach().reshape(-1), part.detach().reshape(-1),
+                                    flat_t, hits > 0, bool(include_self))
+        w_in = w_in.reshape(input.shape)
+    elif reduce in ("sum", "mean"):
         count = hits.reshape(input.shape) + (1.0 if include_self else 0.0)
         w_in = torch.where(touched, (1.0 / count) if reduce == "mean" else keep,
                            keep) if include_self else torch.where(touched, 0.0 * keep, keep)
@@ -177,3 +192,104 @@ def scatter_reduce(cx, result, input, dim, index, src, reduce, include_self):
         flat = S.scaled(cx, S.reshape(cx, terms, (flat_t.numel(),)), w_src)
         parts.append(S.reshape(cx, S.remap(cx, flat, (0,), flat_t, n), tuple(result.shape)))
     return S.add(cx, *parts)
+
+
+def _prod_weights(x, v, t, touched, include_self):
+    """The derivatives of ``out[p] = (x[p] if include_self) * prod(v[j] for t[j] == p)`` (at
+    touched places; elsewhere ``x[p]``): each factor's is the product of the others, read
+    without dividing by a zero (one zero among them: its weight is the product of the rest;
+    two: every weight is zero), as torch's gradient has it."""
+    n, dtype = x.numel(), x.dtype
+    ones = torch.ones(n, dtype=dtype, device=x.device)
+    zero_v = v == 0
+    nz = torch.ones(n, dtype=dtype, device=x.device).index_reduce_(
+        0, t, torch.where(zero_v, 1.0, v), "prod")  # the product of the nonzero factors
+    zeros = torch.zeros(n, dtype=dtype, device=x.device).index_add_(0, t, zero_v.to(dtype))
+    if include_self:
+        nz = nz * torch.where(x == 0, 1.0, x)
+        zeros = zeros + (x == 0).to(dtype)
+
+    def others(value, is_zero, at):
+        z = zeros[at] - is_zero.to(dtype)  # zeros among the other factors
+        rest = torch.where(is_zero, nz[at], nz[at] / torch.where(is_zero, 1.0, value))
+        return torch.where(z == 0, rest, torch.zeros_like(rest))
+
+    w_src = others(v, zero_v, t)
+    at = torch.arange(n, device=x.device)
+    w_in = torch.where(touched, others(x, x == 0, at) if include_self else 0.0 * ones, ones)
+    return w_in, w_src
+
+
+@decomposition("index_reduce", "input dim index source reduce include_self=True",
+               traced="input source")
+def index_reduce(input, dim, index, source, reduce, include_self):
+    """``scatter_reduce`` with the index spread over the source's other dimensions."""
+    if input.dim() == 0:
+        return torch.scatter_reduce(input, 0, index.reshape(()), source, reduce,
+                                    include_self=include_self)
+    d = S.dim(dim, input.dim())
+    shape = [1] * source.dim()
+    shape[d] = -1
+    spread = index.reshape(shape).expand(source.shape)
+    return torch.scatter_reduce(input, d, spread, source, reduce, include_self=include_self)
+
+
+@rule("put", "input index source accumulate=False", traced="input source", second="linear")
+def put(cx, result, input, index, source, accumulate):
+    targets = ramp(input).reshape(-1)[index.reshape(-1)].reshape(source.shape)
+    return placed(cx, result, input, targets, source, bool(accumulate), "put")
+
+
+@rule("diagonal_scatter", "input src offset=0 dim1=0 dim2=1", traced="input src",
+      second="linear")
+def diagonal_scatter(cx, result, input, src, offset, dim1, dim2):
+    targets = torch.diagonal(ramp(input), offset, dim1, dim2)
+    return placed(cx, result, input, targets, src, False, "diagonal_scatter")
+
+
+@rule("as_strided_scatter", "input src size stride storage_offset=None", traced="input src",
+      second="linear")
+def as_strided_scatter(cx, result, input, src, size, stride, storage_offset):
+    if S.of(cx, input):
+        # torch 2.13's gradient for the input is the complement of its derivative (it passes
+        # the gradient at the written elements and drops it elsewhere): refused, not copied
+        raise UnsupportedOperationError(
+            f"{PREFIX}'as_strided_scatter' differentiated through its input is not supported "
+            "(torch's own gradient there is not the derivative); use index_put or "
+            "scatter on a flat view, or differentiate through src only")
+    # torch writes into a contiguous copy of the input: offsets count from its first element
+    targets = ramp(input).as_strided(size, stride, storage_offset or 0)
+    return placed(cx, result, input, targets, src, False, "as_strided_scatter")
+
+
+def _unpool(name, k):
+    def unpool(cx, result, input, indices, kernel_size, stride, padding, output_size):
+        """Each entry sent to the place its index names in a zero output; entries sent to one
+        place add there, as torch's gradient (a gather at the indices) has them, whichever
+        one torch's value keeps."""
+        batched = input.dim() == k + 2
+        plane = math.prod(result.shape[-k:])
+        lead = input.shape[:2] if batched else input.shape[:1]
+        base = torch.arange(math.prod(lead), device=input.device).reshape(
+            (*lead,) + (1,) * k) * plane
+        targets = (indices + base).expand(input.shape)
+        return placed(cx, result, result, targets, input, True, name)
+
+    unpool.__name__ = name
+    rule(name, "input indices kernel_size stride=None padding=0 output_size=None",
+         traced="input", second="linear")(unpool)
+
+
+for _k in (1, 2, 3):
+    _unpool(f"max_unpool{_k}d", _k)
+
+
+@decomposition("_unsafe_masked_index_put_accumulate", "input mask indices values",
+               traced="input values")
+def unsafe_masked_index_put_accumulate(input, mask, indices, values):
+    """torch's decomposition: indices clamped to the input, values masked, accumulated."""
+    if input.numel() == 0:
+        return input * 1
+    idx = [None if i is None else i.clamp(min=-input.shape[k], max=input.shape[k] - 1)
+           for k, i in enumerate(indices)]
+    return torch.index_put(input, idx, values.masked_fill(~mask, 0), accumulate=True)
