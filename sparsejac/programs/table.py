@@ -24,6 +24,7 @@ GROUPS = {
     "composite": "Written with other operations",
     "recurrent": "Recurrent layers",
     "resample": "Resampling (interpolate)",
+    "spectral": "Fourier transforms with real results, spectrum shifts",
 }
 
 HEADER = """# Operations `jacobian_of` follows

@@ -18,5 +18,6 @@ from . import (  # noqa: F401
     reduce,
     resample,
     scatter,
+    spectral,
     tables,
 )

@@ -1,9 +1,11 @@
 """Operations dense within a small block: linear algebra on batches of small matrices
 (``linalg.solve``, ``inv``, ``det``, ``slogdet``, ``cholesky``, ``matrix_exp``, ``eigvalsh``,
-``pinv``, ...). Each batch entry's output depends on all of that entry's input and on no other,
-so the Jacobian is one dense block per batch entry: a factor over the batch letters, read
-from torch's own derivative of one entry (``torch.func.jacrev``, vectorised over the batch by
-``torch.func.vmap``), so its kinks and conventions are torch's.
+``pinv``, ``lu_solve``, ``householder_product``, ``ormqr``, ...). Each batch entry's output
+depends on all of that entry's input and on no other, so the Jacobian is one dense block per
+batch entry: a factor over the batch letters, read from torch's own derivative of one entry
+(``torch.func.jacrev``, vectorised over the batch by ``torch.func.vmap``), so its kinks and
+conventions are torch's. ``tensorinv``, ``tensorsolve`` and ``cond`` are written with these
+rules, as torch writes them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def blocked(cx, result, inputs, cores, out_core, fn):
     flat = []
     for x, c in zip(inputs, cores):
         core = tuple(x.shape[x.dim() - c:]) if c else ()
-        flat.append(x.detach().expand(batch + core).reshape((nb,) + core))
+        # contiguous: vmapped over a strided batch, some kernels read other entries' data
+        # (torch 2.13: linalg.lu_solve of lu_factor's column-major batch of factors)
+        flat.append(x.detach().expand(batch + core).reshape((nb,) + core).contiguous())
     parts = []
     letters = iter(string.ascii_letters)
     bl = "".join(next(letters) for _ in batch)

@@ -1,6 +1,7 @@
 """Operations torch implements in C++ out of other operations (no Python reference to read),
 written here with registered ones: differences, Kronecker products, the trapezoid rule,
-pairwise distances. Their Jacobians come from the rules of what they call.
+pairwise distances, cross products, Vandermonde matrices, covariances and correlations,
+quantiles. Their Jacobians come from the rules of what they call.
 """
 
 from __future__ import annotations

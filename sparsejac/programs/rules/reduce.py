@@ -1,6 +1,7 @@
-"""Reductions: sums and means, softmax, maxima, log-sum-exp, moments, norms, products,
-cumulative sums. Which entry wins a maximum is a value (a one-hot weight), not structure, as
-a relu's mask is: the pattern of a reduction is the whole reduced axis."""
+"""Reductions: sums and means, softmax, maxima, log-sum-exp, moments, norms (vector norms with
+torch's derivative conventions; matrix norms and ``linalg.norm`` written as torch writes them),
+products, cumulative sums. Which entry wins a maximum is a value (a one-hot weight), not
+structure, as a relu's mask is: the pattern of a reduction is the whole reduced axis."""
 
 from __future__ import annotations
 
