@@ -23,6 +23,8 @@ TIES = torch.tensor([[1.0, 3.0, 3.0, -1.0, 2.0], [0.5, 0.5, 0.5, 4.0, -2.0]], dt
 NANS = torch.tensor([[1.0, float("nan"), 3.0, -1.0], [0.5, 2.0, 0.5, 4.0]], dtype=D)
 SIG = rand(3, 7, seed=7)
 lv = torch.linalg.vector_norm
+MASKED = x.masked_fill(torch.tensor([[False], [True], [False], [False]]), float("-inf"))
+MASKED[2, 1] = float("-inf")
 
 CASES = [
     # the matmul family (rules/linalg.py)
@@ -115,6 +117,19 @@ CASES = [
                                                     dim=1), (NANS,), variants=False),
     Case("nanquantile", lambda a: a.nanquantile(0.5), (TIES,), id="nanquantile-all-ties",
          variants=False),
+    # elementwise with torch's zero derivative where piecewise constant (rules/elementwise.py)
+    Case("__rmod__", lambda a, b: a.__rmod__(b), (x, x.flip(0) * 3), wrt=(0, 1)),
+    Case("angle", lambda a: torch.angle(a) + a, (x,)),
+    *[Case("div", lambda a, m=m: torch.div(a, a.flip(0), rounding_mode=m) + a, (x,),
+           id=f"div-{m}") for m in ("floor", "trunc")],
+    # aten's softmax forms (rules/reduce.py)
+    Case("_safe_softmax.default", lambda a: torch.ops.aten._safe_softmax.default(a, 1), (MASKED,),
+         variants=False),
+    Case("_safe_softmax", lambda a: torch._safe_softmax(a, 0), (x,)),
+    Case("_softmax_backward_data", lambda g, o: torch._softmax_backward_data(g, o, 1, D),
+         (x, torch.softmax(x.flip(1), 1)), wrt=(0, 1)),
+    Case("_softmax_backward_data.default", lambda g: torch.ops.aten._softmax_backward_data.default(
+        g, torch.softmax(x.T, 0), 0, D), (x.T,)),
     # Fourier transforms with real results of real inputs (rules/spectral.py)
     Case("fft_irfft", lambda a: torch.fft.irfft(a, dim=0), (x,)),
     Case("fft_irfft", lambda a: torch.fft.irfft(a, n=7, norm="ortho"), (x,), id="irfft-n7"),

@@ -66,6 +66,28 @@ def softmax(cx, result, input, dim, _stacklevel, dtype):
                  S.scaled(cx, contract_back(cx, input, s, d), -s))
 
 
+def _safe_softmax_expand(input, dim, dtype):
+    masked = torch.isneginf(input.detach()).all(dim, keepdim=True)
+    safe = torch.where(masked, torch.zeros_like(input.detach()), input)
+    return torch.where(masked, 0.0, _softmax_expand(safe, dim, 3, dtype))
+
+
+@rule(("_safe_softmax", "_safe_softmax.default"), "input dim dtype=None",
+      expand=_safe_softmax_expand)
+def safe_softmax(cx, result, input, dim, dtype):
+    """aten's softmax that gives 0 (not nan) on a slice all -inf (attention's masked rows):
+    the softmax's derivative, zero on those slices (torch's gradient there)."""
+    return softmax(cx, result, input, dim, 3, dtype)
+
+
+@decomposition(("_softmax_backward_data", "_softmax_backward_data.default"),
+               "grad_output output dim input_dtype", traced="grad_output output")
+def softmax_backward_data(grad_output, output, dim, input_dtype):
+    """aten's gradient of a softmax (``output``) at ``grad_output``, as torch computes it."""
+    y = output * (grad_output - (grad_output * output).sum(dim, keepdim=True))
+    return y if y.dtype == input_dtype else y.to(input_dtype)
+
+
 @rule("log_softmax", "input dim=None _stacklevel=3 dtype=None",
       expand=lambda input, dim, _stacklevel, dtype: input - _logsumexp_expand(input, dim, True))
 def log_softmax(cx, result, input, dim, _stacklevel, dtype):
