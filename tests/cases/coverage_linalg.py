@@ -120,6 +120,7 @@ CASES = [
     # elementwise with torch's zero derivative where piecewise constant (rules/elementwise.py)
     Case("__rmod__", lambda a, b: a.__rmod__(b), (x, x.flip(0) * 3), wrt=(0, 1)),
     Case("angle", lambda a: torch.angle(a) + a, (x,)),
+    Case("nextafter", torch.nextafter, (x, x.flip(0)), wrt=(0, 1)),
     *[Case("div", lambda a, m=m: torch.div(a, a.flip(0), rounding_mode=m) + a, (x,),
            id=f"div-{m}") for m in ("floor", "trunc")],
     # aten's softmax forms (rules/reduce.py)

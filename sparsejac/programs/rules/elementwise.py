@@ -179,6 +179,8 @@ unary("__rmod__", "input other", lambda input, other: torch.remainder(other, inp
       traced="input other")
 # the argument of a real number (0 or pi) is piecewise constant: torch's derivative is zero
 unary("angle", "input", torch.angle)
+# the next float toward ``other``: torch's derivative is 1 in ``input``, 0 in ``other``
+unary("nextafter", "input other", torch.nextafter, traced="input other")
 unary("copysign", "input other", torch.copysign, traced="input other")
 unary("ldexp", "input other", torch.ldexp, traced="input other")
 
