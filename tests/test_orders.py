@@ -180,3 +180,13 @@ def test_a_mode_that_is_not_one_is_refused():
         sparsejac.jacobian_of(torch.sin, rand(3), mode="sideways")
     with pytest.raises(ArgumentTypeError, match="mode must be one of .* got int"):
         sparsejac.plan_of(torch.sin, rand(3), mode=1)
+
+
+def test_a_decomposition_whose_value_has_another_shape_joins_in_reverse():
+    """Regression (the OpInfo census): ``vander`` of a 0-dim input gives torch's (1, N) result
+    from a value of shape (N,); its terms are reshaped to the result's axes."""
+    x = torch.tensor(0.7, dtype=D)
+    fn = lambda x: torch.linalg.vander(x, N=3)  # noqa: E731
+    for mode in ("forward", "reverse"):
+        np.testing.assert_allclose(_dense(sparsejac.jacobian_of(fn, x, mode=mode)),
+                                   torch.func.jacrev(fn)(x).numpy(), rtol=1e-12, atol=1e-14)

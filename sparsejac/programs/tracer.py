@@ -165,6 +165,19 @@ class Tracer:
             return None
         return entry[1]
 
+    def _as_shaped(self, terms: Terms | None, value: Any, result: Any) -> Terms | None:
+        """A decomposition's terms for torch's own result: reshaped where its value has the
+        result's entries in another shape (a 0-dim input's ``vander``)."""
+        if not terms or not _is_tensor(value) or not _is_tensor(result) or (
+                tuple(value.shape) == tuple(result.shape)):
+            return terms
+        if value.numel() != result.numel():
+            raise UnsupportedOperationError(
+                f"{PREFIX}a decomposition gave shape {tuple(value.shape)} for a result of shape "
+                f"{tuple(result.shape)}")
+        shape = tuple(result.shape)
+        return {k: [T.reshape(t, shape, self.labels) for t in ts] for k, ts in terms.items()}
+
     def _has_terms(self, x: Any) -> bool:
         """Whether ``x`` is traced (its terms formed or skipped), without reading them."""
         entry = self._traced.get(id(x))
@@ -329,7 +342,7 @@ class Tracer:
                 if tape is not None:  # the adjoints must flow through the steps traced
                     return value
                 values = [value] if isinstance(value, torch.Tensor) else list(value)
-                parts = [self.terms(v) for v in values]
+                parts = [self._as_shaped(self.terms(v), v, r) for v, r in zip(values, outputs)]
             else:
                 index, skipped = tape.call(name) if tape is not None else (None, False)
                 if skipped:

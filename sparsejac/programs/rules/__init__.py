@@ -19,5 +19,6 @@ from . import (  # noqa: F401
     reduce,
     resample,
     scatter,
+    spectral,
     tables,
 )

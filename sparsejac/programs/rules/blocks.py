@@ -1,9 +1,11 @@
 """Operations dense within a small block: linear algebra on batches of small matrices
 (``linalg.solve``, ``inv``, ``det``, ``slogdet``, ``cholesky``, ``matrix_exp``, ``eigvalsh``,
-``pinv``, ...). Each batch entry's output depends on all of that entry's input and on no other,
-so the Jacobian is one dense block per batch entry: a factor over the batch letters, read
-from torch's own derivative of one entry (``torch.func.jacrev``, vectorised over the batch by
-``torch.func.vmap``), so its kinks and conventions are torch's.
+``pinv``, ``lu_solve``, ``householder_product``, ``ormqr``, ...). Each batch entry's output
+depends on all of that entry's input and on no other, so the Jacobian is one dense block per
+batch entry: a factor over the batch letters, read from torch's own derivative of one entry
+(``torch.func.jacrev``, vectorised over the batch by ``torch.func.vmap``), so its kinks and
+conventions are torch's. ``tensorinv``, ``tensorsolve`` and ``cond`` are written with these
+rules, as torch writes them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from ...errors import UnsupportedOperationError
 from .. import sums as S
-from ..registry import rule
+from ..registry import decomposition, rule
 from ..tracer import PREFIX
 
 
@@ -34,7 +36,9 @@ def blocked(cx, result, inputs, cores, out_core, fn):
     flat = []
     for x, c in zip(inputs, cores):
         core = tuple(x.shape[x.dim() - c:]) if c else ()
-        flat.append(x.detach().expand(batch + core).reshape((nb,) + core))
+        # contiguous: vmapped over a strided batch, some kernels read other entries' data
+        # (torch 2.13: linalg.lu_solve of lu_factor's column-major batch of factors)
+        flat.append(x.detach().expand(batch + core).reshape((nb,) + core).contiguous())
     parts = []
     letters = iter(string.ascii_letters)
     bl = "".join(next(letters) for _ in batch)
@@ -156,3 +160,72 @@ def pinv(cx, result, input, rcond, hermitian, atol, rtol):
 @rule("linalg_svdvals", "A driver=None")
 def svdvals(cx, result, A, driver):
     return blocked(cx, result, (A,), (2,), 1, lambda a: torch.linalg.svdvals(a, driver=driver))
+
+
+@rule("lu_solve", "input LU_data LU_pivots", traced="input LU_data")
+def lu_solve_legacy(cx, result, input, LU_data, LU_pivots):
+    # the pivots are integers: an operand of each block, never differentiated
+    return blocked(cx, result, (input, LU_data, LU_pivots), (2, 2, 1), 2, torch.lu_solve)
+
+
+@rule("linalg_lu_solve", "LU pivots B left=True adjoint=False", traced="LU B")
+def lu_solve(cx, result, LU, pivots, B, left, adjoint):
+    return blocked(cx, result, (LU, pivots, B), (2, 1, 2), 2,
+                   lambda lu, p, b: torch.linalg.lu_solve(lu, p, b, left=left, adjoint=adjoint))
+
+
+@rule(("linalg_householder_product", "orgqr"), "input tau", traced="input tau")
+def householder_product(cx, result, input, tau):
+    return blocked(cx, result, (input, tau), (2, 1), 2, torch.linalg.householder_product)
+
+
+@rule("ormqr", "input input2 input3 left=True transpose=False", traced="input input2 input3")
+def ormqr(cx, result, input, input2, input3, left, transpose):
+    return blocked(cx, result, (input, input2, input3), (2, 1, 2), 2,
+                   lambda a, t, c: torch.ormqr(a, t, c, left=left, transpose=transpose))
+
+
+# --- written with the rules above, as torch's own implementations are (LinearAlgebra.cpp) ---
+
+@decomposition("linalg_tensorinv", "input ind=2")
+def tensorinv(input, ind):
+    if ind <= 0:
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.tensorinv' with ind={ind}")
+    head, tail = tuple(input.shape[:ind]), tuple(input.shape[ind:])
+    n = math.prod(tail)
+    if math.prod(head) != n:
+        raise UnsupportedOperationError(
+            f"{PREFIX}'linalg.tensorinv': shape {tuple(input.shape)} with ind={ind} is not a "
+            "square matrix")
+    return torch.linalg.inv(input.reshape(n, n)).reshape(tail + head)
+
+
+@decomposition("linalg_tensorsolve", "A B dims=None", traced="A B")
+def tensorsolve(A, B, dims):
+    if dims is not None:
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        A = torch.movedim(A, dims, list(range(A.dim() - len(dims), A.dim())))
+    shape = tuple(A.shape[B.dim():])
+    return torch.linalg.solve(A.reshape(B.numel(), math.prod(shape)),
+                              B.reshape(B.numel())).reshape(shape)
+
+
+@decomposition("linalg_cond", "input p=None")
+def cond(input, p):
+    """torch's: the ratio of extreme singular values for ``p`` in (None, 2, -2), else the
+    matrix norm of the input times that of its inverse."""
+    if input.dim() < 2:
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.cond' takes matrices")
+    if input.numel() == 0:  # torch's 0 for empty matrices
+        return input.sum((-2, -1)) * 0
+    if p is None or p in (2, -2):
+        s = torch.linalg.svdvals(input)
+        big, small = s.narrow(-1, 0, 1), s.narrow(-1, s.shape[-1] - 1, 1)
+        return (small / big if p == -2 else big / small).squeeze(-1)
+    _square("linalg.cond", input)
+    if bool((torch.linalg.inv_ex(input.detach()).info > 0).any()):
+        # torch fills the inverse of a singular matrix with inf in place
+        raise UnsupportedOperationError(
+            f"{PREFIX}'linalg.cond' with p={p!r} of a singular matrix is not supported")
+    return torch.linalg.matrix_norm(input, p) * torch.linalg.matrix_norm(
+        torch.linalg.inv(input), p)

@@ -1,6 +1,7 @@
 """Operations torch implements in C++ out of other operations (no Python reference to read),
 written here with registered ones: differences, Kronecker products, the trapezoid rule,
-pairwise distances. Their Jacobians come from the rules of what they call.
+pairwise distances, cross products, Vandermonde matrices, covariances and correlations,
+quantiles. Their Jacobians come from the rules of what they call.
 """
 
 from __future__ import annotations
@@ -193,3 +194,150 @@ def gradient(input, spacing, dim, edge_order):
     if edge_order not in (1, 2):
         raise UnsupportedOperationError(f"{PREFIX}'gradient' with edge_order={edge_order!r}")
     return tuple(_gradient_along(input, d, float(h), edge_order) for d, h in zip(dims, spacings))
+
+
+# --- written as torch's C++ implementations write them ---
+
+@decomposition("trapz", "y x=None dim=-1 dx=None", traced="y x")
+def trapz(y, x, dim, dx):
+    return trapezoid(y, x, dx, dim)
+
+
+@decomposition("dist", "input other p=2", traced="input other")
+def dist(input, other, p):
+    return torch.linalg.vector_norm(input - other, p)
+
+
+@decomposition("cross", "input other dim=None out=None", traced="input other")
+def cross(input, other, dim, out):
+    if dim is None:  # torch's deprecated default: the first dimension of size 3
+        sizes = torch.broadcast_shapes(input.shape, other.shape)
+        dim = next((d for d, n in enumerate(sizes) if n == 3), None)
+        if dim is None:
+            raise UnsupportedOperationError(f"{PREFIX}'cross': no dimension of size 3")
+    return torch.linalg.cross(input, other, dim=dim)
+
+
+@decomposition("linalg_vander", "x N=None")
+def vander(x, N):
+    """torch's: a column of ones, then the running product of ``x`` (its derivative at zero
+    is the product rule's, as torch's cumprod gives it)."""
+    n = x.shape[-1] if N is None else N
+    if n <= 1:
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.vander' needs N > 1, got {n}")
+    shape = tuple(x.shape) + (n - 1,)
+    powers = torch.cumprod(x.unsqueeze(-1).expand(shape), -1)
+    ones = torch.ones(tuple(x.shape) + (1,), dtype=powers.dtype, device=powers.device)
+    return torch.cat([ones, powers], -1)
+
+
+@decomposition("cov", "input correction=1 fweights=None aweights=None", traced="input aweights")
+def cov(input, correction, fweights, aweights):
+    """torch's cov (Correlation.cpp): a weighted mean, then the weighted product of the centred
+    observations over the normalisation factor (zero where the degrees of freedom are not
+    positive, as torch sets it)."""
+    if input.dim() > 2:
+        raise UnsupportedOperationError(f"{PREFIX}'cov' takes at most 2 dimensions")
+    x = input.reshape(1, -1) if input.dim() < 2 else input
+    n = x.shape[1]
+    w = fweights
+    if aweights is not None:
+        w = aweights if w is None else w * aweights
+    if w is None:
+        w_sum = n
+        avg = x.sum(1) / n
+    else:
+        w_sum = w.sum()
+        if bool(w_sum.detach() == 0):
+            raise UnsupportedOperationError(f"{PREFIX}'cov': weights sum to zero")
+        avg = (x * w).sum(1) / w_sum
+    if w is not None and correction != 0 and aweights is not None:
+        factor = w_sum - correction * (w * aweights).sum() / w_sum
+    else:
+        factor = w_sum - correction
+    positive = bool(factor.detach() > 0) if isinstance(factor, torch.Tensor) else factor > 0
+    if not positive:
+        factor = factor * 0
+    centred = x - avg.unsqueeze(1)
+    c = torch.mm(centred, (centred if w is None else centred * w).t())
+    return torch.true_divide(c, factor).squeeze()
+
+
+@decomposition("corrcoef", "input")
+def corrcoef(input):
+    c = cov(input, 1, None, None)
+    if c.dim() == 0:
+        return c / c
+    stddev = torch.sqrt(c.diagonal())
+    c = c / stddev.reshape(-1, 1)
+    c = c / stddev.reshape(1, -1)
+    return c.clip(-1, 1)
+
+
+_MODES = ("linear", "lower", "higher", "midpoint", "nearest")
+
+
+def _quantile(input, q, dim, keepdim, interpolation, ignore_nan):
+    """torch's quantile_compute (Sorting.cpp): sort, then interpolate between the two sorted
+    entries around each quantile's rank (``lerp``), so the derivative goes where torch's
+    gradient goes: to the entries its sort places there, ties included."""
+    name = "nanquantile" if ignore_nan else "quantile"
+    if interpolation not in _MODES:
+        raise UnsupportedOperationError(f"{PREFIX}{name!r} with interpolation={interpolation!r}")
+    if isinstance(q, torch.Tensor) and q.dim() > 1:
+        raise UnsupportedOperationError(f"{PREFIX}{name!r}: q must be a scalar or 1-D")
+    if input.numel() == 0:
+        raise UnsupportedOperationError(f"{PREFIX}{name!r} of an empty tensor")
+    qs = torch.as_tensor(q.detach() if isinstance(q, torch.Tensor) else q, dtype=input.dtype,
+                         device=input.device)
+    scalar_q = qs.dim() == 0
+    qs = qs.reshape(-1)
+    if dim is None:
+        values = input.reshape(-1).sort().values
+    else:
+        d = S.dim(dim, input.dim()) if input.dim() else 0
+        if input.dim() == 0:
+            values = input.reshape(1).sort().values
+        elif d == input.dim() - 1:
+            values = input.sort().values
+        else:  # as torch sorts it (the same call, the same order of ties)
+            values = input.unsqueeze(-1).transpose(d, -1).sort().values.squeeze(d)
+    sorted_ = values.detach()
+    n = sorted_.shape[-1]
+    if ignore_nan:
+        count = (~torch.isnan(sorted_)).sum(-1, keepdim=True)
+        ranks = (qs * (count - 1)).clamp_min(0)
+    else:
+        ranks = (qs * (n - 1)).expand(sorted_.shape[:-1] + qs.shape)
+        ranks = torch.where(torch.isnan(sorted_).any(-1, keepdim=True),
+                            torch.full_like(ranks, n - 1), ranks)
+    if interpolation == "lower":
+        ranks = ranks.floor()
+    elif interpolation == "higher":
+        ranks = ranks.ceil()
+    elif interpolation == "nearest":
+        ranks = ranks.round()
+    below = ranks.to(torch.long)
+    out = values.gather(-1, below)
+    if interpolation in ("linear", "midpoint"):
+        weights = torch.full_like(ranks, 0.5) if interpolation == "midpoint" else ranks - below
+        out = torch.lerp(out, values.gather(-1, ranks.ceil().to(torch.long)), weights)
+    out = out.movedim(-1, 0)  # (quantiles, kept dims...)
+    if keepdim:
+        if dim is None:
+            out = out.reshape((out.shape[0],) + (1,) * input.dim())
+        elif input.dim():
+            out = out.unsqueeze(d + 1)
+    return out.squeeze(0) if scalar_q else out
+
+
+@decomposition("quantile", "input q dim=None keepdim=False interpolation='linear' out=None",
+               traced="input")
+def quantile(input, q, dim, keepdim, interpolation, out):
+    return _quantile(input, q, dim, keepdim, interpolation, False)
+
+
+@decomposition("nanquantile", "input q dim=None keepdim=False interpolation='linear' out=None",
+               traced="input")
+def nanquantile(input, q, dim, keepdim, interpolation, out):
+    return _quantile(input, q, dim, keepdim, interpolation, True)

@@ -51,13 +51,15 @@ def _quotient(cx, result, x, y):
 
 
 @rule(("div", "__truediv__", "true_divide", "divide", "__div__"), "input other rounding_mode=None",
-      second=second_elementwise(lambda input, other, rounding_mode: input / other,
-                                ("input", "other")))
+      second=second_elementwise(lambda input, other, rounding_mode: torch.div(
+          input, other, rounding_mode=rounding_mode), ("input", "other")))
 def div(cx, result, input, other, rounding_mode):
     if rounding_mode is not None:
-        raise UnsupportedOperationError(
-            f"{PREFIX}'div' with rounding_mode={rounding_mode!r} is piecewise constant; "
-            "detach the input if that is intended")
+        if rounding_mode not in ("floor", "trunc"):
+            raise UnsupportedOperationError(
+                f"{PREFIX}'div' with rounding_mode={rounding_mode!r} is not supported")
+        # piecewise constant: torch's derivative is zero (as floor's and trunc's)
+        return S.elementwise(cx, result, [])
     return _quotient(cx, result, input, other)
 
 
@@ -173,6 +175,12 @@ unary(("polygamma", "special_polygamma"), "n input", torch.polygamma)
 unary("mvlgamma", "input p", torch.mvlgamma)
 unary(("fmod",), "input other", torch.fmod, traced="input other")
 unary(("remainder", "__mod__"), "input other", torch.remainder, traced="input other")
+unary("__rmod__", "input other", lambda input, other: torch.remainder(other, input),
+      traced="input other")
+# the argument of a real number (0 or pi) is piecewise constant: torch's derivative is zero
+unary("angle", "input", torch.angle)
+# the next float toward ``other``: torch's derivative is 1 in ``input``, 0 in ``other``
+unary("nextafter", "input other", torch.nextafter, traced="input other")
 unary("copysign", "input other", torch.copysign, traced="input other")
 unary("ldexp", "input other", torch.ldexp, traced="input other")
 

@@ -1,5 +1,6 @@
-"""Linear algebra: einsum, the matmul family, linear layers. Each is an einsum of its operands,
-so each rule is the product rule over one einsum (:func:`sums.einsum`)."""
+"""Linear algebra: einsum, the matmul family (``addmm``, ``addmv``, ``baddbmm``, ``addbmm``,
+``tensordot``, ``linalg.multi_dot``), linear layers. Each is an einsum of its operands, so each
+rule is the product rule over one einsum (:func:`sums.einsum`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ...errors import UnsupportedOperationError
 from .. import sums as S
-from ..registry import rule
+from ..registry import decomposition, rule
 from ..second import bilinear as second_einsum
 from ..tracer import PREFIX
 
@@ -118,3 +119,90 @@ def _addmm_of(input, mat1, mat2, beta, alpha):
 def addmm(cx, result, input, mat1, mat2, beta, alpha):
     prod = S.times(cx, S.einsum(cx, None, "ij,jk->ik", (mat1, mat2)), alpha)
     return S.add(cx, prod, S.times(cx, S.broadcast(cx, input, tuple(result.shape)), beta))
+
+
+
+def _scaled(cx, result, input, spec, a, b, beta, alpha):
+    """``beta * input + alpha * einsum(spec, a, b)`` (the addmm family): torch's derivative of
+    ``input`` is ``beta`` times the identity, zero where ``beta`` is 0."""
+    prod = S.times(cx, S.einsum(cx, None, spec, (a, b)), alpha)
+    return S.add(cx, prod, S.times(cx, S.broadcast(cx, input, tuple(result.shape)), beta))
+
+
+def _alpha_of(spec):
+    left, out = spec.split("->")
+    return lambda input, a, b, beta, alpha: (
+        f"{left},->{out}", (a, b, torch.tensor(float(alpha), dtype=a.dtype)))
+
+
+@rule("addmv", "input mat vec beta=1 alpha=1", second=second_einsum(
+    lambda input, mat, vec, beta, alpha: _alpha_of("ij,j->i")(input, mat, vec, beta, alpha)))
+def addmv(cx, result, input, mat, vec, beta, alpha):
+    return _scaled(cx, result, input, "ij,j->i", mat, vec, beta, alpha)
+
+
+@rule("baddbmm", "input batch1 batch2 beta=1 alpha=1", second=second_einsum(
+    lambda input, batch1, batch2, beta, alpha: _alpha_of("bij,bjk->bik")(
+        input, batch1, batch2, beta, alpha)))
+def baddbmm(cx, result, input, batch1, batch2, beta, alpha):
+    return _scaled(cx, result, input, "bij,bjk->bik", batch1, batch2, beta, alpha)
+
+
+@rule("addbmm", "input batch1 batch2 beta=1 alpha=1", second=second_einsum(
+    lambda input, batch1, batch2, beta, alpha: _alpha_of("bij,bjk->ik")(
+        input, batch1, batch2, beta, alpha)))
+def addbmm(cx, result, input, batch1, batch2, beta, alpha):
+    return _scaled(cx, result, input, "bij,bjk->ik", batch1, batch2, beta, alpha)
+
+
+def tensordot_spec(na: int, nb: int, dims) -> str:
+    """torch.tensordot's contraction as an einsum: ``dims`` an int (the last ``dims`` axes of
+    ``a`` with the first of ``b``), a pair of axis lists, or a tensor holding either."""
+    if isinstance(dims, torch.Tensor):
+        dims = dims.tolist()
+    if isinstance(dims, int):
+        if dims < 0:
+            raise UnsupportedOperationError(f"{PREFIX}'tensordot' with dims={dims}")
+        da, db = list(range(na - dims, na)), list(range(dims))
+    else:
+        da, db = dims
+        da = [da] if isinstance(da, int) else list(da)
+        db = [db] if isinstance(db, int) else list(db)
+    da, db = [d % na for d in da], [d % nb for d in db]
+    letters = iter(string.ascii_letters)
+    la = [next(letters) for _ in range(na)]
+    lb = [next(letters) for _ in range(nb)]
+    for i, j in zip(da, db):
+        lb[j] = la[i]
+    out = [la[i] for i in range(na) if i not in da] + [lb[j] for j in range(nb) if j not in db]
+    return f"{''.join(la)},{''.join(lb)}->{''.join(out)}"
+
+
+def _tensordot_of(a, b, dims, out):
+    return tensordot_spec(a.dim(), b.dim(), dims), (a, b)
+
+
+@rule("tensordot", "a b dims=2 out=None", traced="a b", second=second_einsum(_tensordot_of))
+def tensordot(cx, result, a, b, dims, out):
+    return S.einsum(cx, result, *_tensordot_of(a, b, dims, out))
+
+
+@decomposition("linalg_multi_dot", "tensors out=None", traced="tensors")
+def multi_dot(tensors, out):
+    """A chain of matrix products (a 1-D first or last operand a row or a column vector)."""
+    if len(tensors) < 2:
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.multi_dot' takes at least 2 tensors")
+    first, last = tensors[0], tensors[-1]
+    chain = list(tensors)
+    if first.dim() == 1:
+        chain[0] = first.unsqueeze(0)
+    if last.dim() == 1:
+        chain[-1] = last.unsqueeze(-1)
+    y = chain[0]
+    for m in chain[1:]:
+        y = y @ m
+    if last.dim() == 1:
+        y = y.squeeze(-1)
+    if first.dim() == 1:
+        y = y.squeeze(0)
+    return y

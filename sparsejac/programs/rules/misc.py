@@ -1,7 +1,8 @@
-"""torch's internal kernels that programs and OpInfo reach (backward kernels, ``_safe_softmax``,
-masked indexing, ``segment_reduce``, ``embedding_bag``, ``grid_sample``), and small operations
-whose derivative torch defines as constant or an identity (``fill``, ``angle`` of a real
-tensor, ``nextafter``), written with registered operations or as rules of a few lines.
+"""torch's internal kernels that programs and OpInfo reach (backward kernels, masked indexing,
+``segment_reduce``, ``embedding_bag``, ``grid_sample``), and ``fill``, whose derivative is zero
+(or the value's), written with registered operations or as rules of a few lines. (``angle``,
+``nextafter``, ``__rmod__`` are elementwise rules; the softmax kernels are in
+:mod:`.reduce`.)
 
 Where torch's own decomposition (``torch._decomp``) is written with registered operations it
 is followed (``grid_sample``); elsewhere each is written as torch's decomposition or kernel
@@ -32,26 +33,6 @@ def fill(cx, result, input, value):
     return {}
 
 
-@rule("angle", "input", second="linear")
-def angle(cx, result, input):
-    """0 or pi for a real input: torch's gradient is zero (complex inputs are refused)."""
-    if input.is_complex():
-        raise UnsupportedOperationError(f"{PREFIX}'angle' of a complex tensor is not supported")
-    return {}
-
-
-@rule("nextafter", "input other", traced="input other", second="linear")
-def nextafter(cx, result, input, other):
-    """The next float after ``input`` toward ``other``: torch's gradient is 1 for ``input`` and
-    0 for ``other``."""
-    return S.broadcast(cx, input, tuple(result.shape)) if S.of(cx, input) else {}
-
-
-@decomposition("__rmod__", "input other", traced="input other")
-def rmod(input, other):
-    return torch.remainder(other, input)
-
-
 # --- backward kernels and safe variants (as torch._decomp writes them) ----------------------
 
 
@@ -59,23 +40,6 @@ def rmod(input, other):
                "grad_output mask scale", traced="grad_output")
 def native_dropout_backward(grad_output, mask, scale):
     return grad_output * (mask.to(grad_output.dtype) * scale)
-
-
-@decomposition(("_softmax_backward_data", "_softmax_backward_data.default"),
-               "grad_output output dim input_dtype", traced="grad_output output")
-def softmax_backward_data(grad_output, output, dim, input_dtype):
-    g = grad_output * output
-    return (g - output * g.sum(dim, keepdim=True)).to(input_dtype)
-
-
-@decomposition(("_safe_softmax", "_safe_softmax.default"), "input dim dtype=None")
-def safe_softmax(input, dim, dtype):
-    """softmax, with zeros in the slices where every entry is -inf (torch's gradient there:
-    zero)."""
-    masked = torch.all(input.detach() == float("-inf"), dim=dim, keepdim=True)
-    # those slices read as zeros first: softmax's derivative there would be nan, not zero
-    out = torch.softmax(torch.where(masked, torch.zeros_like(input), input), dim, dtype=dtype)
-    return torch.where(masked, torch.zeros_like(out), out)
 
 
 @decomposition(("_unsafe_masked_index", "_unsafe_masked_index.default"),

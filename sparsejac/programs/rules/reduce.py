@@ -1,6 +1,7 @@
-"""Reductions: sums and means, softmax, maxima, log-sum-exp, moments, norms, products,
-cumulative sums. Which entry wins a maximum is a value (a one-hot weight), not structure, as
-a relu's mask is: the pattern of a reduction is the whole reduced axis."""
+"""Reductions: sums and means, softmax, maxima, log-sum-exp, moments, norms (vector norms with
+torch's derivative conventions; matrix norms and ``linalg.norm`` written as torch writes them),
+products, cumulative sums. Which entry wins a maximum is a value (a one-hot weight), not
+structure, as a relu's mask is: the pattern of a reduction is the whole reduced axis."""
 
 from __future__ import annotations
 
@@ -63,6 +64,28 @@ def softmax(cx, result, input, dim, _stacklevel, dtype):
     s = result.detach().to(cx.dtype)
     return S.add(cx, S.scaled(cx, S.of(cx, input), s),
                  S.scaled(cx, contract_back(cx, input, s, d), -s))
+
+
+def _safe_softmax_expand(input, dim, dtype):
+    masked = torch.isneginf(input.detach()).all(dim, keepdim=True)
+    safe = torch.where(masked, torch.zeros_like(input.detach()), input)
+    return torch.where(masked, 0.0, _softmax_expand(safe, dim, 3, dtype))
+
+
+@rule(("_safe_softmax", "_safe_softmax.default"), "input dim dtype=None",
+      expand=_safe_softmax_expand)
+def safe_softmax(cx, result, input, dim, dtype):
+    """aten's softmax that gives 0 (not nan) on a slice all -inf (attention's masked rows):
+    the softmax's derivative, zero on those slices (torch's gradient there)."""
+    return softmax(cx, result, input, dim, 3, dtype)
+
+
+@decomposition(("_softmax_backward_data", "_softmax_backward_data.default"),
+               "grad_output output dim input_dtype", traced="grad_output output")
+def softmax_backward_data(grad_output, output, dim, input_dtype):
+    """aten's gradient of a softmax (``output``) at ``grad_output``, as torch computes it."""
+    y = output * (grad_output - (grad_output * output).sum(dim, keepdim=True))
+    return y if y.dtype == input_dtype else y.to(input_dtype)
 
 
 @rule("log_softmax", "input dim=None _stacklevel=3 dtype=None",
@@ -167,47 +190,146 @@ def std(cx, result, input, dim, unbiased, keepdim, correction):
     return _weighted(cx, input, g.masked_fill(s == 0, 0.0), dims, bool(keepdim))
 
 
-def _norm_weights(x, p, dims):
-    """``d ||x||_p / d x`` along ``dims`` (zero where the norm is zero, as torch has it)."""
-    a = x.abs()
-    if p in ("fro", 2, 2.0, None):
-        r = torch.sqrt((x * x).sum(dims, keepdim=True))
-        return (x / r).masked_fill(r == 0, 0.0)
-    if p in (float("inf"), "inf", float("-inf"), "-inf"):
-        inf = p in (float("inf"), "inf")
-        r = a.amax(dims, keepdim=True) if inf else a.amin(dims, keepdim=True)
-        hit = (a == r).to(x.dtype)
-        return torch.sign(x) * hit / hit.sum(dims, keepdim=True)
+def _order(p, name="norm"):
+    """A vector norm's order as a number (``"fro"`` and None are 2)."""
+    if p in ("fro", None):
+        return 2.0
+    if p in ("inf", "-inf"):
+        return float(p)
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise UnsupportedOperationError(f"{PREFIX}{name!r} with ord={p!r} is not supported")
+    return float(p)
+
+
+def _norm_weights(x, p, dims, norm):
+    """``d ||x||_p / d x`` along ``dims`` as torch's ``norm_backward`` has it (``norm`` the
+    result with its reduced axes kept): zero for p = 0 (piecewise constant), ``sgn(x)`` for
+    p = 1, zero where the norm is zero for p > 1, zero at a zero entry for p < 1, and for
+    p = +-inf the entries equal to the norm (or nan) sharing."""
+    if p == 0:
+        return torch.zeros_like(x)
     if p == 1:
-        return torch.sign(x)
-    if isinstance(p, (int, float)) and p > 0:
-        r = torch.pow(torch.pow(a, p).sum(dims, keepdim=True), 1 / p)
-        return (torch.sign(x) * torch.pow(a, p - 1) / torch.pow(r, p - 1)).masked_fill(r == 0, 0.0)
-    raise UnsupportedOperationError(f"{PREFIX}'norm' with p={p!r} is not supported")
+        return torch.sgn(x)
+    if p == 2:
+        return (x / norm).masked_fill(norm == 0, 0.0)
+    if math.isinf(p):
+        a = x.abs()
+        hit = ((a == norm) | torch.isnan(a)).to(x.dtype)
+        return torch.sgn(x) * hit / (hit.sum(dims, keepdim=True) if dims else hit)
+    if p < 1:
+        scaled = torch.sgn(x) * x.abs().pow(p - 1).masked_fill(x == 0, 0.0)
+        return scaled * norm.pow(1 - p)
+    scaled = torch.sgn(x) * x.abs().pow(p - 1) if p < 2 else x * x.abs().pow(p - 2)
+    return scaled * (1 / norm.pow(p - 1)).masked_fill(norm == 0, 0.0)
 
 
-def _norm_expand(input, p, dim, keepdim, dtype, out):
-    dims = S.reduce_dims(input, dim)
-    if p in ("fro", 2, 2.0, None):
-        return torch.sqrt((input * input).sum(dims, keepdim=bool(keepdim)))
-    if isinstance(p, (int, float)) and 1 < p < float("inf"):
-        return torch.pow(torch.pow(torch.abs(input), p).sum(dims, keepdim=bool(keepdim)), 1 / p)
-    return input.abs().sum(dims, keepdim=bool(keepdim)) if p == 1 else torch.amax(
-        input.abs(), dims, keepdim=bool(keepdim))
-
-
-@rule("norm", "input p='fro' dim=None keepdim=False dtype=None out=None", expand=_norm_expand)
-def norm(cx, result, input, p, dim, keepdim, dtype, out):
-    dims = S.reduce_dims(input, dim)
-    g = _norm_weights(input.detach().to(cx.dtype), p, dims)
-    return _weighted(cx, input, g, dims, bool(keepdim))
+def _norm_expand(x, ord, dim, keepdim, dtype, out):
+    """The norm written with other operations, for the second order."""
+    p = _order(ord, "linalg.vector_norm")
+    dims = S.reduce_dims(x, dim)
+    keep = bool(keepdim)
+    if p == 0:  # piecewise constant
+        return (x != 0).to(x.dtype).sum(dims, keepdim=keep)
+    if p == 2:
+        return torch.sqrt((x * x).sum(dims, keepdim=keep))
+    if p == 1:
+        return x.abs().sum(dims, keepdim=keep)
+    if math.isinf(p):
+        return (torch.amax if p > 0 else torch.amin)(x.abs(), dims, keepdim=keep)
+    if p > 1:
+        return torch.pow(torch.pow(torch.abs(x), p).sum(dims, keepdim=keep), 1 / p)
+    raise UnsupportedOperationError(
+        f"{PREFIX}the second derivative of 'linalg.vector_norm' with ord={ord!r} (below 1) is "
+        "not supported")
 
 
 @rule("linalg_vector_norm", "x ord=2 dim=None keepdim=False dtype=None out=None",
-      expand=lambda x, ord, dim, keepdim, dtype, out: _norm_expand(x, ord, dim, keepdim, dtype,
-                                                                    out))
+      expand=_norm_expand)
 def vector_norm(cx, result, x, ord, dim, keepdim, dtype, out):
-    return norm(cx, result, x, ord, dim, keepdim, dtype, out)
+    dims = S.reduce_dims(x, dim)
+    norm = _kept(result, dims, keepdim).to(cx.dtype)
+    g = _norm_weights(x.detach().to(cx.dtype), _order(ord, "linalg.vector_norm"), dims, norm)
+    return _weighted(cx, x, g, dims, bool(keepdim))
+
+
+@decomposition("norm", "input p='fro' dim=None keepdim=False dtype=None out=None")
+def norm(input, p, dim, keepdim, dtype, out):
+    """torch.norm as torch.functional.norm dispatches it: a vector norm, or a matrix norm for
+    ``"nuc"`` (and ``"fro"`` over more than two dims)."""
+    dims = [dim] if isinstance(dim, int) else dim
+    kw = {} if out is None else {"out": out}
+    if isinstance(p, str):
+        if p == "fro" and (dim is None or isinstance(dim, int) or len(dim) <= 2):
+            return torch.linalg.vector_norm(input, 2, dims, keepdim, dtype=dtype, **kw)
+        return torch.linalg.matrix_norm(input, p, list(range(input.dim())) if dims is None
+                                        else dims, keepdim, dtype=dtype, **kw)
+    return torch.linalg.vector_norm(input, 2.0 if p is None else p, dims, keepdim, dtype=dtype,
+                                    **kw)
+
+
+def _backshift(d0, d1, n):
+    """The permutation moving axes ``d0``, ``d1`` (in that order) to the end."""
+    return [k for k in range(n) if k not in (d0, d1)] + [d0, d1]
+
+
+@decomposition("linalg_matrix_norm", "A ord='fro' dim=(-2,-1) keepdim=False dtype=None")
+def matrix_norm(A, ord, dim, keepdim, dtype):
+    """torch's linalg_matrix_norm (LinearAlgebra.cpp): "fro" a vector norm over both axes,
+    "nuc" and +-2 sums and extremes of the singular values (a dense block per matrix), +-1 and
+    +-inf extremes of absolute column (row) sums."""
+    if A.dim() < 2 or len(dim) != 2:
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.matrix_norm' takes matrices, two dims")
+    d0, d1 = S.dim(dim[0], A.dim()), S.dim(dim[1], A.dim())
+    if d0 == d1:
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.matrix_norm': dims must differ")
+    keep = bool(keepdim)
+    if ord == "fro":
+        return torch.linalg.vector_norm(A, 2, (d0, d1), keep, dtype=dtype)
+    if isinstance(ord, str) and ord != "nuc":
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.matrix_norm' with ord={ord!r}")
+    if ord == "nuc" or abs(ord) == 2:
+        perm = _backshift(d0, d1, A.dim())
+        x = A if dtype is None else A.to(dtype)
+        s = torch.linalg.svdvals(x.permute(perm))
+        if ord == "nuc":
+            r = s.sum(-1)
+        else:
+            r = _extreme(s, -1, ord > 0, False)
+        if keep:
+            back = [perm.index(k) for k in range(A.dim())]
+            r = r.unsqueeze(-1).unsqueeze(-1).permute(back)
+        return r
+    if abs(ord) not in (1, float("inf")):
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.matrix_norm' with ord={ord!r}")
+    if abs(ord) == float("inf"):
+        d0, d1 = d1, d0
+    if not keep and d0 < d1:
+        d1 -= 1
+    return _extreme(torch.linalg.vector_norm(A, 1.0, d0, keep, dtype=dtype), d1, ord > 0, keep)
+
+
+def _extreme(x, d, largest, keepdim):
+    """amax (amin) along ``d``; the maximum of no entries 0 (as torch's reference has it)."""
+    if x.shape[d] == 0 and largest:
+        return x.sum(d, keepdim=keepdim) * 0
+    return (torch.amax if largest else torch.amin)(x, d, keepdim=keepdim)
+
+
+@decomposition("linalg_norm", "input ord=None dim=None keepdim=False out=None dtype=None")
+def linalg_norm(input, ord, dim, keepdim, out, dtype):
+    """torch's linalg_norm: a matrix norm where ``ord`` is given over two dims (a 2-D input's
+    when ``dim`` is None), else a vector norm (of order 2 where ``ord`` is None)."""
+    dims = (dim,) if isinstance(dim, int) else dim
+    if dims is not None and len(dims) not in (1, 2):
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.norm' takes 1 or 2 dims")
+    if ord is not None and ((dims is not None and len(dims) == 2)
+                            or (dims is None and input.dim() == 2)):
+        return torch.linalg.matrix_norm(input, ord, (0, 1) if dims is None else dims, keepdim,
+                                        dtype=dtype)
+    if isinstance(ord, str):
+        raise UnsupportedOperationError(f"{PREFIX}'linalg.norm' with ord={ord!r} over one dim")
+    return torch.linalg.vector_norm(input, 2.0 if ord is None else ord, dims, keepdim,
+                                    dtype=dtype)
 
 
 def _prod_expand(input, dim, keepdim, dtype):
