@@ -8,8 +8,9 @@ in float64, eval mode and at a small input; differentiated w.r.t. the input (pix
 
 - ``exact``: sparsejac's Jacobian is jacrev's (rtol 1e-9, atol 1e-11 times the largest entry);
 - ``casts``: it differs only because the model computes in float32 in places (RMSNorm and T5's
-  norms upcast ``.to(torch.float32)``, rotary embeddings ``.float()``): run again with those
-  casts made no-ops, for both sparsejac and jacrev, it is exact;
+  norms upcast ``.to(torch.float32)``, rotary embeddings ``.float()``): by at most 1e-6 of the
+  largest entry, and run again with those casts made no-ops, for both sparsejac and jacrev, it
+  is exact;
 - ``wrong``: it differs otherwise (the worst defect);
 - ``refused-op``: the package refused an operation (its message is kept);
 - ``refused-memory``: the memory guard refused it (``memory_limit="4GB"``);
@@ -45,6 +46,7 @@ D = torch.float64
 LIMIT = "4GB"
 RTOL, ATOL = 1e-9, 1e-11
 SIZES = (16, 32, 64, 75, 96, 128, 224, 299)  # image sides tried, smallest first
+CASTS = 1e-6  # the most the float32 casts may move an entry (relative to the largest)
 ORDER = ("wrong", "crash", "refused-op", "refused-memory", "timeout", "casts", "exact", "skip")
 
 
@@ -54,6 +56,9 @@ class Case:
     name: str
     build: Callable[[], tuple]  # -> (fn, args, wrt)
     casts: bool = False  # the model computes in float32 in places
+    # where the memory guard refuses the case: the model w.r.t. its first vector parameter
+    # (few columns, so every operation is still checked: the name says which)
+    fallback: Callable[[], tuple] | None = None
 
 
 def _rand(*shape, seed=1):
@@ -83,7 +88,10 @@ def _side(model, channels=3, sizes=SIZES):
 
 def _wrt_weight(model, pname, x, out=lambda y: y):
     """``fn(w)`` of the model with parameter ``pname`` replaced by ``w``, and ``w``."""
-    params = {pname: dict(model.named_parameters())[pname].detach().clone()}
+    named = dict(model.named_parameters())
+    if pname == "first":  # the first vector (a bias or a norm's weight): few columns
+        pname = next(n for n, p in named.items() if p.dim() == 1)
+    params = {pname: named[pname].detach().clone()}
 
     def fn(p):
         return out(torch.func.functional_call(model, p, (x,)))
@@ -120,7 +128,8 @@ def torchvision_cases():
             kwargs["input_size"] = (224, 224)
             sizes = (224,)
         make = (lambda name=name, kwargs=kwargs: torchvision.models.get_model(name, **kwargs))
-        cases.append(Case("torchvision", name, _pixels(make, sizes)))
+        cases.append(Case("torchvision", name, _pixels(make, sizes),
+                          fallback=_pixels(make, sizes, weight="first")))
     make18 = lambda: torchvision.models.resnet18(weights=None, num_classes=10)  # noqa: E731
     cases.append(Case("torchvision", "resnet18[layer4.1.bn2.weight]",
                       _pixels(make18, weight="layer4.1.bn2.weight")))
@@ -145,7 +154,8 @@ def timm_cases():
             kwargs["img_size"] = 32
             sizes = (32,)
         make = (lambda name=name, kwargs=kwargs: timm.create_model(name, **kwargs))
-        cases.append(Case("timm", name, _pixels(make, sizes)))
+        cases.append(Case("timm", name, _pixels(make, sizes),
+                          fallback=_pixels(make, sizes, weight="first")))
     makec = lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10)  # noqa
     cases.append(Case("timm", "convnext_atto[stages.3.blocks.1.conv_dw.weight]",
                       _pixels(makec, weight="stages.3.blocks.1.conv_dw.weight")))
@@ -307,6 +317,16 @@ def _differs(got, ref) -> str:
     return ""
 
 
+def _relative(got, ref) -> float:
+    """The largest difference over the largest entry, block by block."""
+    worst = 0.0
+    for a, b in zip(_leaves(got), _leaves(ref)):
+        b = b.detach()
+        a = torch.as_tensor(a.todense()).reshape(b.shape)
+        worst = max(worst, float((a - b).abs().max()) / max(float(b.abs().max()), 1e-300))
+    return worst
+
+
 class Timeout(Exception):
     pass
 
@@ -342,7 +362,7 @@ def check(case: Case, timeout: int = 600) -> tuple[str, str, float]:
             ref64 = torch.func.jacrev(plain)(*args)
             got64 = sparsejac.jacobian_of(plain, *args, memory_limit=LIMIT)
             again = _differs(got64, ref64)
-            if not again:
+            if not again and _relative(got, ref) < CASTS:
                 return "casts", f"with float32 casts: {detail}", time.perf_counter() - t0
             detail = f"{detail}; without the casts too: {again}"
         return "wrong", detail[:300], time.perf_counter() - t0
@@ -355,6 +375,11 @@ def check(case: Case, timeout: int = 600) -> tuple[str, str, float]:
     finally:
         signal.alarm(0)
         gc.collect()
+
+
+def _row(rows, lib, name, verdict, detail, secs):
+    rows.append((lib, name, verdict, detail, secs))
+    print(f"{lib:12s} {name:48s} {verdict:15s} {secs:7.1f}s {detail[:160]}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -373,9 +398,11 @@ def main(argv=None) -> int:
             if (args.only and case.name not in args.only) or case.name in args.skip:
                 continue
             verdict, detail, secs = check(case, args.timeout)
-            rows.append((case.lib, case.name, verdict, detail, secs))
-            print(f"{case.lib:12s} {case.name:48s} {verdict:15s} {secs:7.1f}s {detail[:160]}",
-                  flush=True)
+            _row(rows, case.lib, case.name, verdict, detail, secs)
+            if verdict == "refused-memory" and case.fallback is not None:
+                first = Case(case.lib, case.name, case.fallback, case.casts)
+                verdict, detail, secs = check(first, args.timeout)
+                _row(rows, case.lib, f"{case.name}[first vector]", verdict, detail, secs)
     counts = collections.Counter((lib, v) for lib, _, v, _, _ in rows)
     libs = sorted({lib for lib, *_ in rows})
     print("\n" + f"{'verdict':15s}" + "".join(f"{lib:>13s}" for lib in libs) + f"{'all':>7s}")
