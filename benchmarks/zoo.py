@@ -34,7 +34,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -389,13 +389,19 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=(), help="case names to leave out")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per case")
     ap.add_argument("--markdown", help="write the table of cases here")
+    ap.add_argument("--part", default="1/1", help="K/N: run the K-th of N shares of the cases")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    k, n = map(int, args.part.split("/"))
     rows = []
     for lib in args.lib:
-        for case in LIBS[lib]():
+        for i, case in enumerate(LIBS[lib]()):
             if (args.only and case.name not in args.only) or case.name in args.skip:
+                continue
+            if i % n != k - 1:
                 continue
             verdict, detail, secs = check(case, args.timeout)
             _row(rows, case.lib, case.name, verdict, detail, secs)

@@ -10,8 +10,10 @@ are no-ops for both (verdict ``casts``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -29,8 +31,10 @@ CASES = {
 }
 
 
+@functools.cache
 def _zoo():
     zoo = importlib.util.module_from_spec(_spec)
+    sys.modules["zoo"] = zoo  # (its dataclass looks its module up there)
     _spec.loader.exec_module(zoo)
     return zoo
 
