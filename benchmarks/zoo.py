@@ -198,6 +198,7 @@ def transformers_cases():
                  intermediate_size=37, max_position_embeddings=64)
     decoder = dict(vocab_size=99, hidden_size=H, intermediate_size=37, num_hidden_layers=1,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    pad = lambda: {"attention_mask": torch.tensor([[1, 1, 1, 0]])}  # noqa: E731
     dec = lambda: {"decoder_inputs_embeds": _rand(1, 3, H, seed=2)}  # noqa: E731
     seq2seq = dict(vocab_size=99, d_model=H, encoder_layers=1, decoder_layers=1,
                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37,
@@ -222,6 +223,8 @@ def transformers_cases():
         C("transformers", "bert[query.weight]", _embeds(
             lambda: tf.BertModel(tf.BertConfig(**small)),
             weight="encoder.layer.0.attention.self.query.weight")),
+        C("transformers", "bert[padded]", _embeds(
+            lambda: tf.BertModel(tf.BertConfig(**small)), extra=pad)),
         C("transformers", "gpt2", _embeds(lambda: tf.GPT2Model(tf.GPT2Config(
             vocab_size=99, n_embd=H, n_layer=1, n_head=2, n_positions=64)))),
         C("transformers", "distilbert", _embeds(lambda: tf.DistilBertModel(tf.DistilBertConfig(
@@ -242,6 +245,8 @@ def transformers_cases():
             lambda: tf.Wav2Vec2Model(tf.Wav2Vec2Config(**w2v)), _rand(1, 40), "input_values")),
         C("transformers", "llama", _embeds(lambda: tf.LlamaModel(tf.LlamaConfig(**decoder))),
           casts=True),
+        C("transformers", "llama[padded]", _embeds(
+            lambda: tf.LlamaModel(tf.LlamaConfig(**decoder)), extra=pad), casts=True),
         C("transformers", "llama[gate_proj.weight]", _embeds(
             lambda: tf.LlamaModel(tf.LlamaConfig(**decoder)),
             weight="layers.0.mlp.gate_proj.weight"), casts=True),
