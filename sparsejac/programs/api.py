@@ -135,6 +135,12 @@ class ProgramPlan:
         with LOCK:
             c = self._collect(args, memory_limit)
             self.mode = getattr(c, "mode", "forward")
+            if self._mode == "auto" and self.mode == "forward":
+                # forward chosen (or fallen back to): the refills run the trace's own forward
+                # composition, without recording the steps (a second trace, once, here)
+                self._mode = "forward"
+                if not c.fell_back:
+                    c = self._collect(args, memory_limit)
             self._adopt(c)
         self._args_key = C.signature(args)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import options
-from ..errors import (ArgumentTypeError, OperandTypeError, ShapeError,
+from ..errors import (ArgumentTypeError, JacobianTooLargeError, OperandTypeError, ShapeError,
                       UnsupportedOperationError)
 from . import accumulate, intercept, second
 from . import terms as T
@@ -172,6 +172,8 @@ class Collected:
         self.limit, self.layout, self.nest, self.what = limit, layout, nest, what
         self.symmetric = set(sym)  # blocks that are symmetric (a Hessian's diagonal blocks)
         self.device = None  # the differentiated arguments' device (a CUDA one keeps results)
+        # the order of accumulation used (a Jacobian's), and whether "auto" fell back to forward
+        self.mode, self.fell_back = "forward", False
         # a Hessian's (:func:`hessian_blocks`): the calls a refill may skip (None after a
         # refill), whether it skipped any, and whether a rule read skipped terms after all
         self.dead: dict[int, str] | None = None
@@ -197,10 +199,30 @@ class Collected:
 def jacobian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
                     mode: str = "forward") -> Collected:
     """The Jacobian's blocks, accumulated in ``mode`` (:data:`accumulate.MODES`; the result's
-    ``mode`` is the order used, ``"auto"`` resolved)."""
+    ``mode`` is the order used, ``"auto"`` resolved, and ``fell_back`` whether ``"auto"`` had
+    to trace forward after all)."""
+    mode = accumulate.mode_of(mode, PREFIX)
+    if mode != "auto":
+        return _jacobian_blocks(fn, args, wrt, memory_limit, mode)
+    try:
+        return _jacobian_blocks(fn, args, wrt, memory_limit, mode)
+    except JacobianTooLargeError:
+        pass  # (outside the handler: the failed trace's frames are let go first)
+    # The cost model is an estimate, and the recorded steps are held until they are joined:
+    # where the order it chose does not fit, the trace's own forward composition (which frees
+    # each intermediate's terms as the program drops it) may
+    import gc
+
+    gc.collect()  # the failed trace's tracer and labels hold each other
+    c = _jacobian_blocks(fn, args, wrt, memory_limit, "forward")
+    c.fell_back = True
+    return c
+
+
+def _jacobian_blocks(fn: Callable, args: tuple, wrt: Any, memory_limit: Any,
+                     mode: str) -> Collected:
     from torch.utils import _pytree as pytree
 
-    mode = accumulate.mode_of(mode, PREFIX)
     (tracer, positions, flat_args, specs, out_leaves, out_spec, labels, dtype,
      limit) = trace(fn, args, wrt, memory_limit, steps=mode != "forward")
     seeds = [tracer.terms(o) or {} for o in out_leaves]

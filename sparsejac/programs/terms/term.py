@@ -14,6 +14,7 @@ This module only defines the term; every move of the algebra is elsewhere. Of
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -57,14 +58,14 @@ class Term:
         s = self.stored
         return s.tensors() if isinstance(s, Product) else [s]
 
-    @property
+    @functools.cached_property
     def out_atoms(self) -> tuple[int, ...]:
-        """The output side's atoms, axis after axis."""
+        """The output side's atoms, axis after axis (kept: a term never changes)."""
         return tuple(a for axis in self.out for a in axis)
 
-    @property
+    @functools.cached_property
     def inp_atoms(self) -> tuple[int, ...]:
-        """The argument side's atoms, axis after axis."""
+        """The argument side's atoms, axis after axis (kept: a term never changes)."""
         return tuple(a for axis in self.inp for a in axis)
 
     def free(self, labels: Labels) -> tuple[int, ...]:
