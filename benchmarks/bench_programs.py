@@ -16,7 +16,15 @@ Models (float32, CPU, inputs and weights from a seeded generator):
 - ``cnn``: conv 16 3x3 pad 1, relu, maxpool 2, conv 32 3x3 pad 1, relu, maxpool 2, flatten,
   linear 10, on batch 32 of 3x32x32 images, w.r.t. the input;
 - ``transformer``: ``nn.TransformerEncoderLayer(64, 4, batch_first=True).eval()`` on batch 8 of
-  32 tokens, w.r.t. the input.
+  32 tokens, w.r.t. the input;
+- torch only (weights from ``torch.manual_seed(0)``; the peer reads n/a), for the orders of
+  accumulation: ``resnet_head`` (conv stem 3->16, a ResNet basic block with eval batch norms,
+  global average pool, linear 10; batch 16 of 3x16x16), ``mlp_head`` (tanh MLP 512-256-10,
+  batch 64), ``encoder_head`` (``TransformerEncoderLayer(64, 4, dim_feedforward=128)``, batch 8
+  x 16 tokens, mean over tokens, linear 10), all w.r.t. the input; ``cnn_w`` (conv 8 3x3, relu,
+  avgpool 2, linear 10 on batch 16 of 3x16x16) w.r.t. all its parameters through
+  ``torch.func.functional_call`` (a dict argument); ``stencil`` (tanh of the 5-point Laplacian,
+  F.pad and slices, on 128x128), w.r.t. the input.
 
 Columns, each (model, method) in a fresh subprocess so that its peak memory is its own (the rise
 of the resident size above the process's size before the call, benchmarks/measure.py), under a
@@ -31,7 +39,12 @@ timeout and a watchdog on its resident size:
   whole. The models are written in JAX with the same weights.
 - ``first``: ``sparsejac.jacobian_of(fn, x, format="csr")``, the first call in a fresh process.
 - ``refill``: ``plan.jacobian(x_new, format="csr")`` of ``plan = sparsejac.plan_of(fn, x)``
-  (best of 3 after a warm-up).
+  (best of 3 after a warm-up), in the same process after the first call.
+- per order of accumulation (``mode="auto"``, the columns above, and ``"forward"`` and
+  ``"reverse"``, each in its own fresh process): the first call, the refill, the order auto
+  picks (``plan.mode``), jacrev over each, and the refill split into the trace, the sweep of
+  the recorded steps and the rest (products and writing). Every result is checked against
+  ``torch.func.vjp``'s rows: every row up to 4096 rows (a dense compare), else 48 random ones.
 - ``floor``: the write floor of the result: allocating and filling, on every core in slabs (as
   sparsejac writes), arrays of the result's nnz and dtypes (values float32; indices and indptr
   as wide as the CSR's), best of 3.
@@ -765,6 +778,9 @@ def order_ratios(res: dict) -> dict:
             out[f"jacrev/first {order}"] = jacrev["time"] / first["time"]
         if ok(jacrev) and ok(plan):
             out[f"jacrev/refill {order}"] = jacrev["time"] / plan["time"]
+    if ok(jacrev) and jacrev.get("cold") and ok(res["first"]):
+        # cold against cold: jacrev's own first call in its fresh process
+        out["jacrev cold/first auto"] = jacrev["cold"] / res["first"]["time"]
     return out
 
 
@@ -798,7 +814,7 @@ def order_targets(model: str, res: dict) -> list[tuple[str, str]]:
                 ratio = a["time"] / f["time"]
                 out.append((f"{kind}: auto never slower than forward (auto picks "
                              f"{plan.get('chosen')})",
-                            f"auto/forward {ratio:.2f}x " + ("met" if ratio <= 1 else "**missed**")))
+                            f"auto/forward {ratio:.3f}x " + ("met" if ratio <= 1 else "**missed**")))
             else:
                 out.append((f"{kind}: auto never slower than forward", "n/a"))
     return out
@@ -810,9 +826,9 @@ def order_table(results: dict) -> str:
     lines = [
         "| model | rows x cols | auto picks | first fwd s | refill fwd s | first rev s "
         "| refill rev s | jacrev s | jacrev/first fwd | jacrev/refill fwd | jacrev/first rev "
-        "| jacrev/refill rev | jacrev/first auto | jacrev/refill auto | checks: worst rel. err "
-        "(rows) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| jacrev/refill rev | jacrev/first auto | jacrev/refill auto | jacrev cold s "
+        "| jacrev cold/first auto | checks: worst rel. err (rows) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, res in results.items():
         r = order_ratios(res)
@@ -836,7 +852,10 @@ def order_table(results: dict) -> str:
             cell_time(res["jacrev"]),
         ] + [f"{r[k]:.2f}x" if k in r else "" for k in (
             "jacrev/first forward", "jacrev/refill forward", "jacrev/first reverse",
-            "jacrev/refill reverse", "jacrev/first auto", "jacrev/refill auto")] + [check]) + " |")
+            "jacrev/refill reverse", "jacrev/first auto", "jacrev/refill auto")]
+            + [f"{res['jacrev']['cold']:.4g}" if ok(res["jacrev"]) else "",
+               f"{r['jacrev cold/first auto']:.2f}x" if "jacrev cold/first auto" in r else "",
+               check]) + " |")
     rows = [(m, t, v) for m, res in results.items() for t, v in order_targets(m, res)]
     if rows:
         lines += ["", "| model | target (issue: cheapest order of accumulation) | seen |",
