@@ -548,16 +548,16 @@ def _check(J, fn, x, rows: int | None = None) -> tuple[float, int]:
 
 def _split(plan, x_new, runs: int) -> dict:
     """A refill's parts, timed inside ``runs`` refills (the best one's): the trace (the torch
-    ops under the tracer), the sweep of another order (accumulate's forward or reverse over
-    the recorded steps; 0 in forward) and the rest (the products formed, the values written).
+    ops under the tracer), the sweep of another order (accumulate's cut over the recorded
+    steps; 0 in the trace's own forward order) and the rest (the products formed, the values written).
     Wraps the library's internals for these calls: an ``error`` where they moved."""
     try:
         from sparsejac.programs import accumulate, collect
     except Exception as e:  # noqa: BLE001
         return {"split_error": repr(e)[:200]}
     spent = {}
-    saved = {(collect, "trace"): collect.trace, (accumulate, "forward"): accumulate.forward,
-             (accumulate, "reverse"): accumulate.reverse}
+    # (every order's sweep is accumulate.cut at some position; forward, reverse call it)
+    saved = {(collect, "trace"): collect.trace, (accumulate, "cut"): accumulate.cut}
 
     def timer(name, f):
         def run(*a, **k):
