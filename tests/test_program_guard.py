@@ -222,13 +222,18 @@ def test_first_call_names_the_trace_peak_where_the_write_is_refused():
     def fn(x):
         return torch.tanh(torch.tanh(x @ w1) @ w2)
 
+    # (a square MLP: forward; the plan refills in the trace's own forward order, and the
+    # first calls below are asked for that order, whose trace the plan's figures describe)
     plan = sparsejac.plan_of(fn, x)
+    assert plan.mode == "forward"
     # no COO pattern kept yet: the plan's write is the first call's (coordinates and values)
     trace, write = plan._trace_peak, plan._live_end + plan._write_nbytes("coo")
     assert trace < write
     with pytest.raises(JacobianTooLargeError, match=f"peaked at {trace:,} bytes"):
-        sparsejac.jacobian_of(fn, x, format="coo", memory_limit=(trace + write) // 2)
+        sparsejac.jacobian_of(fn, x, format="coo", memory_limit=(trace + write) // 2,
+                              mode="forward")
     with pytest.raises(JacobianTooLargeError, match="a Jacobian factor"):
-        sparsejac.jacobian_of(fn, x, format="coo", memory_limit=trace - 1)
-    J = sparsejac.jacobian_of(fn, x, format="coo", memory_limit=plan.peak_nbytes("coo"))
+        sparsejac.jacobian_of(fn, x, format="coo", memory_limit=trace - 1, mode="forward")
+    J = sparsejac.jacobian_of(fn, x, format="coo", memory_limit=plan.peak_nbytes("coo"),
+                              mode="forward")
     assert J.nnz == plan.nnz
