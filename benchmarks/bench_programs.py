@@ -785,7 +785,8 @@ def order_ratios(res: dict) -> dict:
 
 
 def order_targets(model: str, res: dict) -> list[tuple[str, str]]:
-    """The issue's targets that apply to ``model``: (target, verdict with the ratio seen)."""
+    """The project's targets for the orders of accumulation that apply to ``model``: (target,
+    verdict with the ratio seen)."""
     r, out = order_ratios(res), []
     b = res["sizes"].get("b")
 
@@ -858,7 +859,7 @@ def order_table(results: dict) -> str:
                check]) + " |")
     rows = [(m, t, v) for m, res in results.items() for t, v in order_targets(m, res)]
     if rows:
-        lines += ["", "| model | target (issue: cheapest order of accumulation) | seen |",
+        lines += ["", "| model | target (orders of accumulation) | seen |",
                   "|---|---|---|"]
         lines += [f"| {m} | {t} | {v} |" for m, t, v in rows]
     return "\n".join(lines)

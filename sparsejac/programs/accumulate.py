@@ -7,19 +7,17 @@ the part of the argument it depends on. With :attr:`Tracer.steps
 <sparsejac.programs.tracer.Tracer.steps>` set, the tracer instead keeps each step's own
 Jacobian (the rule applied to the identity on each of its inputs) and gives the step's result
 the identity on itself. The steps are then contracted (:func:`~sparsejac.programs.terms.join`)
-in one of three orders:
-
-- :func:`forward`: from the arguments, each step's Jacobian joined after those of what it read;
-- :func:`reverse`: from the outputs back, each tensor's adjoint (as wide as the part of the
-  output that depends on it) joined before the Jacobian of every step that read it: narrow
-  outputs (a classifier's logits, a pooled head, a loss) make narrow adjoints;
-- :func:`cut`: forward over the steps before a point in the program, reverse over those after
-  it, and the two joined where the later steps read the earlier ones' results.
+by :func:`cut`: forward over the steps before a point in the program (each step's Jacobian
+joined after those of what it read), reverse over those after it (each tensor's adjoint, as
+wide as the part of the output that depends on it, joined before the Jacobian of every step
+that read it), and the two joined where the later steps read the earlier ones' results. A cut
+after the last step is forward accumulation, one before the first is reverse: narrow outputs
+(a classifier's logits, a pooled head, a loss) make narrow adjoints.
 
 :func:`plan` picks the order: every step's width in each direction is estimated from the sizes
 of its terms (:func:`widths`), and the cost of an order is the entries its terms would hold,
-summed over the steps (the multiply-adds of the joins are proportional to them). Only shapes and
-labels enter it, so a plan's refills choose as its first trace did. The driver
+summed over the steps (what the joins' contractions and collapses cost beyond that is not
+counted). Only shapes and labels enter it, so a plan's refills choose as its first trace did. The driver
 (:mod:`~sparsejac.programs.collect`) calls it; this module imports only the terms.
 """
 
@@ -127,16 +125,6 @@ def cut(steps: dict, seeds: Sequence[dict], labels: T.Labels, at: int) -> dict:
     return found
 
 
-def forward(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
-    """:func:`cut` with every step forward."""
-    return cut(steps, seeds, labels, len(steps))
-
-
-def reverse(steps: dict, seeds: Sequence[dict], labels: T.Labels) -> dict:
-    """:func:`cut` with every step in reverse."""
-    return cut(steps, seeds, labels, 0)
-
-
 @dataclass(frozen=True)
 class Order:
     """An order of accumulation: ``name`` ("forward", "reverse" or "cut") and, for a cut, the
@@ -207,39 +195,36 @@ def plan(steps: dict, seeds: Sequence[dict], labels: T.Labels, arg_entries: int,
     each tensor where the two meet the product of both."""
     keys = list(steps)
     size, fwd, bwd = widths(steps, seeds, labels, arg_entries, out_entries)
-    reach = set(bwd)
+    index = {k: n for n, k in enumerate(keys)}
+    # the last step reading each tensor (a step's result, or an argument); an output is read
+    # after every step
+    last = {k: len(keys) for seed in seeds for k in seed if k in index}
+    for n, k in enumerate(keys):
+        for source in steps[k]:
+            last[source] = max(last.get(source, 0), n)
     # cost of the steps before and after each cut position, and of the tensors crossing it
     before = [0.0]
     for k in keys:
         before.append(before[-1] + size.get(k, 0) * fwd.get(k, 0.0))
     after = [0.0]
     for k in reversed(keys):
-        after.append(after[-1] + (size.get(k, 0) * bwd[k] if k in reach else 0.0))
+        after.append(after[-1] + size.get(k, 0) * bwd.get(k, 0.0))
     after.reverse()
     # the arguments' own adjoints, formed wherever a step after the cut reads them (the
     # forward side's last terms are counted in its last steps)
-    last_reader: dict[Any, int] = {}
-    for n, k in enumerate(keys):
-        for source in steps[k]:
-            if not _is_step(source):
-                last_reader[source] = n
-    for source, n in last_reader.items():
-        c = size.get(source, 0) * bwd.get(source, 0.0)
-        for at in range(n + 1):  # (a handful of arguments)
-            after[at] += c
+    for source, n in last.items():
+        if source not in index:
+            c = size.get(source, 0) * bwd.get(source, 0.0)
+            for at in range(n + 1):  # (a handful of arguments)
+                after[at] += c
     # a tensor made before a cut and read at or after it is where the two directions meet:
     # its entries times both widths, for every cut between its step and its last reader
-    index = {k: n for n, k in enumerate(keys)}
-    last = {k: len(keys) for seed in seeds for k in seed if k in index}
-    for n, k in enumerate(keys):
-        for source in steps[k]:
-            if source in index:
-                last[source] = max(last.get(source, 0), n)
     meet = [0.0] * (len(keys) + 2)
     for k, end in last.items():
-        c = size.get(k, 0) * fwd.get(k, 0.0) * bwd.get(k, 0.0)
-        meet[index[k] + 1] += c
-        meet[end + 1] -= c
+        if k in index:
+            c = size.get(k, 0) * fwd.get(k, 0.0) * bwd.get(k, 0.0)
+            meet[index[k] + 1] += c
+            meet[end + 1] -= c
     costs, running = [], 0.0
     for at in range(len(keys) + 1):
         running += meet[at]

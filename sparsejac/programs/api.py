@@ -61,8 +61,9 @@ def jacobian_of(
 
     ``mode`` is the order the steps' Jacobians are contracted in: ``"forward"`` (from the
     argument, as the program runs), ``"reverse"`` (from the output back: narrow outputs such as
-    a classifier's logits make narrow terms) or ``"auto"`` (reverse where the outputs have fewer
-    entries than the differentiated arguments). Every mode gives the same Jacobian.
+    a classifier's logits make narrow terms) or ``"auto"`` (the cheapest of those and of a cut
+    between them, estimated from the steps' own Jacobians: docs/how-it-works.md, section 8).
+    Every mode gives the same Jacobian.
 
     >>> import torch, sparsejac
     >>> x = torch.randn(8, 4, dtype=torch.float64)
@@ -134,7 +135,7 @@ class ProgramPlan:
         self.rebuilds = 0
         with LOCK:
             c = self._collect(args, memory_limit)
-            self.mode = getattr(c, "mode", "forward")
+            self.mode = c.mode
             if self._mode == "auto" and self.mode == "forward":
                 # forward chosen (or fallen back to): the refills run the trace's own forward
                 # composition, without recording the steps (a second trace, once, here)
